@@ -1,0 +1,265 @@
+//! Running one shard inside the agent: fresh workspace, source, the command in
+//! its own process group, live output, deadline, and nothing left behind.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+use super::workspace::{self, Workspace};
+use crate::os;
+use crate::protocol::{Frame, OutputStream, Outcome, ShardRequest, ShardResult, SourceSpec};
+
+/// Time the agent keeps before Lambda's own deadline to stop the command and
+/// still deliver the result.
+const DEADLINE_MARGIN: Duration = Duration::from_secs(3);
+/// How long a timed-out command gets between SIGTERM and SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(2);
+/// How long processes the command left behind get between SIGTERM and SIGKILL.
+const STRAGGLER_GRACE: Duration = Duration::from_millis(500);
+/// Output read size; also the largest output frame the agent sends.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Variables of the agent's environment the command must never see: the
+/// function's own credentials and the Runtime API it could hijack.
+const WITHHELD_ENV: &[&str] = &[
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_LAMBDA_RUNTIME_API",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_PROFILE",
+    "_X_AMZN_TRACE_ID",
+    "MVM_SHARD_SCRATCH",
+];
+
+/// What the agent remembers across invocations of one environment.
+#[derive(Debug)]
+pub struct EnvironmentState {
+    /// Invocations this agent process has served.
+    pub invocations: u64,
+    /// The folder the agent owns and wipes.
+    pub scratch: std::path::PathBuf,
+}
+
+/// Frames go out through this; a pump turns them into the response body.
+pub type FrameSender = mpsc::Sender<Frame>;
+
+/// Runs one validated request to its result. Never fails: every problem
+/// becomes an [`Outcome`].
+pub async fn run(
+    req: &ShardRequest,
+    invocation_deadline: SystemTime,
+    state: &mut EnvironmentState,
+    frames: &FrameSender,
+) -> ShardResult {
+    let setup_started = Instant::now();
+    let leftovers = workspace::sweep(&state.scratch).await;
+    let fresh = state.invocations == 0 && leftovers.is_empty();
+    state.invocations += 1;
+    let mut result = ShardResult::not_run(Outcome::SetupFailed {
+        reason: String::new(),
+    });
+    result.fresh_environment = fresh;
+    result.stale_paths_removed = leftovers.paths;
+    result.stale_processes_killed = leftovers.processes;
+
+    let ws = match Workspace::create(&state.scratch) {
+        Ok(ws) => ws,
+        Err(e) => {
+            result.outcome = setup_failed(format!("cannot create workspace in {}: {e}", state.scratch.display()));
+            return result;
+        }
+    };
+    if let Err(reason) = fetch_source(&req.source, &ws).await {
+        result.outcome = setup_failed(reason);
+        result.setup_ms = elapsed_ms(setup_started);
+        ws.remove().await;
+        return result;
+    }
+    result.setup_ms = elapsed_ms(setup_started);
+
+    let (timeout, limit_ms) = effective_timeout(req.timeout_ms, invocation_deadline);
+    let started = Instant::now();
+    match run_command(req, &ws, timeout, frames).await {
+        Ok((outcome, stragglers)) => {
+            result.outcome = match outcome {
+                CommandEnd::TimedOut => Outcome::TimedOut { limit_ms },
+                CommandEnd::Exited(o) => o,
+            };
+            result.stragglers_killed = stragglers;
+        }
+        Err(reason) => result.outcome = setup_failed(reason),
+    }
+    result.duration_ms = elapsed_ms(started);
+    ws.remove().await;
+    result
+}
+
+fn setup_failed(reason: String) -> Outcome {
+    Outcome::SetupFailed { reason }
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    since.elapsed().as_millis() as u64
+}
+
+/// The shard's own timeout or Lambda's deadline less a margin, whichever is first.
+fn effective_timeout(timeout_ms: u64, invocation_deadline: SystemTime) -> (Duration, u64) {
+    let shard = Duration::from_millis(timeout_ms);
+    let lambda = invocation_deadline
+        .duration_since(SystemTime::now())
+        .unwrap_or_default()
+        .saturating_sub(DEADLINE_MARGIN);
+    if lambda < shard {
+        (lambda, lambda.as_millis() as u64)
+    } else {
+        (shard, timeout_ms)
+    }
+}
+
+async fn fetch_source(source: &SourceSpec, ws: &Workspace) -> Result<(), String> {
+    let dest = ws.src.clone();
+    match source {
+        SourceSpec::Empty => Ok(()),
+        SourceSpec::Inline { archive } => {
+            use base64::Engine as _;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(archive)
+                .map_err(|e| format!("inline source is not valid base64: {e}"))?;
+            tokio::task::spawn_blocking(move || crate::source::unpack(&bytes[..], &dest, None))
+                .await
+                .map_err(|e| format!("unpacking the source panicked: {e}"))?
+                .map(|_| ())
+                .map_err(|e| format!("cannot unpack the source: {e}"))
+        }
+        SourceSpec::Url { url, strip_prefix } => {
+            let file = ws.dir.join("source.tar.zst");
+            super::download::to_file(url, &file).await?;
+            let prefix = strip_prefix.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let reader = std::fs::File::open(&file)?;
+                let n = crate::source::unpack(reader, &dest, prefix.as_deref());
+                let _ = std::fs::remove_file(&file);
+                n.map_err(std::io::Error::other)
+            })
+            .await
+            .map_err(|e| format!("unpacking the source panicked: {e}"))?;
+            result
+                .map(|_| ())
+                .map_err(|e| format!("cannot unpack the source downloaded from the source link: {e}"))
+        }
+    }
+}
+
+enum CommandEnd {
+    Exited(Outcome),
+    TimedOut,
+}
+
+async fn run_command(
+    req: &ShardRequest,
+    ws: &Workspace,
+    timeout: Duration,
+    frames: &FrameSender,
+) -> Result<(CommandEnd, u32), String> {
+    let workdir = ws.src.join(&req.workdir);
+    if !workdir.is_dir() {
+        return Err(format!("working directory {:?} is not in the source", req.workdir));
+    }
+    let mut cmd = Command::new(&req.command[0]);
+    cmd.args(&req.command[1..])
+        .current_dir(&workdir)
+        .env_clear()
+        .envs(std::env::vars_os().filter(|(k, _)| {
+            !k.to_str().is_some_and(|k| WITHHELD_ENV.contains(&k))
+        }))
+        .envs(&req.env)
+        .env("MVM_SHARD_INDEX", req.shard.index.to_string())
+        .env("MVM_SHARD_COUNT", req.shard.count.to_string())
+        .env("MVM_SHARD_RUN_ID", &req.run_id)
+        .env("TMPDIR", &ws.tmp)
+        .env("HOME", &ws.home)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", req.command[0]))?;
+    let pgid = child.id();
+    let readers = [
+        tokio::spawn(forward_output(child.stdout.take(), OutputStream::Stdout, frames.clone())),
+        tokio::spawn(forward_output(child.stderr.take(), OutputStream::Stderr, frames.clone())),
+    ];
+
+    let me = std::process::id();
+    let end = tokio::select! {
+        status = child.wait() => CommandEnd::Exited(outcome_of(status.map_err(|e| e.to_string())?)),
+        () = tokio::time::sleep(timeout) => {
+            if let Some(pgid) = pgid {
+                os::signal_group(pgid, nix::sys::signal::Signal::SIGTERM);
+            }
+            // Also everything that left the group; the command itself is awaited below.
+            os::end_descendants(me, TERM_GRACE, false).await;
+            let _ = child.wait().await;
+            CommandEnd::TimedOut
+        }
+    };
+    let stragglers = os::end_descendants(me, STRAGGLER_GRACE, true).await;
+    for reader in readers {
+        // With every writer gone the pipes are at EOF; the bound guards against
+        // a descriptor passed to a process outside our tree.
+        let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+    }
+    Ok((end, stragglers))
+}
+
+fn outcome_of(status: std::process::ExitStatus) -> Outcome {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => Outcome::Exited { code },
+        (None, Some(signal)) => Outcome::Signaled { signal },
+        (None, None) => Outcome::Exited { code: -1 },
+    }
+}
+
+async fn forward_output(pipe: Option<impl AsyncRead + Unpin>, stream: OutputStream, frames: FrameSender) {
+    let Some(mut pipe) = pipe else { return };
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let data = Bytes::copy_from_slice(&buf[..n]);
+                if frames.send(Frame::Output { stream, data }).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lambda_deadline_wins_when_it_comes_first() {
+        let soon = SystemTime::now() + Duration::from_secs(10);
+        let (d, limit) = effective_timeout(60_000, soon);
+        assert!(d <= Duration::from_secs(7) && d > Duration::from_secs(5), "{d:?}");
+        assert_eq!(limit, d.as_millis() as u64);
+        let late = SystemTime::now() + Duration::from_secs(900);
+        assert_eq!(effective_timeout(60_000, late), (Duration::from_secs(60), 60_000));
+    }
+}

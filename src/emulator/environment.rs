@@ -1,0 +1,195 @@
+//! One emulated execution environment: a fresh process in a fresh folder with
+//! the variables Lambda sets, its own Runtime API, and a log tail.
+
+use std::collections::VecDeque;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::runtime::{self, PendingInvocation, RuntimeApi};
+use super::FunctionConfig;
+use crate::os;
+
+/// Bytes of log kept for `LogResult` (Lambda returns the last 4 KB).
+const LOG_TAIL: usize = 4096;
+
+/// A running environment; dropping the last handle does not stop it, [`Environment::destroy`] does.
+pub struct Environment {
+    /// Short id, for logs.
+    pub id: String,
+    /// Hands invocations to the runtime's `next`.
+    pub invocations: mpsc::Sender<PendingInvocation>,
+    /// Fires once the runtime process has exited and its tree is gone.
+    pub exited: CancellationToken,
+    /// The Runtime API state, to read an init error.
+    pub runtime: Arc<RuntimeApi>,
+    log: Arc<Mutex<VecDeque<u8>>>,
+    kill: CancellationToken,
+}
+
+impl Environment {
+    /// Starts `function`'s command in a new folder under `base`.
+    pub async fn spawn(function: &FunctionConfig, region: &str, base: &std::path::Path) -> std::io::Result<Arc<Self>> {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let dir = base.join(format!("env-{id}"));
+        let task = dir.join("task");
+        let tmp = dir.join("tmp");
+        std::fs::create_dir_all(&task)?;
+        std::fs::create_dir_all(&tmp)?;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let runtime_addr = listener.local_addr()?;
+        let (invocations, rx) = mpsc::channel(1);
+        let kill = CancellationToken::new();
+        let exited = CancellationToken::new();
+        let runtime = RuntimeApi::new(rx, kill.clone(), exited.clone());
+        let server_stop = exited.clone();
+        let router = runtime::router(runtime.clone());
+        tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { server_stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "runtime API server failed");
+            }
+        });
+
+        let (program, args) = function.command.split_first().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "function command is empty")
+        })?;
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .current_dir(&task)
+            .env_clear()
+            .envs(lambda_environment(function, region, &id, &runtime_addr.to_string(), &task, &tmp))
+            .envs(function.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = cmd.spawn()?;
+        let log = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_TAIL)));
+        for pipe in [
+            child.stdout.take().map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>),
+            child.stderr.take().map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            tokio::spawn(collect_log(pipe, log.clone(), function.name.clone(), id.clone()));
+        }
+
+        let watch_kill = kill.clone();
+        let watch_exited = exited.clone();
+        let env_id = id.clone();
+        tokio::spawn(async move {
+            let pid = child.id();
+            tokio::select! {
+                status = child.wait() => tracing::debug!(env = %env_id, ?status, "runtime exited"),
+                () = watch_kill.cancelled() => {}
+            }
+            // Kill whatever the runtime left below it, then the runtime itself.
+            if let Some(pid) = pid {
+                os::end_descendants(pid, Duration::ZERO, false).await;
+            }
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            watch_exited.cancel();
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+        });
+
+        Ok(Arc::new(Environment {
+            id,
+            invocations,
+            exited,
+            runtime,
+            log,
+            kill,
+        }))
+    }
+
+    /// Kills the environment's process tree; `exited` fires when it is gone.
+    pub fn destroy(&self) {
+        self.kill.cancel();
+    }
+
+    /// Whether the runtime is still running.
+    pub fn is_alive(&self) -> bool {
+        !self.exited.is_cancelled() && !self.kill.is_cancelled()
+    }
+
+    /// Appends an emulator line (START, END, REPORT) to the log.
+    pub fn log_line(&self, line: &str) {
+        push_log(&self.log, format!("{line}\n").as_bytes());
+    }
+
+    /// Clears the log tail at the start of an invocation.
+    pub fn clear_log(&self) {
+        self.log.lock().expect("lock poisoned").clear();
+    }
+
+    /// The last 4 KB of log since [`Environment::clear_log`].
+    pub fn log_tail(&self) -> Vec<u8> {
+        self.log.lock().expect("lock poisoned").iter().copied().collect()
+    }
+}
+
+fn push_log(log: &Mutex<VecDeque<u8>>, bytes: &[u8]) {
+    let mut log = log.lock().expect("lock poisoned");
+    log.extend(bytes);
+    let excess = log.len().saturating_sub(LOG_TAIL);
+    log.drain(..excess);
+}
+
+async fn collect_log(pipe: Box<dyn AsyncRead + Send + Unpin>, log: Arc<Mutex<VecDeque<u8>>>, function: String, env: String) {
+    let mut lines = BufReader::new(pipe).split(b'\n');
+    while let Ok(Some(line)) = lines.next_segment().await {
+        tracing::debug!(%function, %env, "{}", String::from_utf8_lossy(&line));
+        push_log(&log, &line);
+        push_log(&log, b"\n");
+    }
+}
+
+/// The variables Lambda sets for a bootstrap, with emulator values.
+fn lambda_environment(
+    function: &FunctionConfig,
+    region: &str,
+    env_id: &str,
+    runtime_api: &str,
+    task: &std::path::Path,
+    tmp: &std::path::Path,
+) -> Vec<(String, String)> {
+    let host = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_string());
+    let mut vars = vec![
+        ("AWS_LAMBDA_RUNTIME_API", runtime_api.to_string()),
+        ("AWS_LAMBDA_FUNCTION_NAME", function.name.clone()),
+        ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST".into()),
+        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", function.memory_mb.to_string()),
+        ("AWS_LAMBDA_LOG_GROUP_NAME", format!("/aws/lambda/{}", function.name)),
+        ("AWS_LAMBDA_LOG_STREAM_NAME", format!("emulated/[$LATEST]{env_id}")),
+        ("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand".into()),
+        ("AWS_REGION", region.to_string()),
+        ("AWS_DEFAULT_REGION", region.to_string()),
+        // Per-environment stand-ins for the execution role's credentials.
+        ("AWS_ACCESS_KEY_ID", format!("ASIAEMULATOR{}", env_id.to_uppercase())),
+        ("AWS_SECRET_ACCESS_KEY", format!("emulated-secret-{env_id}")),
+        ("AWS_SESSION_TOKEN", format!("emulated-session-{env_id}")),
+        ("_HANDLER", function.handler.clone()),
+        ("LAMBDA_TASK_ROOT", task.display().to_string()),
+        ("LAMBDA_RUNTIME_DIR", task.display().to_string()),
+        ("TZ", ":UTC".into()),
+        ("LANG", "en_US.UTF-8".into()),
+        ("PATH", host("PATH", "/usr/local/bin:/usr/bin:/bin")),
+        ("TMPDIR", tmp.display().to_string()),
+    ];
+    if let Ok(ld) = std::env::var("LD_LIBRARY_PATH") {
+        vars.push(("LD_LIBRARY_PATH", ld));
+    }
+    vars.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}

@@ -1,0 +1,394 @@
+//! The Invoke API routes: `Invoke` (buffered) and `InvokeWithResponseStream`
+//! (event-stream), both driving one environment through its Runtime API.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::environment::Environment;
+use super::eventstream::{self, InvokeComplete};
+use super::runtime::{PendingInvocation, RuntimeReply, StreamPiece};
+use super::{ApiError, Emulator, Function, Lease};
+use crate::protocol::MAX_REQUEST_BYTES;
+
+/// Lambda's cap on a streamed response.
+const MAX_STREAMED_RESPONSE: usize = 200 * 1024 * 1024;
+
+/// The Invoke API routes.
+pub fn router(emulator: Emulator) -> Router {
+    Router::new()
+        .route("/2015-03-31/functions/{name}/invocations", post(invoke))
+        .route(
+            "/2021-11-15/functions/{name}/response-streaming-invocations",
+            post(invoke_with_response_stream),
+        )
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                [("x-amzn-errortype", "UnknownOperationException")],
+                "{\"message\":\"the mvm-shard emulator does not serve this operation\"}",
+            )
+        })
+        // We check the 6 MB limit ourselves, to answer as Lambda does.
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES * 2))
+        .with_state(emulator)
+}
+
+/// What an invocation produced, in order: data, then exactly one `Done`.
+enum InvokeEvent {
+    Data(Bytes),
+    Done(InvokeComplete, Option<Bytes>),
+}
+
+struct Call {
+    function: Arc<Function>,
+    tenant: Option<String>,
+    invocation_type: String,
+    log_tail: bool,
+    client_context: Option<String>,
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty())
+}
+
+/// Checks everything Lambda checks before it runs anything.
+fn prepare(emulator: &Emulator, name: &str, headers: &HeaderMap, payload_len: usize) -> Result<Call, ApiError> {
+    let function_name = function_name(name);
+    let Some(function) = emulator.state.functions.get(function_name) else {
+        return Err(ApiError::not_found(format!(
+            "Function not found: {}",
+            emulator.function_arn(function_name)
+        )));
+    };
+    if payload_len > MAX_REQUEST_BYTES {
+        return Err(ApiError::too_large(payload_len, MAX_REQUEST_BYTES));
+    }
+    let tenant = header(headers, "x-amz-tenant-id").map(str::to_owned);
+    match (function.config.tenant_isolation, &tenant) {
+        (true, None) => {
+            return Err(ApiError::invalid_parameter(
+                "The invoked function is enabled with tenancy configuration. Add a valid tenant ID in your request and try again.",
+            ))
+        }
+        (false, Some(_)) => {
+            return Err(ApiError::invalid_parameter(
+                "The invoked function is not enabled with tenancy configuration. Remove the tenant ID from your request and try again.",
+            ))
+        }
+        _ => {}
+    }
+    Ok(Call {
+        function: function.clone(),
+        tenant,
+        invocation_type: header(headers, "x-amz-invocation-type")
+            .unwrap_or("RequestResponse")
+            .to_string(),
+        log_tail: header(headers, "x-amz-log-type") == Some("Tail"),
+        client_context: header(headers, "x-amz-client-context").map(str::to_owned),
+    })
+}
+
+/// `my-fn`, `my-fn:alias`, `123456789012:function:my-fn` or a full ARN, to `my-fn`.
+fn function_name(raw: &str) -> &str {
+    let after = raw.rsplit_once("function:").map_or(raw, |(_, rest)| rest);
+    after.split(':').next().unwrap_or(after)
+}
+
+async fn invoke(State(emulator): State<Emulator>, Path(name): Path<String>, headers: HeaderMap, payload: Bytes) -> Response {
+    let call = match prepare(&emulator, &name, &headers, payload.len()) {
+        Ok(call) => call,
+        Err(e) => return e.into_response(),
+    };
+    match call.invocation_type.as_str() {
+        "DryRun" => return StatusCode::NO_CONTENT.into_response(),
+        "Event" => {
+            let (rx, _) = match start(&emulator, call, payload).await {
+                Ok(started) => started,
+                Err(e) => return e.into_response(),
+            };
+            // Nobody reads an asynchronous invocation's output.
+            tokio::spawn(ReceiverStream::new(rx).for_each(|_| async {}));
+            return StatusCode::ACCEPTED.into_response();
+        }
+        "RequestResponse" => {}
+        other => return ApiError::invalid_parameter(format!("unknown invocation type {other}")).into_response(),
+    }
+    let (mut rx, request_id) = match start(&emulator, call, payload).await {
+        Ok(started) => started,
+        Err(e) => return e.into_response(),
+    };
+    let mut body = BytesMut::new();
+    let mut complete = InvokeComplete::default();
+    let mut error_body = None;
+    while let Some(event) = rx.recv().await {
+        match event {
+            InvokeEvent::Data(data) => body.extend_from_slice(&data),
+            InvokeEvent::Done(c, e) => {
+                complete = c;
+                error_body = e;
+            }
+        }
+    }
+    let mut resp = match (&complete.error_code, error_body) {
+        (Some(_), Some(err)) => Response::new(Body::from(err)),
+        (Some(code), None) => Response::new(Body::from(
+            serde_json::json!({ "errorType": code, "errorMessage": complete.error_details }).to_string(),
+        )),
+        (None, _) => Response::new(Body::from(body.freeze())),
+    };
+    let h = resp.headers_mut();
+    common_headers(h, &request_id);
+    h.insert("content-type", HeaderValue::from_static("application/json"));
+    if complete.error_code.is_some() {
+        h.insert("x-amz-function-error", HeaderValue::from_static("Unhandled"));
+    }
+    if let Some(log) = complete.log_result.as_deref().and_then(|l| HeaderValue::from_str(l).ok()) {
+        h.insert("x-amz-log-result", log);
+    }
+    resp
+}
+
+async fn invoke_with_response_stream(
+    State(emulator): State<Emulator>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    payload: Bytes,
+) -> Response {
+    let call = match prepare(&emulator, &name, &headers, payload.len()) {
+        Ok(call) => call,
+        Err(e) => return e.into_response(),
+    };
+    match call.invocation_type.as_str() {
+        "DryRun" => return StatusCode::NO_CONTENT.into_response(),
+        "RequestResponse" => {}
+        other => {
+            return ApiError::invalid_parameter(format!(
+                "invocation type {other} is not supported for response streaming"
+            ))
+            .into_response()
+        }
+    }
+    let (rx, request_id) = match start(&emulator, call, payload).await {
+        Ok(started) => started,
+        Err(e) => return e.into_response(),
+    };
+    let events = ReceiverStream::new(rx).flat_map(|event| {
+        let frames = match event {
+            InvokeEvent::Data(data) => eventstream::payload_chunks(&data),
+            InvokeEvent::Done(complete, _) => vec![eventstream::invoke_complete(&complete)],
+        };
+        futures::stream::iter(frames.into_iter().map(Ok::<_, Infallible>))
+    });
+    let mut resp = Response::new(Body::from_stream(events));
+    let h = resp.headers_mut();
+    common_headers(h, &request_id);
+    h.insert("content-type", HeaderValue::from_static("application/vnd.amazon.eventstream"));
+    resp
+}
+
+fn common_headers(h: &mut HeaderMap, request_id: &str) {
+    if let Ok(id) = HeaderValue::from_str(request_id) {
+        h.insert("x-amzn-requestid", id);
+    }
+    h.insert("x-amz-executed-version", HeaderValue::from_static("$LATEST"));
+}
+
+/// Checks out an environment and starts driving the invocation in a task of
+/// its own, which goes on even if the caller disconnects, as on Lambda.
+async fn start(emulator: &Emulator, call: Call, payload: Bytes) -> Result<(mpsc::Receiver<InvokeEvent>, String), ApiError> {
+    let lease = emulator.acquire(&call.function, call.tenant.clone()).await?;
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let (tx, rx) = mpsc::channel(16);
+    let timeout = call.function.config.timeout;
+    let (reply, reply_rx) = oneshot::channel();
+    let pending = PendingInvocation {
+        request_id: request_id.clone(),
+        payload,
+        deadline: SystemTime::now() + timeout,
+        function_arn: emulator.function_arn(&call.function.config.name),
+        client_context: call.client_context,
+        reply,
+    };
+    tokio::spawn(drive(lease, pending, reply_rx, timeout, call.log_tail, tx));
+    Ok((rx, request_id))
+}
+
+/// A failed invocation: Lambda's error type and the error document.
+struct FunctionError {
+    error_type: String,
+    details: String,
+    body: Option<Bytes>,
+}
+
+impl FunctionError {
+    fn new(error_type: &str, details: String) -> Self {
+        FunctionError {
+            error_type: error_type.into(),
+            details,
+            body: None,
+        }
+    }
+
+    fn from_runtime(error_type: String, body: Bytes) -> Self {
+        FunctionError {
+            error_type,
+            details: String::from_utf8_lossy(&body).into_owned(),
+            body: Some(body),
+        }
+    }
+}
+
+async fn drive(
+    lease: Lease,
+    pending: PendingInvocation,
+    reply: oneshot::Receiver<RuntimeReply>,
+    timeout: Duration,
+    log_tail: bool,
+    tx: mpsc::Sender<InvokeEvent>,
+) {
+    let env = lease.env.clone();
+    let request_id = pending.request_id.clone();
+    env.clear_log();
+    env.log_line(&format!("START RequestId: {request_id} Version: $LATEST"));
+    let started = Instant::now();
+    let (result, reusable) = exchange(&env, pending, reply, tokio::time::Instant::now() + timeout, timeout, &tx).await;
+    env.log_line(&format!("END RequestId: {request_id}"));
+    env.log_line(&format!(
+        "REPORT RequestId: {request_id}\tDuration: {:.2} ms",
+        started.elapsed().as_secs_f64() * 1000.0
+    ));
+    let log_result = log_tail.then(|| base64::engine::general_purpose::STANDARD.encode(env.log_tail()));
+    // Back in the pool before the caller hears the end, so a follow-up call can reuse it.
+    lease.release(reusable);
+    let (complete, body) = match result {
+        Ok(()) => (
+            InvokeComplete {
+                log_result,
+                ..Default::default()
+            },
+            None,
+        ),
+        Err(e) => (
+            InvokeComplete {
+                error_code: Some(e.error_type),
+                error_details: Some(e.details),
+                log_result,
+            },
+            e.body,
+        ),
+    };
+    let _ = tx.send(InvokeEvent::Done(complete, body)).await;
+}
+
+/// Hands the invocation over and forwards the answer. Returns how it ended
+/// and whether the environment may serve again.
+async fn exchange(
+    env: &Environment,
+    pending: PendingInvocation,
+    reply: oneshot::Receiver<RuntimeReply>,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    tx: &mpsc::Sender<InvokeEvent>,
+) -> (Result<(), FunctionError>, bool) {
+    let request_id = pending.request_id.clone();
+    let timed_out = || {
+        FunctionError::new(
+            "Sandbox.Timedout",
+            format!("RequestId: {request_id} Error: Task timed out after {:.2} seconds", timeout.as_secs_f64()),
+        )
+    };
+    if env.invocations.send(pending).await.is_err() {
+        return (Err(exit_error(env, &request_id)), false);
+    }
+    let reply = tokio::select! {
+        r = reply => match r {
+            Ok(r) => r,
+            Err(_) => return (Err(exit_error(env, &request_id)), false),
+        },
+        () = env.exited.cancelled() => return (Err(exit_error(env, &request_id)), false),
+        () = tokio::time::sleep_until(deadline) => return (Err(timed_out()), false),
+    };
+    let mut pieces = match reply {
+        RuntimeReply::Buffered(body) => {
+            let _ = tx.send(InvokeEvent::Data(body)).await;
+            return (Ok(()), true);
+        }
+        RuntimeReply::Error { error_type, body } => return (Err(FunctionError::from_runtime(error_type, body)), true),
+        RuntimeReply::Streaming(pieces) => pieces,
+    };
+    let mut total = 0usize;
+    loop {
+        tokio::select! {
+            biased;
+            piece = pieces.recv() => match piece {
+                Some(StreamPiece::Data(data)) => {
+                    total += data.len();
+                    if total > MAX_STREAMED_RESPONSE {
+                        return (Err(FunctionError::new(
+                            "Function.ResponseSizeTooLarge",
+                            format!("Response payload size exceeded maximum allowed payload size ({MAX_STREAMED_RESPONSE} bytes)."),
+                        )), false);
+                    }
+                    // A caller that went away does not stop the function.
+                    let _ = tx.send(InvokeEvent::Data(data)).await;
+                }
+                Some(StreamPiece::End) => return (Ok(()), true),
+                Some(StreamPiece::Failed { error_type, body }) => {
+                    return (Err(FunctionError::from_runtime(error_type, body)), true)
+                }
+                None => {
+                    // The stream broke off without an end: did the runtime die?
+                    let _ = tokio::time::timeout(Duration::from_secs(1), env.exited.cancelled()).await;
+                    let error = if env.exited.is_cancelled() {
+                        exit_error(env, &request_id)
+                    } else {
+                        FunctionError::new("Runtime.TruncatedResponse", "the runtime broke its response stream off".into())
+                    };
+                    return (Err(error), false);
+                }
+            },
+            () = env.exited.cancelled() => return (Err(exit_error(env, &request_id)), false),
+            () = tokio::time::sleep_until(deadline) => return (Err(timed_out()), false),
+        }
+    }
+}
+
+fn exit_error(env: &Environment, request_id: &str) -> FunctionError {
+    if let Some((error_type, body)) = env.runtime.init_error.lock().expect("lock poisoned").clone() {
+        return FunctionError::from_runtime(error_type, body.into());
+    }
+    FunctionError::new(
+        "Runtime.ExitError",
+        format!("RequestId: {request_id} Error: Runtime exited without providing a reason"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::function_name;
+
+    #[test]
+    fn function_names_resolve_from_every_form() {
+        for raw in [
+            "my-fn",
+            "my-fn:live",
+            "123456789012:function:my-fn",
+            "arn:aws:lambda:us-east-1:123456789012:function:my-fn:7",
+        ] {
+            assert_eq!(function_name(raw), "my-fn", "{raw}");
+        }
+    }
+}

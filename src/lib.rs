@@ -1,0 +1,14 @@
+//! mvm-shard: run every test shard in its own fresh, disposable microVM on AWS
+//! Lambda, stream each shard's log back live, and fail when any shard fails.
+//!
+//! The modules are the stages of a run: [`plan`] turns the command line into
+//! one [`protocol::ShardRequest`] per shard, [`dispatch`] sends them through a
+//! [`backend`] and turns the answers into events, [`report`] shows them. The
+//! [`agent`] runs inside each VM, and the [`emulator`] is a local Lambda.
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod emulator;
+pub mod os;
+pub mod protocol;
+pub mod source;

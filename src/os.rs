@@ -1,0 +1,128 @@
+//! Process-tree control on Linux: find, signal and reap every process a command
+//! started, including those that left its process group with `setsid`.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+/// Makes this process the reaper of every orphan below it, so that a daemon
+/// that double-forks or calls `setsid` stays in our tree and can be found.
+pub fn become_subreaper() -> std::io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(std::io::Error::from)
+}
+
+/// Live (non-zombie) processes whose parent chain leads to `root`, excluding `root`.
+pub fn descendants(root: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some((state, ppid)) = stat_state_and_parent(pid) {
+            if state != 'Z' && state != 'X' {
+                parents.push((pid, ppid));
+            }
+        }
+    }
+    let mut found: HashSet<u32> = HashSet::from([root]);
+    let mut grew = true;
+    while grew {
+        grew = false;
+        for &(pid, ppid) in &parents {
+            if found.contains(&ppid) && found.insert(pid) {
+                grew = true;
+            }
+        }
+    }
+    found.remove(&root);
+    let mut list: Vec<u32> = found.into_iter().collect();
+    list.sort_unstable();
+    list
+}
+
+fn stat_state_and_parent(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// Whether a process with this id is alive (a zombie counts as gone).
+pub fn is_alive(pid: u32) -> bool {
+    matches!(stat_state_and_parent(pid), Some((state, _)) if state != 'Z' && state != 'X')
+}
+
+/// Sends `signal` to a whole process group; a group already gone is not an error.
+pub fn signal_group(pgid: u32, signal: Signal) {
+    let _ = nix::sys::signal::killpg(Pid::from_raw(pgid as i32), signal);
+}
+
+fn signal_all(pids: &[u32], signal: Signal) {
+    for &pid in pids {
+        let _ = kill(Pid::from_raw(pid as i32), signal);
+    }
+}
+
+/// Reaps every exited child of this process. Only call it when no child is
+/// awaited elsewhere (tokio's own `Child::wait` would lose its status).
+pub fn reap_exited_children() {
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => break,
+            Ok(_) => continue,
+        }
+    }
+}
+
+/// Ends every descendant of `root`: SIGTERM, up to `grace` to exit, then SIGKILL
+/// until none is left. Returns how many distinct processes were found.
+/// With `reap`, exited children of this process are reaped as they die (for a
+/// subreaper whose orphans would otherwise stay zombies).
+pub async fn end_descendants(root: u32, grace: Duration, reap: bool) -> u32 {
+    let mut seen: HashSet<u32> = HashSet::new();
+    let first = descendants(root);
+    if first.is_empty() {
+        return 0;
+    }
+    seen.extend(&first);
+    signal_all(&first, Signal::SIGTERM);
+    let deadline = tokio::time::Instant::now() + grace;
+    // A process in uninterruptible sleep may outlive SIGKILL for a while; never hang on it.
+    let give_up = deadline + Duration::from_secs(10);
+    loop {
+        if reap {
+            reap_exited_children();
+        }
+        let left = descendants(root);
+        seen.extend(&left);
+        if left.is_empty() {
+            break;
+        }
+        let now = tokio::time::Instant::now();
+        if now >= give_up {
+            tracing::warn!(?left, "processes survived SIGKILL");
+            break;
+        }
+        if now >= deadline {
+            // Stop them first so none can fork a replacement while we kill the rest.
+            signal_all(&left, Signal::SIGSTOP);
+            let left = descendants(root);
+            seen.extend(&left);
+            signal_all(&left, Signal::SIGKILL);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if reap {
+        reap_exited_children();
+    }
+    seen.len() as u32
+}
