@@ -12,3 +12,8 @@ pub mod emulator;
 pub mod os;
 pub mod protocol;
 pub mod source;
+pub mod backend;
+pub mod cli;
+pub mod dispatch;
+pub mod plan;
+pub mod report;

@@ -1,1 +1,56 @@
-fn main() {}
+//! The `mvm-shard` binary: parse the command line, run the library, map the
+//! outcome to the exit status (0 passed, 1 a shard failed, 2 bad usage or
+//! configuration, 3 a shard could not run or its result never arrived).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use mvm_shard::cli::{self, Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_filter = match cli.command {
+        Command::Agent => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let code = match cli.command {
+        Command::Run(args) => match runtime.block_on(cli::run(args)) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e}");
+                e.exit_code()
+            }
+        },
+        Command::Agent => match runtime.block_on(mvm_shard::agent::run()) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        },
+        Command::Emulate(args) => match runtime.block_on(cli::emulate(args)) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                2
+            }
+        },
+    };
+    // Detached tasks (idle connections) must not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    ExitCode::from(code as u8)
+}

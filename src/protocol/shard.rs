@@ -193,7 +193,7 @@ impl ShardRequest {
 }
 
 /// Whether `name` can be an environment variable name in a POSIX shell.
-pub(crate) fn is_env_name(name: &str) -> bool {
+pub fn is_env_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
         && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())

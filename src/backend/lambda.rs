@@ -1,0 +1,168 @@
+//! The Lambda functions backend: `InvokeWithResponseStream` through the real
+//! aws-sdk-lambda client, one tenant id per shard and attempt.
+
+use aws_sdk_lambda::config::{Credentials, Region};
+use aws_sdk_lambda::error::{DisplayErrorContext, SdkError};
+use aws_sdk_lambda::primitives::Blob;
+use aws_sdk_lambda::types::InvokeWithResponseStreamResponseEvent as Event;
+use aws_smithy_types::retry::RetryConfig;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+
+use super::{Backend, InvokeError, InvokeErrorKind, ShardInvocation, ShardStream, StreamError};
+
+/// How to reach the function.
+#[derive(Debug, Clone, Default)]
+pub struct LambdaOptions {
+    /// Function name or ARN.
+    pub function: String,
+    /// Another endpoint than AWS's (the emulator, a VPC endpoint).
+    pub endpoint_url: Option<String>,
+    /// Region; otherwise from the environment and profile.
+    pub region: Option<String>,
+    /// Send a tenant id per shard and attempt (functions in `PER_TENANT` mode).
+    pub tenant_isolation: bool,
+    /// Fixed placeholder credentials, for the local emulator.
+    pub local_credentials: bool,
+}
+
+/// Why the Lambda client could not be configured.
+#[derive(Debug, thiserror::Error)]
+pub enum LambdaConfigError {
+    /// No region anywhere.
+    #[error("no AWS region is configured: pass --region or set AWS_REGION")]
+    NoRegion,
+    /// No usable credentials.
+    #[error("no AWS credentials found ({0}): configure them as for the AWS CLI (environment, profile, SSO or OIDC role)")]
+    NoCredentials(String),
+}
+
+/// Runs shards as invocations of one Lambda function.
+pub struct LambdaBackend {
+    client: aws_sdk_lambda::Client,
+    function: String,
+    tenant_isolation: bool,
+}
+
+impl LambdaBackend {
+    /// Loads credentials and region as the AWS CLI does and checks both now,
+    /// so that a configuration problem is reported before anything runs.
+    pub async fn connect(options: LambdaOptions) -> Result<Self, LambdaConfigError> {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(url) = &options.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        if options.local_credentials {
+            loader = loader
+                .credentials_provider(Credentials::new("local", "local", None, None, "mvm-shard-local"))
+                .region(Region::new("us-east-1"));
+        }
+        if let Some(region) = &options.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        let shared = loader.load().await;
+        if shared.region().is_none() {
+            return Err(LambdaConfigError::NoRegion);
+        }
+        let provider = shared
+            .credentials_provider()
+            .ok_or_else(|| LambdaConfigError::NoCredentials("no provider".into()))?;
+        use aws_credential_types::provider::ProvideCredentials;
+        provider
+            .provide_credentials()
+            .await
+            .map_err(|e| LambdaConfigError::NoCredentials(DisplayErrorContext(&e).to_string()))?;
+        // Retries are ours: each attempt must carry a new tenant id.
+        let config = aws_sdk_lambda::config::Builder::from(&shared)
+            .retry_config(RetryConfig::disabled())
+            .build();
+        Ok(LambdaBackend {
+            client: aws_sdk_lambda::Client::from_conf(config),
+            function: options.function,
+            tenant_isolation: options.tenant_isolation,
+        })
+    }
+
+    /// The tenant id of one attempt: unique per run, shard and attempt, so no
+    /// shard ever lands in an environment another one used.
+    pub fn tenant_id(invocation: &ShardInvocation) -> String {
+        format!(
+            "mvm-{}-s{}-a{}",
+            invocation.run_id, invocation.shard.index, invocation.attempt
+        )
+    }
+}
+
+impl Backend for LambdaBackend {
+    fn invoke<'a>(&'a self, invocation: &'a ShardInvocation) -> BoxFuture<'a, Result<ShardStream, InvokeError>> {
+        async move {
+            let mut request = self
+                .client
+                .invoke_with_response_stream()
+                .function_name(&self.function)
+                .payload(Blob::new(invocation.payload.to_vec()));
+            if self.tenant_isolation {
+                request = request.tenant_id(Self::tenant_id(invocation));
+            }
+            let output = request.send().await.map_err(classify)?;
+            let events = output.event_stream;
+            let stream = futures::stream::unfold(Some(events), |events| async move {
+                let mut events = events?;
+                loop {
+                    return match events.recv().await {
+                        Ok(Some(Event::PayloadChunk(update))) => {
+                            let Some(blob) = update.payload else { continue };
+                            Some((Ok(Bytes::from(blob.into_inner())), Some(events)))
+                        }
+                        Ok(Some(Event::InvokeComplete(complete))) => match complete.error_code {
+                            Some(code) => Some((
+                                Err(StreamError::Function {
+                                    code,
+                                    details: complete.error_details.unwrap_or_default(),
+                                }),
+                                None,
+                            )),
+                            None => None,
+                        },
+                        Ok(Some(_)) => continue,
+                        Ok(None) => None,
+                        Err(e) => Some((
+                            Err(StreamError::Transport(DisplayErrorContext(&e).to_string())),
+                            None,
+                        )),
+                    };
+                }
+            });
+            Ok(Box::pin(stream) as ShardStream)
+        }
+        .boxed()
+    }
+}
+
+fn classify<R: std::fmt::Debug>(
+    error: SdkError<aws_sdk_lambda::operation::invoke_with_response_stream::InvokeWithResponseStreamError, R>,
+) -> InvokeError {
+    let message = DisplayErrorContext(&error).to_string();
+    let kind = match &error {
+        SdkError::ServiceError(service) => {
+            let e = service.err();
+            if e.is_too_many_requests_exception() || e.is_ec2_throttled_exception() {
+                InvokeErrorKind::Throttled
+            } else if e.is_service_exception()
+                || e.is_resource_not_ready_exception()
+                || e.is_ec2_unexpected_exception()
+                || e.is_eni_limit_reached_exception()
+            {
+                InvokeErrorKind::Transient
+            } else {
+                InvokeErrorKind::Fatal
+            }
+        }
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+            InvokeErrorKind::Transient
+        }
+        _ => InvokeErrorKind::Fatal,
+    };
+    InvokeError { kind, message }
+}

@@ -1,0 +1,314 @@
+//! The command line: `run`, `agent` and `emulate`, and the glue from parsed
+//! arguments to plan, backend, dispatch and report.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::lambda::LambdaConfigError;
+use crate::backend::{Backend, LambdaBackend, LambdaOptions};
+use crate::dispatch::{self, DispatchOptions};
+use crate::emulator::{EmulatorConfig, FunctionConfig, RunningEmulator, DEFAULT_FUNCTION};
+use crate::plan::{self, human_bytes, PlanError, RunSpec};
+use crate::protocol::SourceSpec;
+use crate::report::TerminalReporter;
+use crate::source::{ArchiveServer, SourceError};
+
+/// mvm-shard: run each test shard in its own fresh microVM on AWS Lambda.
+#[derive(Debug, Parser)]
+#[command(name = "mvm-shard", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Split a command into shards and run each in a fresh environment.
+    Run(RunArgs),
+    /// The in-VM agent: the bootstrap of the Lambda image (a Lambda custom runtime).
+    Agent,
+    /// Serve a local Lambda emulator on loopback (no Docker, no AWS).
+    Emulate(EmulateArgs),
+}
+
+/// `mvm-shard run`.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("target").required(true).args(["local", "function"])))]
+pub struct RunArgs {
+    /// Run on an embedded local emulator, with no AWS at all.
+    #[arg(long)]
+    pub local: bool,
+    /// The Lambda function (name or ARN) that runs the shards.
+    #[arg(long, env = "MVM_SHARD_FUNCTION", value_name = "NAME")]
+    pub function: Option<String>,
+    /// Call another endpoint than AWS's (for example `mvm-shard emulate`).
+    #[arg(long, value_name = "URL", conflicts_with = "local")]
+    pub endpoint_url: Option<String>,
+    /// AWS region (default: from the environment or profile).
+    #[arg(long, conflicts_with = "local")]
+    pub region: Option<String>,
+    /// How many shards to split the command into.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub shards: u32,
+    /// Run only these shards of N (e.g. `1,3` or `2-4`), for matrix jobs.
+    #[arg(long, value_name = "LIST")]
+    pub only: Option<String>,
+    /// Shards in flight at once (default: 64 on Lambda, the CPU count locally).
+    #[arg(long, value_name = "K")]
+    pub max_parallel: Option<usize>,
+    /// Time limit of each shard (e.g. `90s`, `10m`).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Pass NAME from this environment, or set NAME=VALUE, in every shard.
+    #[arg(long = "env", value_name = "NAME[=VALUE]")]
+    pub env: Vec<String>,
+    /// Directory to ship (default: the git working tree of the current directory).
+    #[arg(long, value_name = "DIR")]
+    pub source: Option<PathBuf>,
+    /// The function does not use tenant isolation: send no tenant id.
+    #[arg(long)]
+    pub no_tenant_isolation: bool,
+    /// The command each shard runs; `{index}` and `{count}` are replaced.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// `mvm-shard emulate`.
+#[derive(Debug, Args)]
+pub struct EmulateArgs {
+    /// Address to serve the Invoke API on.
+    #[arg(long, default_value = "127.0.0.1:9001")]
+    pub listen: SocketAddr,
+    /// A function to host: its bootstrap command, run with `sh -c` (repeatable).
+    /// Without any, hosts `mvm-shard`, whose bootstrap is this binary's agent.
+    #[arg(long = "function", value_name = "NAME=COMMAND")]
+    pub functions: Vec<String>,
+    /// Put these functions in tenant isolation mode (repeatable). The default
+    /// `mvm-shard` function always is, as the deployment template sets it up.
+    #[arg(long = "tenant-isolated", value_name = "NAME")]
+    pub tenant_isolated: Vec<String>,
+    /// Invocation timeout of every function.
+    #[arg(long, default_value = "900s", value_parser = humantime::parse_duration)]
+    pub function_timeout: Duration,
+    /// Memory size reported to functions, in MB.
+    #[arg(long, default_value_t = 10_240)]
+    pub memory: u32,
+    /// Environments per function before invocations are throttled (429).
+    #[arg(long, default_value_t = 1000)]
+    pub max_concurrency: usize,
+    /// Region reported to functions.
+    #[arg(long, default_value = "us-east-1")]
+    pub region: String,
+}
+
+/// Why `run` stopped before it could report shards.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Bad input (exit 2).
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// Bad AWS configuration (exit 2).
+    #[error(transparent)]
+    Config(#[from] LambdaConfigError),
+    /// The source could not be packed (exit 2).
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// Something local failed (exit 3).
+    #[error("{0}")]
+    Local(String),
+}
+
+impl RunError {
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Local(_) => 3,
+            _ => 2,
+        }
+    }
+}
+
+/// `mvm-shard run`: returns the exit status (0, 1 or 3).
+pub async fn run(args: RunArgs) -> Result<i32, RunError> {
+    if args.shards == 0 || args.shards > 10_000 {
+        return Err(PlanError::ShardCount(args.shards).into());
+    }
+    if args.max_parallel == Some(0) {
+        return Err(PlanError::MaxParallel.into());
+    }
+    let only = args.only.as_deref().map(|o| plan::parse_only(o, args.shards)).transpose()?;
+    let env = plan::resolve_env(&args.env, |name| std::env::var(name).ok())?;
+    let source_dir = match &args.source {
+        Some(dir) => dir.clone(),
+        None => std::env::current_dir().map_err(|e| RunError::Local(e.to_string()))?,
+    };
+    let archive = tokio::task::spawn_blocking(move || crate::source::pack(&source_dir))
+        .await
+        .map_err(|e| RunError::Local(e.to_string()))??;
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let spec = RunSpec {
+        shards: args.shards,
+        only,
+        command: args.command.clone(),
+        env,
+        timeout: args.timeout,
+        workdir: archive.workdir.clone(),
+    };
+
+    let budget = plan::inline_budget(&spec, &run_id)?;
+    let mut archive_server = None;
+    let source = if archive.bytes.len() <= budget {
+        SourceSpec::Inline {
+            archive: base64::engine::general_purpose::STANDARD.encode(&archive.bytes),
+        }
+    } else if args.local {
+        let server = ArchiveServer::start(archive.bytes.clone().into())
+            .await
+            .map_err(|e| RunError::Local(format!("cannot serve the source archive: {e}")))?;
+        let url = server.url.clone();
+        archive_server = Some(server);
+        SourceSpec::Url { url, strip_prefix: None }
+    } else {
+        return Err(PlanError::SourceTooLarge {
+            size: human_bytes(archive.bytes.len() as u64),
+            limit: human_bytes(budget as u64),
+        }
+        .into());
+    };
+    let jobs = plan::jobs(&spec, &run_id, &source)?;
+
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let max_parallel = args.max_parallel.unwrap_or(if args.local { cpus.max(2) } else { 64 });
+    let mut emulator = None;
+    let options = if args.local {
+        let mut function = FunctionConfig::default_agent().map_err(|e| RunError::Local(e.to_string()))?;
+        function.max_concurrency = max_parallel;
+        let running = RunningEmulator::start(EmulatorConfig {
+            functions: vec![function],
+            region: "us-east-1".into(),
+        })
+        .await
+        .map_err(|e| RunError::Local(format!("cannot start the local emulator: {e}")))?;
+        let options = LambdaOptions {
+            function: DEFAULT_FUNCTION.into(),
+            endpoint_url: Some(running.endpoint.clone()),
+            region: None,
+            tenant_isolation: true,
+            local_credentials: true,
+        };
+        emulator = Some(running);
+        options
+    } else {
+        LambdaOptions {
+            function: args.function.clone().unwrap_or_default(),
+            endpoint_url: args.endpoint_url.clone(),
+            region: args.region.clone(),
+            tenant_isolation: !args.no_tenant_isolation,
+            local_credentials: false,
+        }
+    };
+    let backend: Arc<dyn Backend> = Arc::new(LambdaBackend::connect(options).await?);
+
+    eprintln!(
+        "mvm-shard: run {run_id}: {} of {} shards on {}, source {} ({} files, {})",
+        jobs.len(),
+        args.shards,
+        if args.local { "the local emulator".to_string() } else { format!("function {}", args.function.as_deref().unwrap_or("")) },
+        archive.root.display(),
+        archive.entries,
+        human_bytes(archive.bytes.len() as u64),
+    );
+
+    let cancel = CancellationToken::new();
+    let signals = tokio::spawn(watch_signals(cancel.clone()));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let reporter = tokio::spawn(async move {
+        let mut reporter = TerminalReporter::new(std::io::stdout());
+        while let Some(event) = rx.recv().await {
+            if reporter.handle(&event).is_err() {
+                break;
+            }
+        }
+        reporter
+    });
+    let dispatch_options = DispatchOptions {
+        max_parallel,
+        ..DispatchOptions::default()
+    };
+    let summary = dispatch::dispatch(backend, &run_id, jobs, &dispatch_options, tx, cancel).await;
+    signals.abort();
+    let mut reporter = reporter.await.map_err(|e| RunError::Local(e.to_string()))?;
+    let _ = reporter.summary(&summary);
+    if let Some(emulator) = emulator {
+        let _ = emulator.shutdown().await;
+    }
+    if let Some(server) = archive_server {
+        server.shutdown().await;
+    }
+    Ok(summary.exit_code())
+}
+
+/// First SIGINT or SIGTERM: stop dispatching and abandon the shards in
+/// flight (they are reported as not run). Second: exit at once.
+async fn watch_signals(cancel: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return;
+    };
+    tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+    eprintln!("mvm-shard: interrupted; stopping (interrupt again to abandon at once)");
+    cancel.cancel();
+    tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+    std::process::exit(130);
+}
+
+/// `mvm-shard emulate`: serves until SIGINT or SIGTERM.
+pub async fn emulate(args: EmulateArgs) -> anyhow::Result<()> {
+    let mut functions = Vec::new();
+    for spec in &args.functions {
+        let (name, command) = spec
+            .split_once('=')
+            .filter(|(n, c)| !n.is_empty() && !c.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("--function {spec:?}: expected NAME=COMMAND"))?;
+        let mut f = FunctionConfig::new(name, vec!["/bin/sh".into(), "-c".into(), command.into()]);
+        f.tenant_isolation = args.tenant_isolated.iter().any(|n| n == name);
+        functions.push(f);
+    }
+    if functions.is_empty() {
+        functions.push(FunctionConfig::default_agent()?);
+    }
+    for f in &mut functions {
+        f.timeout = args.function_timeout;
+        f.memory_mb = args.memory;
+        f.max_concurrency = args.max_concurrency;
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    let names: Vec<&str> = functions.iter().map(|f| f.name.as_str()).collect();
+    eprintln!("mvm-shard emulator: functions {}", names.join(", "));
+    println!("{endpoint}");
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    let emulator = crate::emulator::Emulator::new(EmulatorConfig {
+        functions,
+        region: args.region,
+    })?;
+    emulator
+        .serve(listener, async {
+            use tokio::signal::unix::{signal, SignalKind};
+            if let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+                tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+            }
+        })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,408 @@
+//! Fanning shards out through a [`Backend`] and accounting for every one.
+//!
+//! [`dispatch`] runs the shards with a bound on how many are in flight,
+//! retries starts that were throttled, decodes each shard's frame stream, and
+//! emits [`RunEvent`]s; it never prints. A shard whose final result never
+//! arrived is an infrastructure failure, never a pass.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::codec::Decoder;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Backend, InvokeError, InvokeErrorKind, ShardInvocation, ShardStream};
+use crate::protocol::{Frame, FrameCodec, Outcome, OutputStream, ShardId, ShardResult};
+
+/// What happened during a run, in the order it happened.
+#[derive(Debug, Clone)]
+pub enum RunEvent {
+    /// An attempt at a shard was sent.
+    Started {
+        /// Which shard.
+        shard: ShardId,
+        /// 1-based attempt.
+        attempt: u32,
+    },
+    /// A chunk of a shard's output.
+    Output {
+        /// Which shard.
+        shard: ShardId,
+        /// stdout or stderr.
+        stream: OutputStream,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// An attempt could not start and will be retried.
+    Retrying {
+        /// Which shard.
+        shard: ShardId,
+        /// The attempt that comes next.
+        next_attempt: u32,
+        /// How long until then.
+        delay: Duration,
+        /// Why the last one failed.
+        reason: String,
+    },
+    /// A shard is done, one way or another.
+    Finished(ShardRecord),
+}
+
+/// How a shard ended, from the run's point of view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardStatus {
+    /// The command exited 0.
+    Passed,
+    /// The command exited non-zero or was killed by a signal.
+    Failed {
+        /// Its exit code, if it exited.
+        exit_code: Option<i32>,
+        /// The signal that killed it, if one did.
+        signal: Option<i32>,
+    },
+    /// The command ran out of time.
+    TimedOut,
+    /// The shard could not run, or its result never arrived.
+    InfraFailed {
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl ShardStatus {
+    /// Short label for tables.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ShardStatus::Passed => "passed",
+            ShardStatus::Failed { .. } => "FAILED",
+            ShardStatus::TimedOut => "TIMED OUT",
+            ShardStatus::InfraFailed { .. } => "NOT RUN",
+        }
+    }
+}
+
+/// Everything known about one finished shard.
+#[derive(Debug, Clone)]
+pub struct ShardRecord {
+    /// Which shard.
+    pub shard: ShardId,
+    /// How it ended.
+    pub status: ShardStatus,
+    /// Wall time from the first attempt to the end, as the invoker saw it.
+    pub duration: Duration,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The agent's final result, when it arrived.
+    pub result: Option<ShardResult>,
+}
+
+/// The outcome of a whole run.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// One record per selected shard, by index.
+    pub records: Vec<ShardRecord>,
+}
+
+impl RunSummary {
+    /// The process exit status: 0 all passed, 1 a command failed or timed
+    /// out, 3 a shard could not run (this wins: the results are incomplete).
+    pub fn exit_code(&self) -> i32 {
+        if self.count(|s| matches!(s, ShardStatus::InfraFailed { .. })) > 0 {
+            3
+        } else if self.count(|s| *s != ShardStatus::Passed) > 0 {
+            1
+        } else {
+            0
+        }
+    }
+
+    /// How many shards have a status matching `pred`.
+    pub fn count(&self, pred: impl Fn(&ShardStatus) -> bool) -> usize {
+        self.records.iter().filter(|r| pred(&r.status)).count()
+    }
+}
+
+/// One shard to run.
+#[derive(Debug, Clone)]
+pub struct ShardJob {
+    /// Which shard.
+    pub shard: ShardId,
+    /// Its encoded request.
+    pub payload: Bytes,
+}
+
+/// Limits of a dispatch.
+#[derive(Debug, Clone)]
+pub struct DispatchOptions {
+    /// Shards in flight at once.
+    pub max_parallel: usize,
+    /// Attempts per shard for starts that failed for a passing reason.
+    pub max_attempts: u32,
+    /// First retry delay; doubled each time, capped at [`MAX_BACKOFF`].
+    pub backoff: Duration,
+}
+
+/// Longest wait between two attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(20);
+
+impl Default for DispatchOptions {
+    fn default() -> Self {
+        DispatchOptions {
+            max_parallel: 64,
+            max_attempts: 6,
+            backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Runs every job and returns one record per job. `cancel` stops new
+/// dispatches and abandons the shards in flight, which then count as not run.
+pub async fn dispatch(
+    backend: Arc<dyn Backend>,
+    run_id: &str,
+    jobs: Vec<ShardJob>,
+    options: &DispatchOptions,
+    events: mpsc::UnboundedSender<RunEvent>,
+    cancel: CancellationToken,
+) -> RunSummary {
+    let mut records: Vec<ShardRecord> = futures::stream::iter(jobs)
+        .map(|job| {
+            let backend = backend.clone();
+            let events = events.clone();
+            let cancel = cancel.clone();
+            async move {
+                let started = Instant::now();
+                let run = run_shard(&*backend, run_id, &job, options, &events);
+                let (status, attempts, result) = tokio::select! {
+                    done = run => done,
+                    () = cancel.cancelled() => (
+                        ShardStatus::InfraFailed { reason: "cancelled before its result arrived".into() },
+                        0,
+                        None,
+                    ),
+                };
+                let record = ShardRecord {
+                    shard: job.shard,
+                    status,
+                    duration: started.elapsed(),
+                    attempts,
+                    result,
+                };
+                let _ = events.send(RunEvent::Finished(record.clone()));
+                record
+            }
+        })
+        .buffer_unordered(options.max_parallel.max(1))
+        .collect()
+        .await;
+    records.sort_by_key(|r| r.shard.index);
+    RunSummary { records }
+}
+
+async fn run_shard(
+    backend: &dyn Backend,
+    run_id: &str,
+    job: &ShardJob,
+    options: &DispatchOptions,
+    events: &mpsc::UnboundedSender<RunEvent>,
+) -> (ShardStatus, u32, Option<ShardResult>) {
+    let mut attempt = 1;
+    loop {
+        let invocation = ShardInvocation {
+            shard: job.shard,
+            attempt,
+            run_id: run_id.to_string(),
+            payload: job.payload.clone(),
+        };
+        let _ = events.send(RunEvent::Started {
+            shard: job.shard,
+            attempt,
+        });
+        match backend.invoke(&invocation).await {
+            Ok(stream) => {
+                let (status, result) = consume(job.shard, stream, events).await;
+                return (status, attempt, result);
+            }
+            Err(error) => match retry_delay(&error, attempt, options) {
+                Some(delay) => {
+                    let _ = events.send(RunEvent::Retrying {
+                        shard: job.shard,
+                        next_attempt: attempt + 1,
+                        delay,
+                        reason: error.message.clone(),
+                    });
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                None => {
+                    let reason = match error.kind {
+                        InvokeErrorKind::Fatal => error.message,
+                        _ => format!("gave up after {attempt} attempts: {}", error.message),
+                    };
+                    return (ShardStatus::InfraFailed { reason }, attempt, None);
+                }
+            },
+        }
+    }
+}
+
+/// Whether to retry a failed start, and after how long: exponential backoff
+/// with jitter for throttles and passing failures, never for fatal ones.
+pub fn retry_delay(error: &InvokeError, attempt: u32, options: &DispatchOptions) -> Option<Duration> {
+    if error.kind == InvokeErrorKind::Fatal || attempt >= options.max_attempts {
+        return None;
+    }
+    let exp = options.backoff.saturating_mul(1 << (attempt - 1).min(16)).min(MAX_BACKOFF);
+    // Full jitter in the upper half, so retries of many shards spread out.
+    let jitter = rand_fraction();
+    Some(exp / 2 + exp.mul_f64(jitter / 2.0))
+}
+
+fn rand_fraction() -> f64 {
+    (uuid::Uuid::new_v4().as_u128() % 1_000_000) as f64 / 1_000_000.0
+}
+
+/// Decodes a shard's stream to its status, forwarding output as it arrives.
+async fn consume(
+    shard: ShardId,
+    mut stream: ShardStream,
+    events: &mpsc::UnboundedSender<RunEvent>,
+) -> (ShardStatus, Option<ShardResult>) {
+    let mut codec = FrameCodec::new();
+    let mut buf = BytesMut::new();
+    let mut result = None;
+    let mut failure = None;
+    'stream: while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(bytes) => {
+                if result.is_some() {
+                    continue;
+                }
+                buf.extend_from_slice(&bytes);
+                loop {
+                    match codec.decode(&mut buf) {
+                        Ok(Some(Frame::Output { stream, data })) => {
+                            let _ = events.send(RunEvent::Output { shard, stream, data });
+                        }
+                        Ok(Some(Frame::Heartbeat)) => {}
+                        Ok(Some(Frame::Result(r))) => {
+                            result = Some(r);
+                            break;
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            failure = Some(format!("the shard's stream is corrupt: {e}"));
+                            break 'stream;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                failure = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let status = status_of(result.as_ref(), failure);
+    (status, result)
+}
+
+/// The pure decision from what arrived to the shard's status.
+pub fn status_of(result: Option<&ShardResult>, failure: Option<String>) -> ShardStatus {
+    let Some(result) = result else {
+        let reason = failure.unwrap_or_else(|| "the shard's stream ended without a final result".into());
+        return ShardStatus::InfraFailed {
+            reason: format!("{reason} (no final result arrived)"),
+        };
+    };
+    match &result.outcome {
+        Outcome::Exited { code: 0 } => ShardStatus::Passed,
+        Outcome::Exited { code } => ShardStatus::Failed {
+            exit_code: Some(*code),
+            signal: None,
+        },
+        Outcome::Signaled { signal } => ShardStatus::Failed {
+            exit_code: None,
+            signal: Some(*signal),
+        },
+        Outcome::TimedOut { .. } => ShardStatus::TimedOut,
+        Outcome::Rejected { reason } => ShardStatus::InfraFailed {
+            reason: format!("the agent refused the request: {reason}"),
+        },
+        Outcome::SetupFailed { reason } => ShardStatus::InfraFailed {
+            reason: format!("the shard could not be set up: {reason}"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(outcome: Outcome) -> ShardResult {
+        ShardResult::not_run(outcome)
+    }
+
+    #[test]
+    fn a_missing_result_is_never_a_pass() {
+        assert!(matches!(status_of(None, None), ShardStatus::InfraFailed { .. }));
+        let s = status_of(None, Some("function error Runtime.ExitError: boom".into()));
+        assert!(matches!(s, ShardStatus::InfraFailed { reason } if reason.contains("Runtime.ExitError")));
+    }
+
+    #[test]
+    fn outcomes_map_to_statuses() {
+        assert_eq!(status_of(Some(&result(Outcome::Exited { code: 0 })), None), ShardStatus::Passed);
+        assert_eq!(
+            status_of(Some(&result(Outcome::Exited { code: 2 })), None),
+            ShardStatus::Failed { exit_code: Some(2), signal: None }
+        );
+        assert_eq!(status_of(Some(&result(Outcome::TimedOut { limit_ms: 5 })), None), ShardStatus::TimedOut);
+        assert!(matches!(
+            status_of(Some(&result(Outcome::Rejected { reason: "x".into() })), None),
+            ShardStatus::InfraFailed { .. }
+        ));
+    }
+
+    #[test]
+    fn infra_failures_outrank_test_failures_in_the_exit_code() {
+        let rec = |status| ShardRecord {
+            shard: ShardId { index: 1, count: 1 },
+            status,
+            duration: Duration::ZERO,
+            attempts: 1,
+            result: None,
+        };
+        let summary = |statuses: Vec<ShardStatus>| RunSummary {
+            records: statuses.into_iter().map(rec).collect(),
+        };
+        assert_eq!(summary(vec![ShardStatus::Passed]).exit_code(), 0);
+        assert_eq!(summary(vec![ShardStatus::Passed, ShardStatus::TimedOut]).exit_code(), 1);
+        assert_eq!(
+            summary(vec![ShardStatus::TimedOut, ShardStatus::InfraFailed { reason: "x".into() }]).exit_code(),
+            3
+        );
+    }
+
+    #[test]
+    fn throttles_back_off_and_fatal_errors_do_not_retry() {
+        let options = DispatchOptions::default();
+        let throttled = InvokeError {
+            kind: InvokeErrorKind::Throttled,
+            message: "429".into(),
+        };
+        let d1 = retry_delay(&throttled, 1, &options).unwrap();
+        assert!(d1 >= options.backoff / 2 && d1 <= options.backoff);
+        let d5 = retry_delay(&throttled, 5, &options).unwrap();
+        assert!(d5 >= options.backoff * 8, "{d5:?}");
+        assert_eq!(retry_delay(&throttled, options.max_attempts, &options), None);
+        let fatal = InvokeError {
+            kind: InvokeErrorKind::Fatal,
+            message: "404".into(),
+        };
+        assert_eq!(retry_delay(&fatal, 1, &options), None);
+    }
+}

@@ -1,0 +1,226 @@
+//! Turning what the user asked for into one request per selected shard:
+//! shard selection, `{index}`/`{count}` substitution, environment, source.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::dispatch::ShardJob;
+use crate::protocol::{RequestError, ShardId, ShardRequest, SourceSpec, MAX_REQUEST_BYTES, PROTOCOL_VERSION};
+
+/// A problem with the user's input, found before anything ran (exit 2).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    /// `--shards 0` or too many.
+    #[error("--shards must be between 1 and 10000 (got {0})")]
+    ShardCount(u32),
+    /// `--max-parallel 0`.
+    #[error("--max-parallel must be at least 1")]
+    MaxParallel,
+    /// `--only` names something that is not a shard.
+    #[error("--only {given:?}: {problem}; shards are numbered 1 to {count}")]
+    Only {
+        /// What was given.
+        given: String,
+        /// What is wrong with it.
+        problem: String,
+        /// The shard count.
+        count: u32,
+    },
+    /// `--env NAME` of a variable that is not set here.
+    #[error("--env {0}: {0} is not set in this environment; set it, or pass --env {0}=VALUE")]
+    EnvUnset(String),
+    /// `--env` with a bad name.
+    #[error("--env {0:?}: not a valid environment variable name (letters, digits and _, not starting with a digit)")]
+    EnvName(String),
+    /// The request does not fit.
+    #[error("{0}")]
+    Request(#[from] RequestError),
+    /// The source is too large to travel inside the request.
+    #[error("the source archive is {size} compressed, but a request may carry at most {limit} (Lambda's 6 MB payload limit, base64 included); ship less with --source DIR, add build outputs to .gitignore, or use --local, which serves larger sources over loopback")]
+    SourceTooLarge {
+        /// Archive size, human-readable.
+        size: String,
+        /// The budget, human-readable.
+        limit: String,
+    },
+}
+
+/// What to run, as the user asked for it.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// Total number of shards the suite is split into.
+    pub shards: u32,
+    /// The subset to run (`--only`), 1-based; `None` runs all.
+    pub only: Option<Vec<u32>>,
+    /// The command template.
+    pub command: Vec<String>,
+    /// Resolved extra environment.
+    pub env: BTreeMap<String, String>,
+    /// Per-shard timeout.
+    pub timeout: Duration,
+    /// Where the command runs, relative to the source root.
+    pub workdir: String,
+}
+
+/// Parses `--only`: a comma-separated list of shard numbers and ranges (`1,3,5-7`).
+pub fn parse_only(given: &str, count: u32) -> Result<Vec<u32>, PlanError> {
+    let err = |problem: String| PlanError::Only {
+        given: given.to_string(),
+        problem,
+        count,
+    };
+    let mut picked = Vec::new();
+    for part in given.split(',').map(str::trim) {
+        if part.is_empty() {
+            return Err(err("an empty item".into()));
+        }
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let num = |s: &str| s.parse::<u32>().map_err(|_| err(format!("{s:?} is not a shard number")));
+        let (lo, hi) = (num(lo)?, num(hi)?);
+        if lo == 0 || hi > count || lo > hi {
+            return Err(err(format!("{part} is out of range")));
+        }
+        picked.extend(lo..=hi);
+    }
+    picked.sort_unstable();
+    picked.dedup();
+    Ok(picked)
+}
+
+/// Resolves `--env NAME` (from `lookup`) and `--env NAME=VALUE`.
+pub fn resolve_env(args: &[String], lookup: impl Fn(&str) -> Option<String>) -> Result<BTreeMap<String, String>, PlanError> {
+    let mut env = BTreeMap::new();
+    for arg in args {
+        let (name, value) = match arg.split_once('=') {
+            Some((name, value)) => (name, value.to_string()),
+            None => (arg.as_str(), lookup(arg).ok_or_else(|| PlanError::EnvUnset(arg.clone()))?),
+        };
+        if !crate::protocol::is_env_name(name) {
+            return Err(PlanError::EnvName(name.to_string()));
+        }
+        env.insert(name.to_string(), value);
+    }
+    Ok(env)
+}
+
+/// Replaces `{index}` and `{count}` in one argument.
+pub fn substitute(arg: &str, shard: ShardId) -> String {
+    arg.replace("{index}", &shard.index.to_string())
+        .replace("{count}", &shard.count.to_string())
+}
+
+/// Room a request needs besides the source archive.
+fn request_overhead(spec: &RunSpec, run_id: &str) -> Result<usize, PlanError> {
+    let probe = request(spec, run_id, ShardId { index: spec.shards, count: spec.shards }, SourceSpec::Empty);
+    Ok(probe.encode()?.len() + 64)
+}
+
+/// The largest archive that still fits inline next to the rest of the request.
+pub fn inline_budget(spec: &RunSpec, run_id: &str) -> Result<usize, PlanError> {
+    let overhead = request_overhead(spec, run_id)?;
+    Ok(MAX_REQUEST_BYTES.saturating_sub(overhead) / 4 * 3)
+}
+
+/// Builds the jobs: one encoded request per selected shard.
+pub fn jobs(spec: &RunSpec, run_id: &str, source: &SourceSpec) -> Result<Vec<ShardJob>, PlanError> {
+    if spec.shards == 0 || spec.shards > 10_000 {
+        return Err(PlanError::ShardCount(spec.shards));
+    }
+    let selected: Vec<u32> = match &spec.only {
+        Some(only) => only.clone(),
+        None => (1..=spec.shards).collect(),
+    };
+    selected
+        .into_iter()
+        .map(|index| {
+            let shard = ShardId {
+                index,
+                count: spec.shards,
+            };
+            let payload = request(spec, run_id, shard, source.clone()).encode()?;
+            Ok(ShardJob {
+                shard,
+                payload: Bytes::from(payload),
+            })
+        })
+        .collect()
+}
+
+fn request(spec: &RunSpec, run_id: &str, shard: ShardId, source: SourceSpec) -> ShardRequest {
+    ShardRequest {
+        version: PROTOCOL_VERSION,
+        run_id: run_id.to_string(),
+        shard,
+        command: spec.command.iter().map(|a| substitute(a, shard)).collect(),
+        env: spec.env.clone(),
+        timeout_ms: spec.timeout.as_millis().min(u64::MAX as u128) as u64,
+        workdir: spec.workdir.clone(),
+        source,
+    }
+}
+
+/// Bytes, in the units people read (KiB, MiB).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_accepts_lists_and_ranges() {
+        assert_eq!(parse_only("1,3", 4).unwrap(), vec![1, 3]);
+        assert_eq!(parse_only("2-4,1,2", 4).unwrap(), vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn only_refuses_what_is_not_a_shard() {
+        for bad in ["5", "0", "1,,2", "a", "3-2", "1-9"] {
+            let e = parse_only(bad, 4).unwrap_err();
+            assert!(e.to_string().contains("1 to 4"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn env_forwards_and_sets() {
+        let env = resolve_env(&["A".into(), "B=x=y".into()], |n| (n == "A").then(|| "from-here".into())).unwrap();
+        assert_eq!(env["A"], "from-here");
+        assert_eq!(env["B"], "x=y");
+        assert_eq!(resolve_env(&["MISSING".into()], |_| None), Err(PlanError::EnvUnset("MISSING".into())));
+        assert!(matches!(resolve_env(&["1X=2".into()], |_| None), Err(PlanError::EnvName(_))));
+    }
+
+    #[test]
+    fn placeholders_are_replaced_per_shard() {
+        let spec = RunSpec {
+            shards: 3,
+            only: Some(vec![2]),
+            command: vec!["echo".into(), "{index}/{count}".into()],
+            env: BTreeMap::new(),
+            timeout: Duration::from_secs(60),
+            workdir: String::new(),
+        };
+        let jobs = jobs(&spec, "run", &SourceSpec::Empty).unwrap();
+        assert_eq!(jobs.len(), 1);
+        let req = ShardRequest::decode(&jobs[0].payload).unwrap();
+        assert_eq!(req.command, vec!["echo", "2/3"]);
+        assert_eq!(req.shard, ShardId { index: 2, count: 3 });
+    }
+}

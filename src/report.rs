@@ -1,0 +1,191 @@
+//! Showing a run: each shard's output line by line with a shard prefix as it
+//! arrives, then a summary table. Consumes [`RunEvent`]s; knows nothing of backends.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::Duration;
+
+use crate::dispatch::{RunEvent, RunSummary, ShardStatus};
+use crate::protocol::{OutputStream, ShardId};
+
+/// A line longer than this is shown in pieces rather than held back.
+const MAX_HELD_LINE: usize = 64 * 1024;
+
+/// Writes shard output with `[i/n] ` prefixes, whole lines at a time, so
+/// lines of concurrent shards never interleave mid-line.
+pub struct TerminalReporter<W: Write> {
+    out: W,
+    partial: HashMap<(ShardId, OutputStream), Vec<u8>>,
+}
+
+impl<W: Write> TerminalReporter<W> {
+    /// A reporter writing to `out`.
+    pub fn new(out: W) -> Self {
+        TerminalReporter {
+            out,
+            partial: HashMap::new(),
+        }
+    }
+
+    /// Shows one event.
+    pub fn handle(&mut self, event: &RunEvent) -> std::io::Result<()> {
+        match event {
+            RunEvent::Started { .. } => Ok(()),
+            RunEvent::Output { shard, stream, data } => {
+                let held = self.partial.entry((*shard, *stream)).or_default();
+                held.extend_from_slice(data);
+                let mut lines = Vec::new();
+                while let Some(pos) = held.iter().position(|b| *b == b'\n') {
+                    lines.push(held.drain(..=pos).collect::<Vec<u8>>());
+                }
+                if held.len() > MAX_HELD_LINE {
+                    let mut rest = std::mem::take(held);
+                    rest.push(b'\n');
+                    lines.push(rest);
+                }
+                for line in lines {
+                    self.line(*shard, &line)?;
+                }
+                Ok(())
+            }
+            RunEvent::Retrying {
+                shard,
+                next_attempt,
+                delay,
+                reason,
+            } => writeln!(
+                self.out,
+                "[{shard}] could not start ({reason}); attempt {next_attempt} in {}",
+                secs(*delay)
+            ),
+            RunEvent::Finished(record) => {
+                for stream in [OutputStream::Stdout, OutputStream::Stderr] {
+                    if let Some(mut rest) = self.partial.remove(&(record.shard, stream)) {
+                        if !rest.is_empty() {
+                            rest.push(b'\n');
+                            self.line(record.shard, &rest)?;
+                        }
+                    }
+                }
+                let detail = match &record.status {
+                    ShardStatus::Passed => String::new(),
+                    ShardStatus::Failed { exit_code: Some(c), .. } => format!(" (exit code {c})"),
+                    ShardStatus::Failed { signal: Some(s), .. } => format!(" (killed by signal {s})"),
+                    ShardStatus::Failed { .. } => String::new(),
+                    ShardStatus::TimedOut => " (ran out of time)".into(),
+                    ShardStatus::InfraFailed { reason } => format!(": {reason}"),
+                };
+                writeln!(
+                    self.out,
+                    "[{}] {}{detail} in {}",
+                    record.shard,
+                    record.status.label(),
+                    secs(record.duration)
+                )?;
+                self.out.flush()
+            }
+        }
+    }
+
+    fn line(&mut self, shard: ShardId, line: &[u8]) -> std::io::Result<()> {
+        write!(self.out, "[{shard}] ")?;
+        self.out.write_all(line)
+    }
+
+    /// Writes the summary table and the closing count line.
+    pub fn summary(&mut self, summary: &RunSummary) -> std::io::Result<()> {
+        writeln!(self.out)?;
+        writeln!(self.out, "{:<8} {:<10} {:>9} {:>5}  {}", "shard", "status", "duration", "exit", "environment")?;
+        for r in &summary.records {
+            let exit = match (&r.status, &r.result) {
+                (ShardStatus::Failed { exit_code: Some(c), .. }, _) => c.to_string(),
+                (ShardStatus::Passed, _) => "0".into(),
+                (ShardStatus::Failed { signal: Some(s), .. }, _) => format!("sig{s}"),
+                _ => "-".into(),
+            };
+            let environment = match &r.result {
+                Some(res) if res.fresh_environment => "fresh",
+                Some(_) => "reused, wiped",
+                None => "-",
+            };
+            writeln!(
+                self.out,
+                "{:<8} {:<10} {:>9} {:>5}  {}",
+                r.shard.to_string(),
+                r.status.label(),
+                secs(r.duration),
+                exit,
+                environment
+            )?;
+        }
+        let failed: Vec<String> = summary
+            .records
+            .iter()
+            .filter(|r| r.status != ShardStatus::Passed)
+            .map(|r| r.shard.index.to_string())
+            .collect();
+        writeln!(
+            self.out,
+            "{} shards: {} passed, {} failed, {} timed out, {} could not run{}",
+            summary.records.len(),
+            summary.count(|s| *s == ShardStatus::Passed),
+            summary.count(|s| matches!(s, ShardStatus::Failed { .. })),
+            summary.count(|s| *s == ShardStatus::TimedOut),
+            summary.count(|s| matches!(s, ShardStatus::InfraFailed { .. })),
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!(" (not passed: {})", failed.join(", "))
+            }
+        )?;
+        self.out.flush()
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2}s", d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::ShardRecord;
+    use bytes::Bytes;
+
+    fn shard(index: u32) -> ShardId {
+        ShardId { index, count: 2 }
+    }
+
+    fn output(index: u32, data: &'static [u8]) -> RunEvent {
+        RunEvent::Output {
+            shard: shard(index),
+            stream: OutputStream::Stdout,
+            data: Bytes::from_static(data),
+        }
+    }
+
+    #[test]
+    fn lines_from_concurrent_shards_never_mix() {
+        let mut out = Vec::new();
+        let mut r = TerminalReporter::new(&mut out);
+        for e in [output(1, b"hel"), output(2, b"other\nsec"), output(1, b"lo\n"), output(2, b"ond")] {
+            r.handle(&e).unwrap();
+        }
+        r.handle(&RunEvent::Finished(ShardRecord {
+            shard: shard(2),
+            status: ShardStatus::Failed {
+                exit_code: Some(1),
+                signal: None,
+            },
+            duration: Duration::from_millis(1500),
+            attempts: 1,
+            result: None,
+        }))
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            "[2/2] other\n[1/2] hello\n[2/2] second\n[2/2] FAILED (exit code 1) in 1.50s\n"
+        );
+    }
+}
