@@ -56,6 +56,49 @@ fn stat_state_and_parent(pid: u32) -> Option<(char, u32)> {
     Some((state, ppid))
 }
 
+/// Live processes (other than this one) whose environment holds `name=value`.
+/// A marker variable follows a command's processes wherever they reparent,
+/// the way Jenkins' process-tree killer finds a build's leftovers.
+pub fn processes_marked(name: &str, value: &str) -> Vec<u32> {
+    let needle = format!("{name}={value}");
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found: Vec<u32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me && is_alive(pid))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == needle.as_bytes()))
+        })
+        .collect();
+    found.sort_unstable();
+    found
+}
+
+/// Kills (SIGKILL) every process carrying the marker and everything below
+/// them; returns how many there were.
+pub fn kill_marked(name: &str, value: &str) -> u32 {
+    let mut killed = HashSet::new();
+    for _ in 0..10 {
+        let mut targets = processes_marked(name, value);
+        for pid in targets.clone() {
+            targets.extend(descendants(pid));
+        }
+        targets.retain(|p| !killed.contains(p));
+        if targets.is_empty() {
+            break;
+        }
+        signal_all(&targets, Signal::SIGSTOP);
+        signal_all(&targets, Signal::SIGKILL);
+        killed.extend(targets);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    killed.len() as u32
+}
+
 /// Whether a process with this id is alive (a zombie counts as gone).
 pub fn is_alive(pid: u32) -> bool {
     matches!(stat_state_and_parent(pid), Some((state, _)) if state != 'Z' && state != 'X')

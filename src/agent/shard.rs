@@ -40,6 +40,7 @@ const WITHHELD_ENV: &[&str] = &[
     "AWS_PROFILE",
     "_X_AMZN_TRACE_ID",
     "MVM_SHARD_SCRATCH",
+    workspace::SANDBOX_MARKER,
 ];
 
 /// What the agent remembers across invocations of one environment.
@@ -90,7 +91,7 @@ pub async fn run(
 
     let (timeout, limit_ms) = effective_timeout(req.timeout_ms, invocation_deadline);
     let started = Instant::now();
-    match run_command(req, &ws, timeout, frames).await {
+    match run_command(req, &ws, &state.scratch, timeout, frames).await {
         Ok((outcome, stragglers)) => {
             result.outcome = match outcome {
                 CommandEnd::TimedOut => Outcome::TimedOut { limit_ms },
@@ -169,6 +170,7 @@ enum CommandEnd {
 async fn run_command(
     req: &ShardRequest,
     ws: &Workspace,
+    scratch: &std::path::Path,
     timeout: Duration,
     frames: &FrameSender,
 ) -> Result<(CommandEnd, u32), String> {
@@ -187,6 +189,7 @@ async fn run_command(
         .env("MVM_SHARD_INDEX", req.shard.index.to_string())
         .env("MVM_SHARD_COUNT", req.shard.count.to_string())
         .env("MVM_SHARD_RUN_ID", &req.run_id)
+        .env(workspace::SANDBOX_MARKER, &scratch)
         .env("TMPDIR", &ws.tmp)
         .env("HOME", &ws.home)
         .stdin(Stdio::null())
@@ -215,7 +218,11 @@ async fn run_command(
             CommandEnd::TimedOut
         }
     };
-    let stragglers = os::end_descendants(me, STRAGGLER_GRACE, true).await;
+    let mut stragglers = os::end_descendants(me, STRAGGLER_GRACE, true).await;
+    let marker = scratch.display().to_string();
+    stragglers += tokio::task::spawn_blocking(move || os::kill_marked(workspace::SANDBOX_MARKER, &marker))
+        .await
+        .unwrap_or(0);
     for reader in readers {
         // With every writer gone the pipes are at EOF; the bound guards against
         // a descriptor passed to a process outside our tree.

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use crate::os;
 
+/// Variable every shard command carries, naming the scratch root it belongs to.
+pub const SANDBOX_MARKER: &str = "MVM_SHARD_SANDBOX";
+
 /// What a previous invocation left in this environment.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Leftovers {
@@ -35,7 +38,13 @@ pub fn scratch_root() -> PathBuf {
 /// shard never sees what an earlier one left, even after Lambda reset a
 /// crashed runtime but kept /tmp.
 pub async fn sweep(root: &Path) -> Leftovers {
-    let processes = os::end_descendants(std::process::id(), Duration::from_millis(500), true).await;
+    let mut processes = os::end_descendants(std::process::id(), Duration::from_millis(500), true).await;
+    // Commands of an earlier agent process (Lambda restarted a crashed runtime
+    // but kept the sandbox) are no descendants of ours; the marker finds them.
+    let marker = root.display().to_string();
+    processes += tokio::task::spawn_blocking(move || os::kill_marked(SANDBOX_MARKER, &marker))
+        .await
+        .unwrap_or(0);
     let root = root.to_path_buf();
     let paths = tokio::task::spawn_blocking(move || empty_dir(&root))
         .await

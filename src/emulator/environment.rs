@@ -15,6 +15,10 @@ use super::runtime::{self, PendingInvocation, RuntimeApi};
 use super::FunctionConfig;
 use crate::os;
 
+/// Variable set in every environment's bootstrap, inherited by what it starts,
+/// so that processes which escaped the tree are still found on destroy.
+pub const ENVIRONMENT_MARKER: &str = "MVM_SHARD_EMULATED_ENVIRONMENT";
+
 /// Bytes of log kept for `LogResult` (Lambda returns the last 4 KB).
 const LOG_TAIL: usize = 4096;
 
@@ -94,12 +98,15 @@ impl Environment {
                 status = child.wait() => tracing::debug!(env = %env_id, ?status, "runtime exited"),
                 () = watch_kill.cancelled() => {}
             }
-            // Kill whatever the runtime left below it, then the runtime itself.
+            // Kill whatever the runtime left below it, then the runtime itself,
+            // then anything that escaped the tree but still carries the marker.
             if let Some(pid) = pid {
                 os::end_descendants(pid, Duration::ZERO, false).await;
             }
             let _ = child.start_kill();
             let _ = child.wait().await;
+            let marker = env_id.clone();
+            let _ = tokio::task::spawn_blocking(move || os::kill_marked(ENVIRONMENT_MARKER, &marker)).await;
             watch_exited.cancel();
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
         });
@@ -187,6 +194,7 @@ fn lambda_environment(
         ("LANG", "en_US.UTF-8".into()),
         ("PATH", host("PATH", "/usr/local/bin:/usr/bin:/bin")),
         ("TMPDIR", tmp.display().to_string()),
+        (ENVIRONMENT_MARKER, env_id.to_string()),
     ];
     if let Ok(ld) = std::env::var("LD_LIBRARY_PATH") {
         vars.push(("LD_LIBRARY_PATH", ld));

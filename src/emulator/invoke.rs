@@ -261,6 +261,7 @@ async fn drive(
 ) {
     let env = lease.env.clone();
     let request_id = pending.request_id.clone();
+    tracing::debug!(env = %env.id, %request_id, "invocation starts");
     env.clear_log();
     env.log_line(&format!("START RequestId: {request_id} Version: $LATEST"));
     let started = Instant::now();

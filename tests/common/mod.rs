@@ -1,0 +1,157 @@
+//! Shared set-up for the integration tests: an emulator on loopback hosting
+//! the real agent binary, and the real aws-sdk-lambda client pointed at it.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mvm_shard::backend::{Backend, LambdaBackend, LambdaOptions};
+use mvm_shard::dispatch::{self, DispatchOptions, RunEvent, RunSummary, ShardJob};
+use mvm_shard::emulator::{EmulatorConfig, FunctionConfig, RunningEmulator};
+use mvm_shard::protocol::{OutputStream, ShardId, ShardRequest, SourceSpec, PROTOCOL_VERSION};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Path of the binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_mvm-shard")
+}
+
+/// A function whose bootstrap is our agent.
+pub fn agent_function(name: &str, tenant_isolation: bool) -> FunctionConfig {
+    let mut f = FunctionConfig::new(name, vec![binary().to_string(), "agent".into()]);
+    f.tenant_isolation = tenant_isolation;
+    f
+}
+
+/// An emulator hosting `functions`.
+pub async fn emulator(functions: Vec<FunctionConfig>) -> RunningEmulator {
+    RunningEmulator::start(EmulatorConfig {
+        functions,
+        region: "us-east-1".into(),
+    })
+    .await
+    .expect("emulator starts")
+}
+
+/// The real SDK client for `endpoint`.
+pub async fn sdk_client(endpoint: &str) -> aws_sdk_lambda::Client {
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(aws_sdk_lambda::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_lambda::config::Credentials::new("k", "s", None, None, "test"))
+        .load()
+        .await;
+    aws_sdk_lambda::Client::new(&conf)
+}
+
+/// Our backend for `function` on `endpoint`.
+pub async fn backend(endpoint: &str, function: &str, tenant_isolation: bool) -> Arc<dyn Backend> {
+    Arc::new(
+        LambdaBackend::connect(LambdaOptions {
+            function: function.into(),
+            endpoint_url: Some(endpoint.into()),
+            region: Some("us-east-1".into()),
+            tenant_isolation,
+            local_credentials: true,
+        })
+        .await
+        .expect("backend connects"),
+    )
+}
+
+/// A request running `sh -c script` as shard `index` of `count`.
+pub fn request(script: &str, index: u32, count: u32, timeout: Duration) -> ShardRequest {
+    ShardRequest {
+        version: PROTOCOL_VERSION,
+        run_id: "test".into(),
+        shard: ShardId { index, count },
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        env: BTreeMap::new(),
+        timeout_ms: timeout.as_millis() as u64,
+        workdir: String::new(),
+        source: SourceSpec::Empty,
+    }
+}
+
+/// What a dispatch produced: the summary and each shard's stdout and stderr.
+pub struct Finished {
+    pub summary: RunSummary,
+    pub stdout: BTreeMap<u32, Vec<u8>>,
+    pub stderr: BTreeMap<u32, Vec<u8>>,
+    pub events: Vec<RunEvent>,
+}
+
+impl Finished {
+    pub fn stdout_of(&self, index: u32) -> String {
+        String::from_utf8_lossy(self.stdout.get(&index).map(|v| &v[..]).unwrap_or(b"")).into_owned()
+    }
+}
+
+/// Runs `requests` through `backend` with the real dispatcher.
+pub async fn run(backend: Arc<dyn Backend>, requests: Vec<ShardRequest>, max_parallel: usize) -> Finished {
+    let jobs = requests
+        .iter()
+        .map(|r| ShardJob {
+            shard: r.shard,
+            payload: Bytes::from(r.encode().expect("request encodes")),
+        })
+        .collect();
+    run_jobs(backend, jobs, max_parallel).await
+}
+
+/// Runs pre-encoded jobs (to send what no planner would).
+pub async fn run_jobs(backend: Arc<dyn Backend>, jobs: Vec<ShardJob>, max_parallel: usize) -> Finished {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let options = DispatchOptions {
+        max_parallel,
+        ..DispatchOptions::default()
+    };
+    let run_id = format!("t{}", uuid::Uuid::new_v4().simple());
+    let summary = dispatch::dispatch(backend, &run_id, jobs, &options, tx, CancellationToken::new()).await;
+    let mut finished = Finished {
+        summary,
+        stdout: BTreeMap::new(),
+        stderr: BTreeMap::new(),
+        events: Vec::new(),
+    };
+    while let Some(event) = rx.recv().await {
+        if let RunEvent::Output { shard, stream, data } = &event {
+            let map = match stream {
+                OutputStream::Stdout => &mut finished.stdout,
+                OutputStream::Stderr => &mut finished.stderr,
+            };
+            map.entry(shard.index).or_default().extend_from_slice(data);
+        }
+        finished.events.push(event);
+    }
+    finished
+}
+
+/// Waits (bounded) until `pid` is gone; true if it went.
+pub async fn wait_gone(pid: u32) -> bool {
+    for _ in 0..200 {
+        if !mvm_shard::os::is_alive(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
+
+/// Runs the binary with `args` in `dir`; returns (exit code, stdout, stderr).
+pub fn cli(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
