@@ -17,7 +17,9 @@ use crate::dispatch::{self, DispatchOptions};
 use crate::emulator::{EmulatorConfig, FunctionConfig, RunningEmulator, DEFAULT_FUNCTION};
 use crate::plan::{self, human_bytes, PlanError, RunSpec};
 use crate::protocol::SourceSpec;
-use crate::report::TerminalReporter;
+use crate::report::github::GithubFiles;
+use crate::report::junit::TestReport;
+use crate::report::{GithubReporter, Reporter, TerminalReporter};
 use crate::source::{ArchiveServer, SourceError};
 
 /// mvm-shard: run each test shard in its own fresh microVM on AWS Lambda.
@@ -77,6 +79,13 @@ pub struct RunArgs {
     /// The function does not use tenant isolation: send no tenant id.
     #[arg(long)]
     pub no_tenant_isolation: bool,
+    /// JUnit XML files each shard writes (glob, relative to its working
+    /// directory; repeatable): sent back, annotated and merged.
+    #[arg(long, value_name = "GLOB")]
+    pub junit: Vec<String>,
+    /// Where the merged JUnit report goes (with --junit).
+    #[arg(long, value_name = "PATH", default_value = "mvm-shard-junit.xml")]
+    pub report: PathBuf,
     /// The command each shard runs; `{index}` and `{count}` are replaced.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -145,7 +154,11 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
     if args.max_parallel == Some(0) {
         return Err(PlanError::MaxParallel.into());
     }
-    let only = args.only.as_deref().map(|o| plan::parse_only(o, args.shards)).transpose()?;
+    let only = args
+        .only
+        .as_deref()
+        .map(|o| plan::parse_only(o, args.shards))
+        .transpose()?;
     let env = plan::resolve_env(&args.env, |name| std::env::var(name).ok())?;
     let source_dir = match &args.source {
         Some(dir) => dir.clone(),
@@ -162,6 +175,7 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
         env,
         timeout: args.timeout,
         workdir: archive.workdir.clone(),
+        collect: args.junit.clone(),
     };
 
     let budget = plan::inline_budget(&spec, &run_id)?;
@@ -176,7 +190,10 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
             .map_err(|e| RunError::Local(format!("cannot serve the source archive: {e}")))?;
         let url = server.url.clone();
         archive_server = Some(server);
-        SourceSpec::Url { url, strip_prefix: None }
+        SourceSpec::Url {
+            url,
+            strip_prefix: None,
+        }
     } else {
         return Err(PlanError::SourceTooLarge {
             size: human_bytes(archive.bytes.len() as u64),
@@ -187,10 +204,13 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
     let jobs = plan::jobs(&spec, &run_id, &source)?;
 
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let max_parallel = args.max_parallel.unwrap_or(if args.local { cpus.max(2) } else { 64 });
+    let max_parallel = args
+        .max_parallel
+        .unwrap_or(if args.local { cpus.max(2) } else { 64 });
     let mut emulator = None;
     let options = if args.local {
-        let mut function = FunctionConfig::default_agent().map_err(|e| RunError::Local(e.to_string()))?;
+        let mut function =
+            FunctionConfig::default_agent().map_err(|e| RunError::Local(e.to_string()))?;
         function.max_concurrency = max_parallel;
         let running = RunningEmulator::start(EmulatorConfig {
             functions: vec![function],
@@ -222,7 +242,11 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
         "mvm-shard: run {run_id}: {} of {} shards on {}, source {} ({} files, {})",
         jobs.len(),
         args.shards,
-        if args.local { "the local emulator".to_string() } else { format!("function {}", args.function.as_deref().unwrap_or("")) },
+        if args.local {
+            "the local emulator".to_string()
+        } else {
+            format!("function {}", args.function.as_deref().unwrap_or(""))
+        },
         archive.root.display(),
         archive.entries,
         human_bytes(archive.bytes.len() as u64),
@@ -231,8 +255,21 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
     let cancel = CancellationToken::new();
     let signals = tokio::spawn(watch_signals(cancel.clone()));
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut reporter: Box<dyn Reporter> =
+        if std::env::var("GITHUB_ACTIONS").as_deref() == Ok("true") {
+            let mut files = GithubFiles::from_env();
+            if !args.junit.is_empty() {
+                files.report = Some(args.report.clone());
+            }
+            let mut github = GithubReporter::new(std::io::stdout(), files);
+            for value in secret_values(&args.env, &spec.env) {
+                let _ = github.mask(value);
+            }
+            Box::new(github)
+        } else {
+            Box::new(TerminalReporter::new(std::io::stdout()))
+        };
     let reporter = tokio::spawn(async move {
-        let mut reporter = TerminalReporter::new(std::io::stdout());
         while let Some(event) = rx.recv().await {
             if reporter.handle(&event).is_err() {
                 break;
@@ -247,7 +284,24 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
     let summary = dispatch::dispatch(backend, &run_id, jobs, &dispatch_options, tx, cancel).await;
     signals.abort();
     let mut reporter = reporter.await.map_err(|e| RunError::Local(e.to_string()))?;
-    let _ = reporter.summary(&summary);
+    let tests = TestReport::from_summary(&summary);
+    if let Some(merged) = &tests.merged {
+        let written = std::fs::File::create(&args.report)
+            .map_err(|e| e.to_string())
+            .and_then(|f| merged.serialize(f).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            eprintln!(
+                "mvm-shard: cannot write the merged JUnit report {}: {e}",
+                args.report.display()
+            );
+        }
+    } else if !args.junit.is_empty() {
+        eprintln!(
+            "mvm-shard: no shard sent back a JUnit report matching {}",
+            args.junit.join(", ")
+        );
+    }
+    let _ = reporter.finish(&summary, &tests);
     if let Some(emulator) = emulator {
         let _ = emulator.shutdown().await;
     }
@@ -257,11 +311,43 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
     Ok(summary.exit_code())
 }
 
+/// Values to mask in a CI log: everything forwarded from this environment
+/// (`--env NAME`), and explicit values whose name says they are secret.
+fn secret_values<'a>(
+    args: &[String],
+    env: &'a std::collections::BTreeMap<String, String>,
+) -> Vec<&'a str> {
+    let secret_name = |n: &str| {
+        let n = n.to_ascii_uppercase();
+        [
+            "TOKEN",
+            "SECRET",
+            "PASSWORD",
+            "PASSWD",
+            "KEY",
+            "CREDENTIAL",
+            "AUTH",
+        ]
+        .iter()
+        .any(|w| n.contains(w))
+    };
+    env.iter()
+        .filter(|(name, value)| {
+            let forwarded = args.iter().any(|a| a == *name);
+            (forwarded || secret_name(name)) && value.len() >= 4
+        })
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
 /// First SIGINT or SIGTERM: stop dispatching and abandon the shards in
 /// flight (they are reported as not run). Second: exit at once.
 async fn watch_signals(cancel: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         return;
     };
     tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
@@ -305,7 +391,10 @@ pub async fn emulate(args: EmulateArgs) -> anyhow::Result<()> {
     emulator
         .serve(listener, async {
             use tokio::signal::unix::{signal, SignalKind};
-            if let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+            if let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) {
                 tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
             }
         })

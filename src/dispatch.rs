@@ -97,6 +97,17 @@ pub struct ShardRecord {
     pub attempts: u32,
     /// The agent's final result, when it arrived.
     pub result: Option<ShardResult>,
+    /// Files the shard sent back (`collect`), in the order they came.
+    pub files: Vec<CollectedFile>,
+}
+
+/// A file a shard sent back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectedFile {
+    /// Path relative to the shard's working directory.
+    pub path: String,
+    /// Its content.
+    pub data: Bytes,
 }
 
 /// The outcome of a whole run.
@@ -176,12 +187,12 @@ pub async fn dispatch(
             async move {
                 let started = Instant::now();
                 let run = run_shard(&*backend, run_id, &job, options, &events);
-                let (status, attempts, result) = tokio::select! {
+                let (status, attempts, received) = tokio::select! {
                     done = run => done,
                     () = cancel.cancelled() => (
                         ShardStatus::InfraFailed { reason: "cancelled before its result arrived".into() },
                         0,
-                        None,
+                        Received::default(),
                     ),
                 };
                 let record = ShardRecord {
@@ -189,7 +200,8 @@ pub async fn dispatch(
                     status,
                     duration: started.elapsed(),
                     attempts,
-                    result,
+                    result: received.result,
+                    files: received.files,
                 };
                 let _ = events.send(RunEvent::Finished(record.clone()));
                 record
@@ -208,7 +220,7 @@ async fn run_shard(
     job: &ShardJob,
     options: &DispatchOptions,
     events: &mpsc::UnboundedSender<RunEvent>,
-) -> (ShardStatus, u32, Option<ShardResult>) {
+) -> (ShardStatus, u32, Received) {
     let mut attempt = 1;
     loop {
         let invocation = ShardInvocation {
@@ -223,8 +235,9 @@ async fn run_shard(
         });
         match backend.invoke(&invocation).await {
             Ok(stream) => {
-                let (status, result) = consume(job.shard, stream, events).await;
-                return (status, attempt, result);
+                let received = consume(job.shard, stream, events).await;
+                let status = status_of(received.result.as_ref(), received.failure.clone());
+                return (status, attempt, received);
             }
             Err(error) => match retry_delay(&error, attempt, options) {
                 Some(delay) => {
@@ -242,7 +255,11 @@ async fn run_shard(
                         InvokeErrorKind::Fatal => error.message,
                         _ => format!("gave up after {attempt} attempts: {}", error.message),
                     };
-                    return (ShardStatus::InfraFailed { reason }, attempt, None);
+                    return (
+                        ShardStatus::InfraFailed { reason },
+                        attempt,
+                        Received::default(),
+                    );
                 }
             },
         }
@@ -251,11 +268,18 @@ async fn run_shard(
 
 /// Whether to retry a failed start, and after how long: exponential backoff
 /// with jitter for throttles and passing failures, never for fatal ones.
-pub fn retry_delay(error: &InvokeError, attempt: u32, options: &DispatchOptions) -> Option<Duration> {
+pub fn retry_delay(
+    error: &InvokeError,
+    attempt: u32,
+    options: &DispatchOptions,
+) -> Option<Duration> {
     if error.kind == InvokeErrorKind::Fatal || attempt >= options.max_attempts {
         return None;
     }
-    let exp = options.backoff.saturating_mul(1 << (attempt - 1).min(16)).min(MAX_BACKOFF);
+    let exp = options
+        .backoff
+        .saturating_mul(1 << (attempt - 1).min(16))
+        .min(MAX_BACKOFF);
     // Full jitter in the upper half, so retries of many shards spread out.
     let jitter = rand_fraction();
     Some(exp / 2 + exp.mul_f64(jitter / 2.0))
@@ -265,16 +289,25 @@ fn rand_fraction() -> f64 {
     (uuid::Uuid::new_v4().as_u128() % 1_000_000) as f64 / 1_000_000.0
 }
 
-/// Decodes a shard's stream to its status, forwarding output as it arrives.
+/// What a shard's stream delivered besides output.
+#[derive(Debug, Default)]
+struct Received {
+    result: Option<ShardResult>,
+    files: Vec<CollectedFile>,
+    failure: Option<String>,
+}
+
+/// Decodes a shard's stream, forwarding output as it arrives.
 async fn consume(
     shard: ShardId,
     mut stream: ShardStream,
     events: &mpsc::UnboundedSender<RunEvent>,
-) -> (ShardStatus, Option<ShardResult>) {
+) -> Received {
     let mut codec = FrameCodec::new();
     let mut buf = BytesMut::new();
     let mut result = None;
     let mut failure = None;
+    let mut files: Vec<(String, BytesMut)> = Vec::new();
     'stream: while let Some(chunk) = stream.next().await {
         match chunk {
             Ok(bytes) => {
@@ -285,9 +318,19 @@ async fn consume(
                 loop {
                     match codec.decode(&mut buf) {
                         Ok(Some(Frame::Output { stream, data })) => {
-                            let _ = events.send(RunEvent::Output { shard, stream, data });
+                            let _ = events.send(RunEvent::Output {
+                                shard,
+                                stream,
+                                data,
+                            });
                         }
                         Ok(Some(Frame::Heartbeat)) => {}
+                        Ok(Some(Frame::File { path, data })) => match files.last_mut() {
+                            Some((last, content)) if *last == path => {
+                                content.extend_from_slice(&data)
+                            }
+                            _ => files.push((path, BytesMut::from(&data[..]))),
+                        },
                         Ok(Some(Frame::Result(r))) => {
                             result = Some(r);
                             break;
@@ -306,14 +349,25 @@ async fn consume(
             }
         }
     }
-    let status = status_of(result.as_ref(), failure);
-    (status, result)
+    let files = files
+        .into_iter()
+        .map(|(path, data)| CollectedFile {
+            path,
+            data: data.freeze(),
+        })
+        .collect();
+    Received {
+        result,
+        files,
+        failure,
+    }
 }
 
 /// The pure decision from what arrived to the shard's status.
 pub fn status_of(result: Option<&ShardResult>, failure: Option<String>) -> ShardStatus {
     let Some(result) = result else {
-        let reason = failure.unwrap_or_else(|| "the shard's stream ended without a final result".into());
+        let reason =
+            failure.unwrap_or_else(|| "the shard's stream ended without a final result".into());
         return ShardStatus::InfraFailed {
             reason: format!("{reason} (no final result arrived)"),
         };
@@ -348,21 +402,38 @@ mod tests {
 
     #[test]
     fn a_missing_result_is_never_a_pass() {
-        assert!(matches!(status_of(None, None), ShardStatus::InfraFailed { .. }));
+        assert!(matches!(
+            status_of(None, None),
+            ShardStatus::InfraFailed { .. }
+        ));
         let s = status_of(None, Some("function error Runtime.ExitError: boom".into()));
-        assert!(matches!(s, ShardStatus::InfraFailed { reason } if reason.contains("Runtime.ExitError")));
+        assert!(
+            matches!(s, ShardStatus::InfraFailed { reason } if reason.contains("Runtime.ExitError"))
+        );
     }
 
     #[test]
     fn outcomes_map_to_statuses() {
-        assert_eq!(status_of(Some(&result(Outcome::Exited { code: 0 })), None), ShardStatus::Passed);
+        assert_eq!(
+            status_of(Some(&result(Outcome::Exited { code: 0 })), None),
+            ShardStatus::Passed
+        );
         assert_eq!(
             status_of(Some(&result(Outcome::Exited { code: 2 })), None),
-            ShardStatus::Failed { exit_code: Some(2), signal: None }
+            ShardStatus::Failed {
+                exit_code: Some(2),
+                signal: None
+            }
         );
-        assert_eq!(status_of(Some(&result(Outcome::TimedOut { limit_ms: 5 })), None), ShardStatus::TimedOut);
+        assert_eq!(
+            status_of(Some(&result(Outcome::TimedOut { limit_ms: 5 })), None),
+            ShardStatus::TimedOut
+        );
         assert!(matches!(
-            status_of(Some(&result(Outcome::Rejected { reason: "x".into() })), None),
+            status_of(
+                Some(&result(Outcome::Rejected { reason: "x".into() })),
+                None
+            ),
             ShardStatus::InfraFailed { .. }
         ));
     }
@@ -375,14 +446,22 @@ mod tests {
             duration: Duration::ZERO,
             attempts: 1,
             result: None,
+            files: Vec::new(),
         };
         let summary = |statuses: Vec<ShardStatus>| RunSummary {
             records: statuses.into_iter().map(rec).collect(),
         };
         assert_eq!(summary(vec![ShardStatus::Passed]).exit_code(), 0);
-        assert_eq!(summary(vec![ShardStatus::Passed, ShardStatus::TimedOut]).exit_code(), 1);
         assert_eq!(
-            summary(vec![ShardStatus::TimedOut, ShardStatus::InfraFailed { reason: "x".into() }]).exit_code(),
+            summary(vec![ShardStatus::Passed, ShardStatus::TimedOut]).exit_code(),
+            1
+        );
+        assert_eq!(
+            summary(vec![
+                ShardStatus::TimedOut,
+                ShardStatus::InfraFailed { reason: "x".into() }
+            ])
+            .exit_code(),
             3
         );
     }
@@ -398,7 +477,10 @@ mod tests {
         assert!(d1 >= options.backoff / 2 && d1 <= options.backoff);
         let d5 = retry_delay(&throttled, 5, &options).unwrap();
         assert!(d5 >= options.backoff * 8, "{d5:?}");
-        assert_eq!(retry_delay(&throttled, options.max_attempts, &options), None);
+        assert_eq!(
+            retry_delay(&throttled, options.max_attempts, &options),
+            None
+        );
         let fatal = InvokeError {
             kind: InvokeErrorKind::Fatal,
             message: "404".into(),

@@ -8,12 +8,12 @@
 #![warn(missing_docs)]
 
 pub mod agent;
-pub mod emulator;
-pub mod os;
-pub mod protocol;
-pub mod source;
 pub mod backend;
 pub mod cli;
 pub mod dispatch;
+pub mod emulator;
+pub mod os;
 pub mod plan;
+pub mod protocol;
 pub mod report;
+pub mod source;

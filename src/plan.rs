@@ -7,7 +7,9 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::dispatch::ShardJob;
-use crate::protocol::{RequestError, ShardId, ShardRequest, SourceSpec, MAX_REQUEST_BYTES, PROTOCOL_VERSION};
+use crate::protocol::{
+    RequestError, ShardId, ShardRequest, SourceSpec, MAX_REQUEST_BYTES, PROTOCOL_VERSION,
+};
 
 /// A problem with the user's input, found before anything ran (exit 2).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -62,6 +64,8 @@ pub struct RunSpec {
     pub timeout: Duration,
     /// Where the command runs, relative to the source root.
     pub workdir: String,
+    /// Globs of files each shard sends back (JUnit reports).
+    pub collect: Vec<String>,
 }
 
 /// Parses `--only`: a comma-separated list of shard numbers and ranges (`1,3,5-7`).
@@ -80,7 +84,10 @@ pub fn parse_only(given: &str, count: u32) -> Result<Vec<u32>, PlanError> {
             Some((a, b)) => (a.trim(), b.trim()),
             None => (part, part),
         };
-        let num = |s: &str| s.parse::<u32>().map_err(|_| err(format!("{s:?} is not a shard number")));
+        let num = |s: &str| {
+            s.parse::<u32>()
+                .map_err(|_| err(format!("{s:?} is not a shard number")))
+        };
         let (lo, hi) = (num(lo)?, num(hi)?);
         if lo == 0 || hi > count || lo > hi {
             return Err(err(format!("{part} is out of range")));
@@ -93,12 +100,18 @@ pub fn parse_only(given: &str, count: u32) -> Result<Vec<u32>, PlanError> {
 }
 
 /// Resolves `--env NAME` (from `lookup`) and `--env NAME=VALUE`.
-pub fn resolve_env(args: &[String], lookup: impl Fn(&str) -> Option<String>) -> Result<BTreeMap<String, String>, PlanError> {
+pub fn resolve_env(
+    args: &[String],
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<BTreeMap<String, String>, PlanError> {
     let mut env = BTreeMap::new();
     for arg in args {
         let (name, value) = match arg.split_once('=') {
             Some((name, value)) => (name, value.to_string()),
-            None => (arg.as_str(), lookup(arg).ok_or_else(|| PlanError::EnvUnset(arg.clone()))?),
+            None => (
+                arg.as_str(),
+                lookup(arg).ok_or_else(|| PlanError::EnvUnset(arg.clone()))?,
+            ),
         };
         if !crate::protocol::is_env_name(name) {
             return Err(PlanError::EnvName(name.to_string()));
@@ -116,7 +129,15 @@ pub fn substitute(arg: &str, shard: ShardId) -> String {
 
 /// Room a request needs besides the source archive.
 fn request_overhead(spec: &RunSpec, run_id: &str) -> Result<usize, PlanError> {
-    let probe = request(spec, run_id, ShardId { index: spec.shards, count: spec.shards }, SourceSpec::Empty);
+    let probe = request(
+        spec,
+        run_id,
+        ShardId {
+            index: spec.shards,
+            count: spec.shards,
+        },
+        SourceSpec::Empty,
+    );
     Ok(probe.encode()?.len() + 64)
 }
 
@@ -161,6 +182,7 @@ fn request(spec: &RunSpec, run_id: &str, shard: ShardId, source: SourceSpec) -> 
         timeout_ms: spec.timeout.as_millis().min(u64::MAX as u128) as u64,
         workdir: spec.workdir.clone(),
         source,
+        collect: spec.collect.clone(),
     }
 }
 
@@ -200,11 +222,20 @@ mod tests {
 
     #[test]
     fn env_forwards_and_sets() {
-        let env = resolve_env(&["A".into(), "B=x=y".into()], |n| (n == "A").then(|| "from-here".into())).unwrap();
+        let env = resolve_env(&["A".into(), "B=x=y".into()], |n| {
+            (n == "A").then(|| "from-here".into())
+        })
+        .unwrap();
         assert_eq!(env["A"], "from-here");
         assert_eq!(env["B"], "x=y");
-        assert_eq!(resolve_env(&["MISSING".into()], |_| None), Err(PlanError::EnvUnset("MISSING".into())));
-        assert!(matches!(resolve_env(&["1X=2".into()], |_| None), Err(PlanError::EnvName(_))));
+        assert_eq!(
+            resolve_env(&["MISSING".into()], |_| None),
+            Err(PlanError::EnvUnset("MISSING".into()))
+        );
+        assert!(matches!(
+            resolve_env(&["1X=2".into()], |_| None),
+            Err(PlanError::EnvName(_))
+        ));
     }
 
     #[test]
@@ -216,6 +247,7 @@ mod tests {
             env: BTreeMap::new(),
             timeout: Duration::from_secs(60),
             workdir: String::new(),
+            collect: Vec::new(),
         };
         let jobs = jobs(&spec, "run", &SourceSpec::Empty).unwrap();
         assert_eq!(jobs.len(), 1);

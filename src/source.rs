@@ -50,10 +50,12 @@ pub enum SourceError {
 /// they are on disk now (uncommitted changes included); elsewhere it is every
 /// file under `dir`.
 pub fn pack(dir: &Path) -> Result<SourceArchive, SourceError> {
-    let dir = dir.canonicalize().map_err(|source| SourceError::Unreadable {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    let dir = dir
+        .canonicalize()
+        .map_err(|source| SourceError::Unreadable {
+            path: dir.to_path_buf(),
+            source,
+        })?;
     let (root, files) = match git_toplevel(&dir) {
         Some(root) => {
             let files = git_files(&root)?;
@@ -106,14 +108,22 @@ fn git_toplevel(dir: &Path) -> Option<PathBuf> {
         return None;
     }
     let top = String::from_utf8(out.stdout).ok()?;
-    PathBuf::from(top.trim_end_matches('\n')).canonicalize().ok()
+    PathBuf::from(top.trim_end_matches('\n'))
+        .canonicalize()
+        .ok()
 }
 
 fn git_files(root: &Path) -> Result<Vec<PathBuf>, SourceError> {
     let out = Command::new("git")
         .arg("-C")
         .arg(root)
-        .args(["ls-files", "-z", "--cached", "--others", "--exclude-standard"])
+        .args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ])
         .output()
         .map_err(|e| SourceError::Git {
             path: root.to_path_buf(),
@@ -162,7 +172,11 @@ fn walk_files(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
 
 /// Unpacks a tar.zst stream into `dest`, dropping `strip_prefix` (a top folder)
 /// from every path. Entries that would land outside `dest` are refused.
-pub fn unpack(archive: impl Read, dest: &Path, strip_prefix: Option<&str>) -> Result<usize, SourceError> {
+pub fn unpack(
+    archive: impl Read,
+    dest: &Path,
+    strip_prefix: Option<&str>,
+) -> Result<usize, SourceError> {
     let dest = dest.canonicalize()?;
     let mut tar = tar::Archive::new(zstd::Decoder::new(archive)?);
     tar.set_preserve_permissions(true);
@@ -203,7 +217,10 @@ pub fn unpack(archive: impl Read, dest: &Path, strip_prefix: Option<&str>) -> Re
 fn escape(rel: &Path) -> SourceError {
     SourceError::Archive(std::io::Error::new(
         std::io::ErrorKind::InvalidData,
-        format!("archive entry {} points outside the workspace", rel.display()),
+        format!(
+            "archive entry {} points outside the workspace",
+            rel.display()
+        ),
     ))
 }
 
@@ -218,7 +235,11 @@ mod tests {
         std::fs::write(src.path().join("a/b/file.txt"), "content").unwrap();
         std::fs::write(src.path().join("run.sh"), "#!/bin/sh\n").unwrap();
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(src.path().join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(
+            src.path().join("run.sh"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
         std::os::unix::fs::symlink("a/b/file.txt", src.path().join("link")).unwrap();
 
         let archive = pack(src.path()).unwrap();
@@ -226,8 +247,14 @@ mod tests {
         let dest = tempfile::tempdir().unwrap();
         let n = unpack(&archive.bytes[..], dest.path(), None).unwrap();
         assert_eq!(n, 3);
-        assert_eq!(std::fs::read_to_string(dest.path().join("link")).unwrap(), "content");
-        let mode = std::fs::metadata(dest.path().join("run.sh")).unwrap().permissions().mode();
+        assert_eq!(
+            std::fs::read_to_string(dest.path().join("link")).unwrap(),
+            "content"
+        );
+        let mode = std::fs::metadata(dest.path().join("run.sh"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o755);
     }
 
@@ -235,13 +262,28 @@ mod tests {
     fn git_tree_ships_untracked_but_not_ignored_files() {
         let repo = tempfile::tempdir().unwrap();
         let git = |args: &[&str]| {
-            assert!(Command::new("git").arg("-C").arg(repo.path()).args(args).output().unwrap().status.success());
+            assert!(Command::new("git")
+                .arg("-C")
+                .arg(repo.path())
+                .args(args)
+                .output()
+                .unwrap()
+                .status
+                .success());
         };
         git(&["init", "-q"]);
         std::fs::write(repo.path().join(".gitignore"), "ignored.txt\n").unwrap();
         std::fs::write(repo.path().join("tracked.txt"), "v1").unwrap();
         git(&["add", "."]);
-        git(&["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]);
+        git(&[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-qm",
+            "init",
+        ]);
         std::fs::write(repo.path().join("tracked.txt"), "v2 uncommitted").unwrap();
         std::fs::write(repo.path().join("new.txt"), "untracked").unwrap();
         std::fs::write(repo.path().join("ignored.txt"), "secret").unwrap();
@@ -252,7 +294,10 @@ mod tests {
         assert_eq!(archive.workdir, "sub");
         let dest = tempfile::tempdir().unwrap();
         unpack(&archive.bytes[..], dest.path(), None).unwrap();
-        assert_eq!(std::fs::read_to_string(dest.path().join("tracked.txt")).unwrap(), "v2 uncommitted");
+        assert_eq!(
+            std::fs::read_to_string(dest.path().join("tracked.txt")).unwrap(),
+            "v2 uncommitted"
+        );
         assert!(dest.path().join("new.txt").exists());
         assert!(dest.path().join("sub/x").exists());
         assert!(!dest.path().join("ignored.txt").exists());

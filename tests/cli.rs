@@ -18,11 +18,23 @@ fn four_local_shards_print_their_lines_and_exit_0() {
     let dir = plain_dir();
     let (code, stdout, stderr) = cli(
         dir.path(),
-        &["run", "--local", "--shards", "4", "--", "sh", "-c", "echo shard {index} of {count}"],
+        &[
+            "run",
+            "--local",
+            "--shards",
+            "4",
+            "--",
+            "sh",
+            "-c",
+            "echo shard {index} of {count}",
+        ],
     );
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     for i in 1..=4 {
-        assert!(stdout.contains(&format!("[{i}/4] shard {i} of 4\n")), "{stdout}");
+        assert!(
+            stdout.contains(&format!("[{i}/4] shard {i} of 4\n")),
+            "{stdout}"
+        );
     }
     assert!(stdout.contains("4 shards: 4 passed, 0 failed"), "{stdout}");
 }
@@ -32,10 +44,22 @@ fn one_failing_shard_exits_1_and_the_summary_names_it() {
     let dir = plain_dir();
     let (code, stdout, _) = cli(
         dir.path(),
-        &["run", "--local", "--shards", "4", "--", "sh", "-c", "test {index} -ne 3"],
+        &[
+            "run",
+            "--local",
+            "--shards",
+            "4",
+            "--",
+            "sh",
+            "-c",
+            "test {index} -ne 3",
+        ],
     );
     assert_eq!(code, 1, "{stdout}");
-    let row = stdout.lines().find(|l| l.starts_with("3/4 ")).expect("a row for shard 3");
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("3/4 "))
+        .expect("a row for shard 3");
     assert!(row.contains("FAILED"), "{row}");
     assert!(stdout.contains("(not passed: 3)"), "{stdout}");
 }
@@ -45,11 +69,27 @@ fn only_runs_the_chosen_shards() {
     let dir = plain_dir();
     let (code, stdout, _) = cli(
         dir.path(),
-        &["run", "--local", "--shards", "4", "--only", "2,4", "--", "echo", "ran {index}"],
+        &[
+            "run",
+            "--local",
+            "--shards",
+            "4",
+            "--only",
+            "2,4",
+            "--",
+            "echo",
+            "ran {index}",
+        ],
     );
     assert_eq!(code, 0);
-    assert!(stdout.contains("[2/4] ran 2") && stdout.contains("[4/4] ran 4"), "{stdout}");
-    assert!(!stdout.contains("ran 1") && !stdout.contains("ran 3"), "{stdout}");
+    assert!(
+        stdout.contains("[2/4] ran 2") && stdout.contains("[4/4] ran 4"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("ran 1") && !stdout.contains("ran 3"),
+        "{stdout}"
+    );
     assert!(stdout.contains("2 shards: 2 passed"), "{stdout}");
 }
 
@@ -58,17 +98,44 @@ fn bad_usage_exits_2_and_says_what_to_do() {
     let dir = plain_dir();
     let cases: &[(&[&str], &str)] = &[
         (&["run", "--local", "--shards", "4"], "COMMAND"),
-        (&["run", "--local", "--shards", "0", "--", "true"], "--shards must be between 1"),
-        (&["run", "--local", "--shards", "4", "--only", "5", "--", "true"], "numbered 1 to 4"),
-        (&["run", "--local", "--frobnicate", "--", "true"], "--frobnicate"),
+        (
+            &["run", "--local", "--shards", "0", "--", "true"],
+            "--shards must be between 1",
+        ),
+        (
+            &[
+                "run", "--local", "--shards", "4", "--only", "5", "--", "true",
+            ],
+            "numbered 1 to 4",
+        ),
+        (
+            &["run", "--local", "--frobnicate", "--", "true"],
+            "--frobnicate",
+        ),
         (&["run", "--shards", "2", "--", "true"], "--local"),
-        (&["run", "--local", "--env", "MVM_SURELY_UNSET_VAR", "--", "true"], "--env MVM_SURELY_UNSET_VAR=VALUE"),
-        (&["run", "--local", "--timeout", "soon", "--", "true"], "--timeout"),
+        (
+            &[
+                "run",
+                "--local",
+                "--env",
+                "MVM_SURELY_UNSET_VAR",
+                "--",
+                "true",
+            ],
+            "--env MVM_SURELY_UNSET_VAR=VALUE",
+        ),
+        (
+            &["run", "--local", "--timeout", "soon", "--", "true"],
+            "--timeout",
+        ),
     ];
     for (args, hint) in cases {
         let (code, stdout, stderr) = cli(dir.path(), args);
         assert_eq!(code, 2, "{args:?}: {stdout}{stderr}");
-        assert!(stderr.contains(hint), "{args:?} should mention {hint:?}: {stderr}");
+        assert!(
+            stderr.contains(hint),
+            "{args:?} should mention {hint:?}: {stderr}"
+        );
         assert!(stdout.is_empty(), "{args:?} ran something: {stdout}");
     }
 }
@@ -78,7 +145,14 @@ fn a_killed_agent_exits_3() {
     let dir = plain_dir();
     let (code, stdout, _) = cli(
         dir.path(),
-        &["run", "--local", "--", "sh", "-c", "echo started; kill -9 $PPID; sleep 3"],
+        &[
+            "run",
+            "--local",
+            "--",
+            "sh",
+            "-c",
+            "echo started; kill -9 $PPID; sleep 3",
+        ],
     );
     assert_eq!(code, 3, "{stdout}");
     assert!(stdout.contains("NOT RUN"), "{stdout}");
@@ -88,14 +162,29 @@ fn a_killed_agent_exits_3() {
 fn the_default_source_is_the_git_working_tree_with_uncommitted_changes() {
     let repo = tempfile::tempdir().unwrap();
     let git = |args: &[&str]| {
-        let ok = Command::new("git").arg("-C").arg(repo.path()).args(args).output().unwrap().status.success();
+        let ok = Command::new("git")
+            .arg("-C")
+            .arg(repo.path())
+            .args(args)
+            .output()
+            .unwrap()
+            .status
+            .success();
         assert!(ok, "git {args:?}");
     };
     git(&["init", "-q"]);
     std::fs::write(repo.path().join(".gitignore"), "build/\n").unwrap();
     std::fs::write(repo.path().join("committed.txt"), "old\n").unwrap();
     git(&["add", "."]);
-    git(&["-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "one"]);
+    git(&[
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@example.com",
+        "commit",
+        "-qm",
+        "one",
+    ]);
     std::fs::write(repo.path().join("committed.txt"), "edited, not committed\n").unwrap();
     std::fs::write(repo.path().join("new.txt"), "untracked\n").unwrap();
     std::fs::create_dir(repo.path().join("build")).unwrap();
@@ -105,7 +194,14 @@ fn the_default_source_is_the_git_working_tree_with_uncommitted_changes() {
 
     let (code, stdout, stderr) = cli(
         &repo.path().join("sub"),
-        &["run", "--local", "--", "sh", "-c", "cat here.txt ../committed.txt ../new.txt; test ! -e ../build && echo no-build"],
+        &[
+            "run",
+            "--local",
+            "--",
+            "sh",
+            "-c",
+            "cat here.txt ../committed.txt ../new.txt; test ! -e ../build && echo no-build",
+        ],
     );
     assert_eq!(code, 0, "{stdout}{stderr}");
     for expected in ["in sub", "edited, not committed", "untracked", "no-build"] {
@@ -132,17 +228,42 @@ fn a_source_too_large_for_a_request_fails_before_anything_runs() {
     // Nothing listens on the endpoint: the size check must come first.
     let (code, stdout, stderr) = cli(
         dir.path(),
-        &["run", "--function", "f", "--endpoint-url", "http://127.0.0.1:9", "--region", "us-east-1", "--", "true"],
+        &[
+            "run",
+            "--function",
+            "f",
+            "--endpoint-url",
+            "http://127.0.0.1:9",
+            "--region",
+            "us-east-1",
+            "--",
+            "true",
+        ],
     );
     assert_eq!(code, 2, "{stdout}{stderr}");
-    assert!(stderr.contains("8.0 MiB") && stderr.contains("--local"), "{stderr}");
+    assert!(
+        stderr.contains("8.0 MiB") && stderr.contains("--local"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn a_local_run_ships_a_large_source_over_loopback() {
     let dir = tempfile::tempdir().unwrap();
     write_incompressible(&dir.path().join("blob"), 8 * 1024 * 1024);
-    let (code, stdout, stderr) = cli(dir.path(), &["run", "--local", "--shards", "2", "--", "sh", "-c", "wc -c < blob"]);
+    let (code, stdout, stderr) = cli(
+        dir.path(),
+        &[
+            "run",
+            "--local",
+            "--shards",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "wc -c < blob",
+        ],
+    );
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert_eq!(stdout.matches("8388608").count(), 2, "{stdout}");
 }
@@ -151,7 +272,17 @@ fn a_local_run_ships_a_large_source_over_loopback() {
 fn env_values_reach_every_shard() {
     let dir = plain_dir();
     let out = Command::new(binary())
-        .args(["run", "--local", "--shards", "2", "--env", "FROM_HERE", "--env", "SET=v=1", "--"])
+        .args([
+            "run",
+            "--local",
+            "--shards",
+            "2",
+            "--env",
+            "FROM_HERE",
+            "--env",
+            "SET=v=1",
+            "--",
+        ])
         .args(["sh", "-c", "echo $FROM_HERE $SET"])
         .env("FROM_HERE", "forwarded")
         .current_dir(dir.path())
@@ -171,13 +302,23 @@ fn run_against_a_separate_emulator_process_with_endpoint_url() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(emulator.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(emulator.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let endpoint = line.trim().to_string();
     assert!(endpoint.starts_with("http://127.0.0.1:"), "{endpoint:?}");
 
     let dir = plain_dir();
     let out = Command::new(binary())
-        .args(["run", "--function", "mvm-shard", "--endpoint-url", &endpoint, "--region", "us-east-1"])
+        .args([
+            "run",
+            "--function",
+            "mvm-shard",
+            "--endpoint-url",
+            &endpoint,
+            "--region",
+            "us-east-1",
+        ])
         .args(["--shards", "3", "--", "cat", "data.txt"])
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -185,9 +326,17 @@ fn run_against_a_separate_emulator_process_with_endpoint_url() {
         .output()
         .unwrap();
     // SIGTERM: the emulator stops its environments before it exits.
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(emulator.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(emulator.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     assert!(emulator.wait().unwrap().success());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(stdout.matches("] payload").count(), 3, "{stdout}");
 }

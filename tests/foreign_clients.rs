@@ -41,16 +41,28 @@ async fn boto3_streams_a_shard_from_the_emulator() {
     let out = tokio::task::spawn_blocking(move || {
         Command::new("python3")
             .arg(clients_dir().join("boto3_stream.py"))
-            .args([&endpoint, "shards", payload.path().to_str().unwrap(), "boto3-tenant"])
+            .args([
+                &endpoint,
+                "shards",
+                payload.path().to_str().unwrap(),
+                "boto3-tenant",
+            ])
             .output()
             .expect("python3 runs")
     })
     .await
     .unwrap();
-    assert!(out.status.success(), "boto3 failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "boto3 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let meta: serde_json::Value = serde_json::from_slice(out.stderr.trim_ascii()).unwrap();
     assert_eq!(meta["status"], 200);
-    assert!(meta["complete"].is_object(), "no InvokeComplete event: {meta}");
+    assert!(
+        meta["complete"].is_object(),
+        "no InvokeComplete event: {meta}"
+    );
 
     let mut codec = FrameCodec::new();
     let mut buf = BytesMut::from(&out.stdout[..]);
@@ -58,7 +70,10 @@ async fn boto3_streams_a_shard_from_the_emulator() {
     let mut result = None;
     while let Some(frame) = codec.decode(&mut buf).unwrap() {
         match frame {
-            Frame::Output { stream: OutputStream::Stdout, data } => stdout.extend_from_slice(&data),
+            Frame::Output {
+                stream: OutputStream::Stdout,
+                data,
+            } => stdout.extend_from_slice(&data),
             Frame::Result(r) => result = Some(r),
             _ => {}
         }
@@ -70,13 +85,19 @@ async fn boto3_streams_a_shard_from_the_emulator() {
 
 #[tokio::test]
 async fn the_official_python_runtime_client_runs_under_the_emulator() {
-    let emu = emulator(vec![python_function("py", "python_handler.handle"), python_function("pyfail", "python_handler.fail")]).await;
+    let emu = emulator(vec![
+        python_function("py", "python_handler.handle"),
+        python_function("pyfail", "python_handler.fail"),
+    ])
+    .await;
     let client = sdk_client(&emu.endpoint).await;
 
     let out = client
         .invoke()
         .function_name("py")
-        .payload(aws_sdk_lambda::primitives::Blob::new(br#"{"n": 1}"#.to_vec()))
+        .payload(aws_sdk_lambda::primitives::Blob::new(
+            br#"{"n": 1}"#.to_vec(),
+        ))
         .send()
         .await
         .expect("invoke succeeds");
@@ -84,13 +105,18 @@ async fn the_official_python_runtime_client_runs_under_the_emulator() {
     let body: serde_json::Value = serde_json::from_slice(out.payload().unwrap().as_ref()).unwrap();
     assert_eq!(body["echo"]["n"], 1);
     assert_eq!(body["function"], "py");
-    assert!(body["time_left_ms"].as_u64().unwrap() > 800_000, "deadline is not passed on: {body}");
+    assert!(
+        body["time_left_ms"].as_u64().unwrap() > 800_000,
+        "deadline is not passed on: {body}"
+    );
 
     // The warm environment serves a second call, streamed this time.
     let mut streamed = client
         .invoke_with_response_stream()
         .function_name("py")
-        .payload(aws_sdk_lambda::primitives::Blob::new(br#"{"n": 2}"#.to_vec()))
+        .payload(aws_sdk_lambda::primitives::Blob::new(
+            br#"{"n": 2}"#.to_vec(),
+        ))
         .send()
         .await
         .expect("streaming invoke succeeds");
@@ -124,7 +150,9 @@ async fn the_official_python_runtime_client_runs_under_the_emulator() {
     let body: serde_json::Value = serde_json::from_slice(out.payload().unwrap().as_ref()).unwrap();
     assert_eq!(body["errorType"], "ValueError");
     use base64::Engine as _;
-    let log = base64::engine::general_purpose::STANDARD.decode(out.log_result().unwrap()).unwrap();
+    let log = base64::engine::general_purpose::STANDARD
+        .decode(out.log_result().unwrap())
+        .unwrap();
     assert!(String::from_utf8_lossy(&log).contains("START RequestId"));
     emu.shutdown().await.unwrap();
 }
@@ -138,7 +166,14 @@ async fn the_aws_cli_invokes_a_function_on_the_emulator() {
     let out_path = out_file.clone();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("aws")
-            .args(["lambda", "invoke", "--endpoint-url", &endpoint, "--function-name", "py"])
+            .args([
+                "lambda",
+                "invoke",
+                "--endpoint-url",
+                &endpoint,
+                "--function-name",
+                "py",
+            ])
             .args(["--payload", r#"{"from": "cli"}"#])
             .arg(&out_path)
             .env("AWS_ACCESS_KEY_ID", "test")
@@ -149,10 +184,15 @@ async fn the_aws_cli_invokes_a_function_on_the_emulator() {
     })
     .await
     .unwrap();
-    assert!(out.status.success(), "aws failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "aws failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(meta["StatusCode"], 200);
-    let body: serde_json::Value = serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap();
+    let body: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap();
     assert_eq!(body["echo"]["from"], "cli");
     emu.shutdown().await.unwrap();
 }

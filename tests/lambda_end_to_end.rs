@@ -16,7 +16,14 @@ async fn passing_shards_stream_their_output_and_pass() {
     let emu = emulator(vec![agent_function("f", true)]).await;
     let backend = backend(&emu.endpoint, "f", true).await;
     let requests = (1..=3)
-        .map(|i| request("echo \"shard $MVM_SHARD_INDEX of $MVM_SHARD_COUNT\"; echo err >&2", i, 3, MINUTE))
+        .map(|i| {
+            request(
+                "echo \"shard $MVM_SHARD_INDEX of $MVM_SHARD_COUNT\"; echo err >&2",
+                i,
+                3,
+                MINUTE,
+            )
+        })
         .collect();
     let done = run(backend, requests, 3).await;
     assert_eq!(done.summary.exit_code(), 0);
@@ -25,7 +32,10 @@ async fn passing_shards_stream_their_output_and_pass() {
         assert_eq!(done.stderr[&i], b"err\n");
         let rec = &done.summary.records[i as usize - 1];
         assert_eq!(rec.status, ShardStatus::Passed);
-        assert!(rec.result.as_ref().unwrap().fresh_environment, "tenant isolation gives fresh environments");
+        assert!(
+            rec.result.as_ref().unwrap().fresh_environment,
+            "tenant isolation gives fresh environments"
+        );
     }
     emu.shutdown().await.unwrap();
 }
@@ -34,13 +44,19 @@ async fn passing_shards_stream_their_output_and_pass() {
 async fn a_failing_shard_fails_with_its_exit_code() {
     let emu = emulator(vec![agent_function("f", true)]).await;
     let backend = backend(&emu.endpoint, "f", true).await;
-    let requests = vec![request("exit 0", 1, 2, MINUTE), request("echo broken; exit 7", 2, 2, MINUTE)];
+    let requests = vec![
+        request("exit 0", 1, 2, MINUTE),
+        request("echo broken; exit 7", 2, 2, MINUTE),
+    ];
     let done = run(backend, requests, 2).await;
     assert_eq!(done.summary.exit_code(), 1);
     assert_eq!(done.summary.records[0].status, ShardStatus::Passed);
     assert_eq!(
         done.summary.records[1].status,
-        ShardStatus::Failed { exit_code: Some(7), signal: None }
+        ShardStatus::Failed {
+            exit_code: Some(7),
+            signal: None
+        }
     );
     assert_eq!(done.stdout_of(2), "broken\n");
     emu.shutdown().await.unwrap();
@@ -55,12 +71,24 @@ async fn a_shard_past_its_timeout_is_killed_with_everything_it_started() {
         "echo before; (trap '' TERM; sleep 300) & echo $! > {}; sleep 300",
         pidfile.path().display()
     );
-    let done = run(backend, vec![request(&script, 1, 1, Duration::from_secs(2))], 1).await;
+    let done = run(
+        backend,
+        vec![request(&script, 1, 1, Duration::from_secs(2))],
+        1,
+    )
+    .await;
     assert_eq!(done.summary.records[0].status, ShardStatus::TimedOut);
     assert_eq!(done.summary.exit_code(), 1);
     assert_eq!(done.stdout_of(1), "before\n");
-    let pid: u32 = std::fs::read_to_string(pidfile.path()).unwrap().trim().parse().unwrap();
-    assert!(wait_gone(pid).await, "the TERM-ignoring child {pid} survived the timeout");
+    let pid: u32 = std::fs::read_to_string(pidfile.path())
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        wait_gone(pid).await,
+        "the TERM-ignoring child {pid} survived the timeout"
+    );
     emu.shutdown().await.unwrap();
 }
 
@@ -69,8 +97,18 @@ async fn shard_that_prints_nothing_for_longer_than_the_stalled_stream_grace_stil
     let emu = emulator(vec![agent_function("f", true)]).await;
     let backend = backend(&emu.endpoint, "f", true).await;
     // The SDK gives a silent response body up after 20 s; heartbeats keep it alive.
-    let done = run(backend, vec![request("sleep 26; echo awake", 1, 1, MINUTE)], 1).await;
-    assert_eq!(done.summary.records[0].status, ShardStatus::Passed, "{:?}", done.summary.records[0]);
+    let done = run(
+        backend,
+        vec![request("sleep 26; echo awake", 1, 1, MINUTE)],
+        1,
+    )
+    .await;
+    assert_eq!(
+        done.summary.records[0].status,
+        ShardStatus::Passed,
+        "{:?}",
+        done.summary.records[0]
+    );
     assert_eq!(done.stdout_of(1), "awake\n");
     emu.shutdown().await.unwrap();
 }
@@ -85,7 +123,12 @@ async fn tens_of_megabytes_of_output_arrive_whole_and_in_order() {
     assert_eq!(done.summary.records[0].status, ShardStatus::Passed);
     let out = &done.stdout[&1];
     assert_eq!(out.len(), 5_000_000 * 13);
-    for (i, line) in out.split(|b| *b == b'\n').take(5_000_000).enumerate().step_by(99_991) {
+    for (i, line) in out
+        .split(|b| *b == b'\n')
+        .take(5_000_000)
+        .enumerate()
+        .step_by(99_991)
+    {
         assert_eq!(line, format!("line {:07}", i + 1).as_bytes());
     }
     emu.shutdown().await.unwrap();
@@ -96,7 +139,17 @@ async fn an_agent_killed_mid_stream_is_an_infrastructure_failure() {
     let emu = emulator(vec![agent_function("f", true)]).await;
     let backend = backend(&emu.endpoint, "f", true).await;
     // The command's parent is the agent.
-    let done = run(backend, vec![request("echo started; kill -9 $PPID; sleep 5", 1, 1, MINUTE)], 1).await;
+    let done = run(
+        backend,
+        vec![request(
+            "echo started; kill -9 $PPID; sleep 5",
+            1,
+            1,
+            MINUTE,
+        )],
+        1,
+    )
+    .await;
     let rec = &done.summary.records[0];
     assert!(
         matches!(&rec.status, ShardStatus::InfraFailed { reason } if reason.contains("Runtime.ExitError")),
@@ -120,9 +173,15 @@ async fn a_malformed_request_gets_a_clear_refusal_not_a_crash() {
     ];
     let done = run_jobs(backend.clone(), jobs, 2).await;
     for rec in &done.summary.records {
-        let outcome = &rec.result.as_ref().expect("the agent still answers with a result").outcome;
+        let outcome = &rec
+            .result
+            .as_ref()
+            .expect("the agent still answers with a result")
+            .outcome;
         assert!(matches!(outcome, Outcome::Rejected { .. }), "{outcome:?}");
-        assert!(matches!(&rec.status, ShardStatus::InfraFailed { reason } if reason.contains("refused")));
+        assert!(
+            matches!(&rec.status, ShardStatus::InfraFailed { reason } if reason.contains("refused"))
+        );
     }
     // The same environment-serving agent is still healthy afterwards.
     let done = run(backend, vec![request("echo fine", 1, 1, MINUTE)], 1).await;
@@ -137,14 +196,28 @@ async fn a_daemon_the_command_leaves_behind_is_gone_afterwards() {
     let pidfile = tempfile::NamedTempFile::new().unwrap();
     // setsid leaves the process group; the double fork leaves the parent chain.
     let script = format!(
-        "setsid sh -c 'sleep 300 & echo $! > {}' ; sleep 0.2; echo left-a-daemon",
+        "setsid sh -c 'sleep 300 & echo $! > {}'; echo left-a-daemon",
         pidfile.path().display()
     );
     let done = run(backend, vec![request(&script, 1, 1, MINUTE)], 1).await;
     assert_eq!(done.summary.records[0].status, ShardStatus::Passed);
-    let pid: u32 = std::fs::read_to_string(pidfile.path()).unwrap().trim().parse().unwrap();
-    assert!(!mvm_shard::os::is_alive(pid), "daemon {pid} outlived its shard");
-    assert!(done.summary.records[0].result.as_ref().unwrap().stragglers_killed >= 1);
+    let pid: u32 = std::fs::read_to_string(pidfile.path())
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        !mvm_shard::os::is_alive(pid),
+        "daemon {pid} outlived its shard"
+    );
+    assert!(
+        done.summary.records[0]
+            .result
+            .as_ref()
+            .unwrap()
+            .stragglers_killed
+            >= 1
+    );
     emu.shutdown().await.unwrap();
 }
 
@@ -156,20 +229,37 @@ async fn a_second_invocation_in_a_reused_environment_finds_nothing_from_the_firs
     let pidfile = tempfile::NamedTempFile::new().unwrap();
     let first = format!(
         "touch ../../left-in-scratch $TMPDIR/left-in-tmp $HOME/.left-in-home; \
-         setsid sh -c 'sleep 300 & echo $! > {}'; sleep 0.2",
+         setsid sh -c 'sleep 300 & echo $! > {}'",
         pidfile.path().display()
     );
     let done = run(backend.clone(), vec![request(&first, 1, 1, MINUTE)], 1).await;
     assert_eq!(done.summary.exit_code(), 0);
-    assert!(done.summary.records[0].result.as_ref().unwrap().fresh_environment);
+    assert!(
+        done.summary.records[0]
+            .result
+            .as_ref()
+            .unwrap()
+            .fresh_environment
+    );
 
     let second = "ls -A ../.. | grep -v \"^$(basename $(dirname $PWD))$\"; ls -A $HOME; ls -A $TMPDIR; echo checked";
     let done = run(backend, vec![request(second, 1, 1, MINUTE)], 1).await;
     assert_eq!(done.summary.exit_code(), 0);
-    assert_eq!(done.stdout_of(1), "checked\n", "the second shard saw leftovers");
+    assert_eq!(
+        done.stdout_of(1),
+        "checked\n",
+        "the second shard saw leftovers"
+    );
     let result = done.summary.records[0].result.clone().unwrap();
-    assert!(!result.fresh_environment, "the environment was reused and must say so");
-    let pid: u32 = std::fs::read_to_string(pidfile.path()).unwrap().trim().parse().unwrap();
+    assert!(
+        !result.fresh_environment,
+        "the environment was reused and must say so"
+    );
+    let pid: u32 = std::fs::read_to_string(pidfile.path())
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert!(!mvm_shard::os::is_alive(pid));
     emu.shutdown().await.unwrap();
 }
@@ -184,8 +274,16 @@ async fn the_command_never_sees_the_functions_credentials_or_runtime_api() {
     let env = done.stdout_of(1);
     assert!(env.contains("MINE=visible"));
     assert!(env.contains("MVM_SHARD_INDEX=1"));
-    for withheld in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_LAMBDA_RUNTIME_API"] {
-        assert!(!env.contains(&format!("{withheld}=")), "{withheld} leaked:\n{env}");
+    for withheld in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_LAMBDA_RUNTIME_API",
+    ] {
+        assert!(
+            !env.contains(&format!("{withheld}=")),
+            "{withheld} leaked:\n{env}"
+        );
     }
     emu.shutdown().await.unwrap();
 }
@@ -202,7 +300,10 @@ async fn a_tenant_isolated_function_refuses_calls_without_a_tenant_id() {
         .await
         .unwrap_err();
     let service = err.into_service_error();
-    assert!(service.is_invalid_parameter_value_exception(), "{service:?}");
+    assert!(
+        service.is_invalid_parameter_value_exception(),
+        "{service:?}"
+    );
     emu.shutdown().await.unwrap();
 }
 
@@ -212,10 +313,15 @@ async fn throttled_starts_are_retried_until_capacity_frees() {
     f.max_concurrency = 1;
     let emu = emulator(vec![f]).await;
     let backend = backend(&emu.endpoint, "f", true).await;
-    let requests = (1..=3).map(|i| request("sleep 0.3", i, 3, MINUTE)).collect();
+    let requests = (1..=3)
+        .map(|i| request("sleep 0.3", i, 3, MINUTE))
+        .collect();
     let done = run(backend, requests, 3).await;
     assert_eq!(done.summary.exit_code(), 0, "{:?}", done.summary);
-    assert!(done.summary.records.iter().any(|r| r.attempts > 1), "nobody was throttled");
+    assert!(
+        done.summary.records.iter().any(|r| r.attempts > 1),
+        "nobody was throttled"
+    );
     emu.shutdown().await.unwrap();
 }
 
@@ -226,6 +332,9 @@ async fn a_missing_function_is_an_infrastructure_failure_without_retries() {
     let done = run(backend, vec![request("true", 1, 1, MINUTE)], 1).await;
     let rec = &done.summary.records[0];
     assert_eq!(rec.attempts, 1);
-    assert!(matches!(&rec.status, ShardStatus::InfraFailed { reason } if reason.contains("ResourceNotFound")), "{rec:?}");
+    assert!(
+        matches!(&rec.status, ShardStatus::InfraFailed { reason } if reason.contains("ResourceNotFound")),
+        "{rec:?}"
+    );
     emu.shutdown().await.unwrap();
 }

@@ -37,8 +37,13 @@ pub async fn run() -> Result<(), RuntimeError> {
         scratch: workspace::scratch_root(),
     };
     if let Err(e) = std::fs::create_dir_all(&state.scratch) {
-        let message = format!("cannot create scratch folder {}: {e}", state.scratch.display());
-        client.init_error("Runtime.ScratchUnavailable", &message).await?;
+        let message = format!(
+            "cannot create scratch folder {}: {e}",
+            state.scratch.display()
+        );
+        client
+            .init_error("Runtime.ScratchUnavailable", &message)
+            .await?;
         return Ok(());
     }
     loop {

@@ -10,12 +10,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use bytes::Bytes;
+use futures::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
-use futures::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::protocol::runtime_api as api;
@@ -107,7 +107,8 @@ pub struct ResponseClosed;
 impl RuntimeClient {
     /// A client for the address Lambda puts in `AWS_LAMBDA_RUNTIME_API`.
     pub fn from_env() -> Result<Self, RuntimeError> {
-        let addr = std::env::var("AWS_LAMBDA_RUNTIME_API").map_err(|_| RuntimeError::NotInLambda)?;
+        let addr =
+            std::env::var("AWS_LAMBDA_RUNTIME_API").map_err(|_| RuntimeError::NotInLambda)?;
         Ok(Self::new(&addr))
     }
 
@@ -127,7 +128,11 @@ impl RuntimeClient {
     /// Waits for the next invocation (no timeout: Lambda freezes us meanwhile).
     pub async fn next(&self) -> Result<Invocation, RuntimeError> {
         let req = self.request(Method::GET, api::NEXT, full(Bytes::new()));
-        let resp = self.http.request(req).await.map_err(|e| transport(api::NEXT, e))?;
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| transport(api::NEXT, e))?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp
@@ -171,13 +176,21 @@ impl RuntimeClient {
         impl std::future::Future<Output = Result<(), RuntimeError>> + Send + 'static,
     ) {
         let (tx, rx) = mpsc::channel(16);
-        let body = BodyExt::boxed(StreamBody::new(ReceiverStream::new(rx).map(Ok::<_, Infallible>)));
+        let body = BodyExt::boxed(StreamBody::new(
+            ReceiverStream::new(rx).map(Ok::<_, Infallible>),
+        ));
         let path = api::response_path(request_id);
         let mut req = self.request(Method::POST, &path, body);
         let headers = req.headers_mut();
         headers.insert(api::RESPONSE_MODE, HeaderValue::from_static(api::STREAMING));
-        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-        headers.insert(http::header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        headers.insert(
+            http::header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         headers.insert(
             http::header::TRAILER,
             HeaderValue::from_str(&format!("{}, {}", api::ERROR_TYPE, api::ERROR_BODY))
@@ -189,17 +202,28 @@ impl RuntimeClient {
     }
 
     /// Reports an invocation error before any response was sent.
-    pub async fn post_error(&self, request_id: &str, error_type: &str, message: &str) -> Result<(), RuntimeError> {
+    pub async fn post_error(
+        &self,
+        request_id: &str,
+        error_type: &str,
+        message: &str,
+    ) -> Result<(), RuntimeError> {
         let path = api::error_path(request_id);
         self.post_error_to(path, error_type, message).await
     }
 
     /// Reports that initialisation failed; Lambda then resets the environment.
     pub async fn init_error(&self, error_type: &str, message: &str) -> Result<(), RuntimeError> {
-        self.post_error_to(api::INIT_ERROR.to_string(), error_type, message).await
+        self.post_error_to(api::INIT_ERROR.to_string(), error_type, message)
+            .await
     }
 
-    async fn post_error_to(&self, path: String, error_type: &str, message: &str) -> Result<(), RuntimeError> {
+    async fn post_error_to(
+        &self,
+        path: String,
+        error_type: &str,
+        message: &str,
+    ) -> Result<(), RuntimeError> {
         let body = serde_json::json!({
             "errorMessage": message,
             "errorType": error_type,
@@ -231,7 +255,12 @@ async fn expect_accepted(
     if status.is_success() {
         return Ok(());
     }
-    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     Err(RuntimeError::Status {
         path: path.to_string(),
         status,

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use super::workspace::{self, Workspace};
 use crate::os;
-use crate::protocol::{Frame, OutputStream, Outcome, ShardRequest, ShardResult, SourceSpec};
+use crate::protocol::{Frame, Outcome, OutputStream, ShardRequest, ShardResult, SourceSpec};
 
 /// Time the agent keeps before Lambda's own deadline to stop the command and
 /// still deliver the result.
@@ -22,6 +22,10 @@ const TERM_GRACE: Duration = Duration::from_secs(2);
 const STRAGGLER_GRACE: Duration = Duration::from_millis(500);
 /// Output read size; also the largest output frame the agent sends.
 const READ_CHUNK: usize = 64 * 1024;
+/// Most bytes of collected files one shard sends back.
+const MAX_COLLECT_BYTES: usize = 64 * 1024 * 1024;
+/// Size of one file frame's piece.
+const FILE_PIECE: usize = 512 * 1024;
 
 /// Variables of the agent's environment the command must never see: the
 /// function's own credentials and the Runtime API it could hijack.
@@ -77,7 +81,10 @@ pub async fn run(
     let ws = match Workspace::create(&state.scratch) {
         Ok(ws) => ws,
         Err(e) => {
-            result.outcome = setup_failed(format!("cannot create workspace in {}: {e}", state.scratch.display()));
+            result.outcome = setup_failed(format!(
+                "cannot create workspace in {}: {e}",
+                state.scratch.display()
+            ));
             return result;
         }
     };
@@ -102,8 +109,86 @@ pub async fn run(
         Err(reason) => result.outcome = setup_failed(reason),
     }
     result.duration_ms = elapsed_ms(started);
+    if !req.collect.is_empty() {
+        result.files_skipped = send_files(&ws.src.join(&req.workdir), &req.collect, frames).await;
+    }
     ws.remove().await;
     result
+}
+
+/// Sends back the files matching `patterns` under `workdir`, in pieces, up to
+/// [`MAX_COLLECT_BYTES`]; returns the paths that did not fit.
+async fn send_files(
+    workdir: &std::path::Path,
+    patterns: &[String],
+    frames: &FrameSender,
+) -> Vec<String> {
+    let found = {
+        let workdir = workdir.to_path_buf();
+        let patterns = patterns.to_vec();
+        tokio::task::spawn_blocking(move || matching_files(&workdir, &patterns))
+            .await
+            .unwrap_or_default()
+    };
+    let mut budget = MAX_COLLECT_BYTES;
+    let mut skipped = Vec::new();
+    for (rel, path) in found {
+        let Ok(data) = tokio::fs::read(&path).await else {
+            continue;
+        };
+        if data.len() > budget {
+            skipped.push(rel);
+            continue;
+        }
+        budget -= data.len();
+        let data = Bytes::from(data);
+        let mut offset = 0;
+        loop {
+            let end = (offset + FILE_PIECE).min(data.len());
+            let piece = Frame::File {
+                path: rel.clone(),
+                data: data.slice(offset..end),
+            };
+            if frames.send(piece).await.is_err() {
+                return skipped;
+            }
+            offset = end;
+            if offset >= data.len() {
+                break;
+            }
+        }
+    }
+    skipped
+}
+
+/// Regular files under `workdir` matching any glob, as (relative, absolute),
+/// never outside `workdir` (symlinks included).
+fn matching_files(
+    workdir: &std::path::Path,
+    patterns: &[String],
+) -> Vec<(String, std::path::PathBuf)> {
+    let Ok(root) = workdir.canonicalize() else {
+        return Vec::new();
+    };
+    let mut found = std::collections::BTreeMap::new();
+    for pattern in patterns {
+        let full = root.join(pattern);
+        let Ok(paths) = glob::glob(&full.to_string_lossy()) else {
+            continue;
+        };
+        for path in paths.flatten() {
+            let Ok(real) = path.canonicalize() else {
+                continue;
+            };
+            if !real.starts_with(&root) || !real.is_file() {
+                continue;
+            }
+            if let Ok(rel) = path.strip_prefix(&root) {
+                found.insert(rel.to_string_lossy().into_owned(), real);
+            }
+        }
+    }
+    found.into_iter().collect()
 }
 
 fn setup_failed(reason: String) -> Outcome {
@@ -155,9 +240,9 @@ async fn fetch_source(source: &SourceSpec, ws: &Workspace) -> Result<(), String>
             })
             .await
             .map_err(|e| format!("unpacking the source panicked: {e}"))?;
-            result
-                .map(|_| ())
-                .map_err(|e| format!("cannot unpack the source downloaded from the source link: {e}"))
+            result.map(|_| ()).map_err(|e| {
+                format!("cannot unpack the source downloaded from the source link: {e}")
+            })
         }
     }
 }
@@ -176,15 +261,19 @@ async fn run_command(
 ) -> Result<(CommandEnd, u32), String> {
     let workdir = ws.src.join(&req.workdir);
     if !workdir.is_dir() {
-        return Err(format!("working directory {:?} is not in the source", req.workdir));
+        return Err(format!(
+            "working directory {:?} is not in the source",
+            req.workdir
+        ));
     }
     let mut cmd = Command::new(&req.command[0]);
     cmd.args(&req.command[1..])
         .current_dir(&workdir)
         .env_clear()
-        .envs(std::env::vars_os().filter(|(k, _)| {
-            !k.to_str().is_some_and(|k| WITHHELD_ENV.contains(&k))
-        }))
+        .envs(
+            std::env::vars_os()
+                .filter(|(k, _)| !k.to_str().is_some_and(|k| WITHHELD_ENV.contains(&k))),
+        )
         .envs(&req.env)
         .env("MVM_SHARD_INDEX", req.shard.index.to_string())
         .env("MVM_SHARD_COUNT", req.shard.count.to_string())
@@ -201,8 +290,16 @@ async fn run_command(
         .map_err(|e| format!("cannot start {:?}: {e}", req.command[0]))?;
     let pgid = child.id();
     let readers = [
-        tokio::spawn(forward_output(child.stdout.take(), OutputStream::Stdout, frames.clone())),
-        tokio::spawn(forward_output(child.stderr.take(), OutputStream::Stderr, frames.clone())),
+        tokio::spawn(forward_output(
+            child.stdout.take(),
+            OutputStream::Stdout,
+            frames.clone(),
+        )),
+        tokio::spawn(forward_output(
+            child.stderr.take(),
+            OutputStream::Stderr,
+            frames.clone(),
+        )),
     ];
 
     let me = std::process::id();
@@ -220,9 +317,10 @@ async fn run_command(
     };
     let mut stragglers = os::end_descendants(me, STRAGGLER_GRACE, true).await;
     let marker = scratch.display().to_string();
-    stragglers += tokio::task::spawn_blocking(move || os::kill_marked(workspace::SANDBOX_MARKER, &marker))
-        .await
-        .unwrap_or(0);
+    stragglers +=
+        tokio::task::spawn_blocking(move || os::kill_marked(workspace::SANDBOX_MARKER, &marker))
+            .await
+            .unwrap_or(0);
     for reader in readers {
         // With every writer gone the pipes are at EOF; the bound guards against
         // a descriptor passed to a process outside our tree.
@@ -240,7 +338,11 @@ fn outcome_of(status: std::process::ExitStatus) -> Outcome {
     }
 }
 
-async fn forward_output(pipe: Option<impl AsyncRead + Unpin>, stream: OutputStream, frames: FrameSender) {
+async fn forward_output(
+    pipe: Option<impl AsyncRead + Unpin>,
+    stream: OutputStream,
+    frames: FrameSender,
+) {
     let Some(mut pipe) = pipe else { return };
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
@@ -264,9 +366,15 @@ mod tests {
     fn lambda_deadline_wins_when_it_comes_first() {
         let soon = SystemTime::now() + Duration::from_secs(10);
         let (d, limit) = effective_timeout(60_000, soon);
-        assert!(d <= Duration::from_secs(7) && d > Duration::from_secs(5), "{d:?}");
+        assert!(
+            d <= Duration::from_secs(7) && d > Duration::from_secs(5),
+            "{d:?}"
+        );
         assert_eq!(limit, d.as_millis() as u64);
         let late = SystemTime::now() + Duration::from_secs(900);
-        assert_eq!(effective_timeout(60_000, late), (Duration::from_secs(60), 60_000));
+        assert_eq!(
+            effective_timeout(60_000, late),
+            (Duration::from_secs(60), 60_000)
+        );
     }
 }

@@ -38,7 +38,8 @@ pub fn scratch_root() -> PathBuf {
 /// shard never sees what an earlier one left, even after Lambda reset a
 /// crashed runtime but kept /tmp.
 pub async fn sweep(root: &Path) -> Leftovers {
-    let mut processes = os::end_descendants(std::process::id(), Duration::from_millis(500), true).await;
+    let mut processes =
+        os::end_descendants(std::process::id(), Duration::from_millis(500), true).await;
     // Commands of an earlier agent process (Lambda restarted a crashed runtime
     // but kept the sandbox) are no descendants of ours; the marker finds them.
     let marker = root.display().to_string();

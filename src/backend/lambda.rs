@@ -55,7 +55,13 @@ impl LambdaBackend {
         }
         if options.local_credentials {
             loader = loader
-                .credentials_provider(Credentials::new("local", "local", None, None, "mvm-shard-local"))
+                .credentials_provider(Credentials::new(
+                    "local",
+                    "local",
+                    None,
+                    None,
+                    "mvm-shard-local",
+                ))
                 .region(Region::new("us-east-1"));
         }
         if let Some(region) = &options.region {
@@ -95,7 +101,10 @@ impl LambdaBackend {
 }
 
 impl Backend for LambdaBackend {
-    fn invoke<'a>(&'a self, invocation: &'a ShardInvocation) -> BoxFuture<'a, Result<ShardStream, InvokeError>> {
+    fn invoke<'a>(
+        &'a self,
+        invocation: &'a ShardInvocation,
+    ) -> BoxFuture<'a, Result<ShardStream, InvokeError>> {
         async move {
             let mut request = self
                 .client
@@ -141,7 +150,10 @@ impl Backend for LambdaBackend {
 }
 
 fn classify<R: std::fmt::Debug>(
-    error: SdkError<aws_sdk_lambda::operation::invoke_with_response_stream::InvokeWithResponseStreamError, R>,
+    error: SdkError<
+        aws_sdk_lambda::operation::invoke_with_response_stream::InvokeWithResponseStreamError,
+        R,
+    >,
 ) -> InvokeError {
     let message = DisplayErrorContext(&error).to_string();
     let kind = match &error {

@@ -31,7 +31,10 @@ pub type ShardStream = BoxStream<'static, Result<Bytes, StreamError>>;
 /// The seam every backend implements.
 pub trait Backend: Send + Sync {
     /// Starts the shard; resolves once the backend accepted it.
-    fn invoke<'a>(&'a self, invocation: &'a ShardInvocation) -> BoxFuture<'a, Result<ShardStream, InvokeError>>;
+    fn invoke<'a>(
+        &'a self,
+        invocation: &'a ShardInvocation,
+    ) -> BoxFuture<'a, Result<ShardStream, InvokeError>>;
 }
 
 /// How a failed start should be treated.

@@ -38,7 +38,11 @@ pub struct Environment {
 
 impl Environment {
     /// Starts `function`'s command in a new folder under `base`.
-    pub async fn spawn(function: &FunctionConfig, region: &str, base: &std::path::Path) -> std::io::Result<Arc<Self>> {
+    pub async fn spawn(
+        function: &FunctionConfig,
+        region: &str,
+        base: &std::path::Path,
+    ) -> std::io::Result<Arc<Self>> {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let dir = base.join(format!("env-{id}"));
         let task = dir.join("task");
@@ -64,13 +68,23 @@ impl Environment {
         });
 
         let (program, args) = function.command.split_first().ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "function command is empty")
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "function command is empty",
+            )
         })?;
         let mut cmd = Command::new(program);
         cmd.args(args)
             .current_dir(&task)
             .env_clear()
-            .envs(lambda_environment(function, region, &id, &runtime_addr.to_string(), &task, &tmp))
+            .envs(lambda_environment(
+                function,
+                region,
+                &id,
+                &runtime_addr.to_string(),
+                &task,
+                &tmp,
+            ))
             .envs(function.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -80,13 +94,24 @@ impl Environment {
         let mut child = cmd.spawn()?;
         let log = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_TAIL)));
         for pipe in [
-            child.stdout.take().map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>),
-            child.stderr.take().map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>),
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>),
         ]
         .into_iter()
         .flatten()
         {
-            tokio::spawn(collect_log(pipe, log.clone(), function.name.clone(), id.clone()));
+            tokio::spawn(collect_log(
+                pipe,
+                log.clone(),
+                function.name.clone(),
+                id.clone(),
+            ));
         }
 
         let watch_kill = kill.clone();
@@ -106,7 +131,9 @@ impl Environment {
             let _ = child.start_kill();
             let _ = child.wait().await;
             let marker = env_id.clone();
-            let _ = tokio::task::spawn_blocking(move || os::kill_marked(ENVIRONMENT_MARKER, &marker)).await;
+            let _ =
+                tokio::task::spawn_blocking(move || os::kill_marked(ENVIRONMENT_MARKER, &marker))
+                    .await;
             watch_exited.cancel();
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
         });
@@ -143,7 +170,12 @@ impl Environment {
 
     /// The last 4 KB of log since [`Environment::clear_log`].
     pub fn log_tail(&self) -> Vec<u8> {
-        self.log.lock().expect("lock poisoned").iter().copied().collect()
+        self.log
+            .lock()
+            .expect("lock poisoned")
+            .iter()
+            .copied()
+            .collect()
     }
 }
 
@@ -154,7 +186,12 @@ fn push_log(log: &Mutex<VecDeque<u8>>, bytes: &[u8]) {
     log.drain(..excess);
 }
 
-async fn collect_log(pipe: Box<dyn AsyncRead + Send + Unpin>, log: Arc<Mutex<VecDeque<u8>>>, function: String, env: String) {
+async fn collect_log(
+    pipe: Box<dyn AsyncRead + Send + Unpin>,
+    log: Arc<Mutex<VecDeque<u8>>>,
+    function: String,
+    env: String,
+) {
     let mut lines = BufReader::new(pipe).split(b'\n');
     while let Ok(Some(line)) = lines.next_segment().await {
         tracing::debug!(%function, %env, "{}", String::from_utf8_lossy(&line));
@@ -172,19 +209,32 @@ fn lambda_environment(
     task: &std::path::Path,
     tmp: &std::path::Path,
 ) -> Vec<(String, String)> {
-    let host = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_string());
+    let host =
+        |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_string());
     let mut vars = vec![
         ("AWS_LAMBDA_RUNTIME_API", runtime_api.to_string()),
         ("AWS_LAMBDA_FUNCTION_NAME", function.name.clone()),
         ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST".into()),
-        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", function.memory_mb.to_string()),
-        ("AWS_LAMBDA_LOG_GROUP_NAME", format!("/aws/lambda/{}", function.name)),
-        ("AWS_LAMBDA_LOG_STREAM_NAME", format!("emulated/[$LATEST]{env_id}")),
+        (
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+            function.memory_mb.to_string(),
+        ),
+        (
+            "AWS_LAMBDA_LOG_GROUP_NAME",
+            format!("/aws/lambda/{}", function.name),
+        ),
+        (
+            "AWS_LAMBDA_LOG_STREAM_NAME",
+            format!("emulated/[$LATEST]{env_id}"),
+        ),
         ("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand".into()),
         ("AWS_REGION", region.to_string()),
         ("AWS_DEFAULT_REGION", region.to_string()),
         // Per-environment stand-ins for the execution role's credentials.
-        ("AWS_ACCESS_KEY_ID", format!("ASIAEMULATOR{}", env_id.to_uppercase())),
+        (
+            "AWS_ACCESS_KEY_ID",
+            format!("ASIAEMULATOR{}", env_id.to_uppercase()),
+        ),
         ("AWS_SECRET_ACCESS_KEY", format!("emulated-secret-{env_id}")),
         ("AWS_SESSION_TOKEN", format!("emulated-session-{env_id}")),
         ("_HANDLER", function.handler.clone()),

@@ -24,7 +24,11 @@ impl ApiError {
 
     /// 400 `InvalidParameterValueException`.
     pub fn invalid_parameter(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "InvalidParameterValueException", message.into())
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameterValueException",
+            message.into(),
+        )
     }
 
     /// 413 `RequestTooLargeException`.
@@ -38,14 +42,22 @@ impl ApiError {
 
     /// 429 `TooManyRequestsException`.
     pub fn throttled() -> Self {
-        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "TooManyRequestsException", "Rate Exceeded.".into());
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TooManyRequestsException",
+            "Rate Exceeded.".into(),
+        );
         e.reason = Some("ConcurrentInvocationLimitExceeded");
         e
     }
 
     /// 500 `ServiceException`.
     pub fn service(message: String) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "ServiceException", message)
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ServiceException",
+            message,
+        )
     }
 
     fn new(status: StatusCode, code: &'static str, message: String) -> Self {
@@ -65,10 +77,13 @@ impl IntoResponse for ApiError {
             body["Reason"] = reason.into();
         }
         let mut resp = (self.status, axum::Json(body)).into_response();
-        resp.headers_mut()
-            .insert("x-amzn-errortype", http::HeaderValue::from_static(self.code));
+        resp.headers_mut().insert(
+            "x-amzn-errortype",
+            http::HeaderValue::from_static(self.code),
+        );
         if self.status == StatusCode::TOO_MANY_REQUESTS {
-            resp.headers_mut().insert("retry-after", http::HeaderValue::from_static("1"));
+            resp.headers_mut()
+                .insert("retry-after", http::HeaderValue::from_static("1"));
         }
         resp
     }

@@ -43,7 +43,10 @@ pub fn invoke_complete(complete: &InvokeComplete) -> Bytes {
 
 fn event(event_type: &str, content_type: Option<&str>, payload: Bytes) -> Bytes {
     let mut message = Message::new(payload)
-        .add_header(Header::new(":message-type", HeaderValue::String("event".into())))
+        .add_header(Header::new(
+            ":message-type",
+            HeaderValue::String("event".into()),
+        ))
         .add_header(Header::new(
             ":event-type",
             HeaderValue::String(event_type.to_string().into()),

@@ -61,11 +61,19 @@ struct Call {
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty())
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
 }
 
 /// Checks everything Lambda checks before it runs anything.
-fn prepare(emulator: &Emulator, name: &str, headers: &HeaderMap, payload_len: usize) -> Result<Call, ApiError> {
+fn prepare(
+    emulator: &Emulator,
+    name: &str,
+    headers: &HeaderMap,
+    payload_len: usize,
+) -> Result<Call, ApiError> {
     let function_name = function_name(name);
     let Some(function) = emulator.state.functions.get(function_name) else {
         return Err(ApiError::not_found(format!(
@@ -107,7 +115,12 @@ fn function_name(raw: &str) -> &str {
     after.split(':').next().unwrap_or(after)
 }
 
-async fn invoke(State(emulator): State<Emulator>, Path(name): Path<String>, headers: HeaderMap, payload: Bytes) -> Response {
+async fn invoke(
+    State(emulator): State<Emulator>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    payload: Bytes,
+) -> Response {
     let call = match prepare(&emulator, &name, &headers, payload.len()) {
         Ok(call) => call,
         Err(e) => return e.into_response(),
@@ -124,7 +137,10 @@ async fn invoke(State(emulator): State<Emulator>, Path(name): Path<String>, head
             return StatusCode::ACCEPTED.into_response();
         }
         "RequestResponse" => {}
-        other => return ApiError::invalid_parameter(format!("unknown invocation type {other}")).into_response(),
+        other => {
+            return ApiError::invalid_parameter(format!("unknown invocation type {other}"))
+                .into_response()
+        }
     }
     let (mut rx, request_id) = match start(&emulator, call, payload).await {
         Ok(started) => started,
@@ -145,7 +161,8 @@ async fn invoke(State(emulator): State<Emulator>, Path(name): Path<String>, head
     let mut resp = match (&complete.error_code, error_body) {
         (Some(_), Some(err)) => Response::new(Body::from(err)),
         (Some(code), None) => Response::new(Body::from(
-            serde_json::json!({ "errorType": code, "errorMessage": complete.error_details }).to_string(),
+            serde_json::json!({ "errorType": code, "errorMessage": complete.error_details })
+                .to_string(),
         )),
         (None, _) => Response::new(Body::from(body.freeze())),
     };
@@ -153,9 +170,16 @@ async fn invoke(State(emulator): State<Emulator>, Path(name): Path<String>, head
     common_headers(h, &request_id);
     h.insert("content-type", HeaderValue::from_static("application/json"));
     if complete.error_code.is_some() {
-        h.insert("x-amz-function-error", HeaderValue::from_static("Unhandled"));
+        h.insert(
+            "x-amz-function-error",
+            HeaderValue::from_static("Unhandled"),
+        );
     }
-    if let Some(log) = complete.log_result.as_deref().and_then(|l| HeaderValue::from_str(l).ok()) {
+    if let Some(log) = complete
+        .log_result
+        .as_deref()
+        .and_then(|l| HeaderValue::from_str(l).ok())
+    {
         h.insert("x-amz-log-result", log);
     }
     resp
@@ -195,7 +219,10 @@ async fn invoke_with_response_stream(
     let mut resp = Response::new(Body::from_stream(events));
     let h = resp.headers_mut();
     common_headers(h, &request_id);
-    h.insert("content-type", HeaderValue::from_static("application/vnd.amazon.eventstream"));
+    h.insert(
+        "content-type",
+        HeaderValue::from_static("application/vnd.amazon.eventstream"),
+    );
     resp
 }
 
@@ -203,13 +230,22 @@ fn common_headers(h: &mut HeaderMap, request_id: &str) {
     if let Ok(id) = HeaderValue::from_str(request_id) {
         h.insert("x-amzn-requestid", id);
     }
-    h.insert("x-amz-executed-version", HeaderValue::from_static("$LATEST"));
+    h.insert(
+        "x-amz-executed-version",
+        HeaderValue::from_static("$LATEST"),
+    );
 }
 
 /// Checks out an environment and starts driving the invocation in a task of
 /// its own, which goes on even if the caller disconnects, as on Lambda.
-async fn start(emulator: &Emulator, call: Call, payload: Bytes) -> Result<(mpsc::Receiver<InvokeEvent>, String), ApiError> {
-    let lease = emulator.acquire(&call.function, call.tenant.clone()).await?;
+async fn start(
+    emulator: &Emulator,
+    call: Call,
+    payload: Bytes,
+) -> Result<(mpsc::Receiver<InvokeEvent>, String), ApiError> {
+    let lease = emulator
+        .acquire(&call.function, call.tenant.clone())
+        .await?;
     let request_id = uuid::Uuid::new_v4().to_string();
     let (tx, rx) = mpsc::channel(16);
     let timeout = call.function.config.timeout;
@@ -265,13 +301,22 @@ async fn drive(
     env.clear_log();
     env.log_line(&format!("START RequestId: {request_id} Version: $LATEST"));
     let started = Instant::now();
-    let (result, reusable) = exchange(&env, pending, reply, tokio::time::Instant::now() + timeout, timeout, &tx).await;
+    let (result, reusable) = exchange(
+        &env,
+        pending,
+        reply,
+        tokio::time::Instant::now() + timeout,
+        timeout,
+        &tx,
+    )
+    .await;
     env.log_line(&format!("END RequestId: {request_id}"));
     env.log_line(&format!(
         "REPORT RequestId: {request_id}\tDuration: {:.2} ms",
         started.elapsed().as_secs_f64() * 1000.0
     ));
-    let log_result = log_tail.then(|| base64::engine::general_purpose::STANDARD.encode(env.log_tail()));
+    let log_result =
+        log_tail.then(|| base64::engine::general_purpose::STANDARD.encode(env.log_tail()));
     // Back in the pool before the caller hears the end, so a follow-up call can reuse it.
     lease.release(reusable);
     let (complete, body) = match result {
@@ -308,7 +353,10 @@ async fn exchange(
     let timed_out = || {
         FunctionError::new(
             "Sandbox.Timedout",
-            format!("RequestId: {request_id} Error: Task timed out after {:.2} seconds", timeout.as_secs_f64()),
+            format!(
+                "RequestId: {request_id} Error: Task timed out after {:.2} seconds",
+                timeout.as_secs_f64()
+            ),
         )
     };
     if env.invocations.send(pending).await.is_err() {
@@ -327,7 +375,9 @@ async fn exchange(
             let _ = tx.send(InvokeEvent::Data(body)).await;
             return (Ok(()), true);
         }
-        RuntimeReply::Error { error_type, body } => return (Err(FunctionError::from_runtime(error_type, body)), true),
+        RuntimeReply::Error { error_type, body } => {
+            return (Err(FunctionError::from_runtime(error_type, body)), true)
+        }
         RuntimeReply::Streaming(pieces) => pieces,
     };
     let mut total = 0usize;
@@ -368,7 +418,13 @@ async fn exchange(
 }
 
 fn exit_error(env: &Environment, request_id: &str) -> FunctionError {
-    if let Some((error_type, body)) = env.runtime.init_error.lock().expect("lock poisoned").clone() {
+    if let Some((error_type, body)) = env
+        .runtime
+        .init_error
+        .lock()
+        .expect("lock poisoned")
+        .clone()
+    {
         return FunctionError::from_runtime(error_type, body.into());
     }
     FunctionError::new(

@@ -19,9 +19,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use environment::Environment;
 pub use errors::ApiError;
 pub use eventstream::InvokeComplete;
-use environment::Environment;
 
 /// Name of the function `emulate` hosts when none is given.
 pub const DEFAULT_FUNCTION: &str = "mvm-shard";
@@ -69,7 +69,10 @@ impl FunctionConfig {
     /// tenant-isolated as our deployment template sets it up.
     pub fn default_agent() -> std::io::Result<Self> {
         let exe = std::env::current_exe()?;
-        let mut f = FunctionConfig::new(DEFAULT_FUNCTION, vec![exe.display().to_string(), "agent".into()]);
+        let mut f = FunctionConfig::new(
+            DEFAULT_FUNCTION,
+            vec![exe.display().to_string(), "agent".into()],
+        );
         f.tenant_isolation = true;
         Ok(f)
     }
@@ -118,7 +121,9 @@ impl Emulator {
                 (function.config.name.clone(), Arc::new(function))
             })
             .collect();
-        let base_dir = tempfile::Builder::new().prefix("mvm-shard-emulator-").tempdir()?;
+        let base_dir = tempfile::Builder::new()
+            .prefix("mvm-shard-emulator-")
+            .tempdir()?;
         Ok(Emulator {
             state: Arc::new(EmulatorState {
                 functions,
@@ -154,7 +159,11 @@ impl Emulator {
         served
     }
 
-    async fn acquire(&self, function: &Arc<Function>, tenant: Option<String>) -> Result<Lease, ApiError> {
+    async fn acquire(
+        &self,
+        function: &Arc<Function>,
+        tenant: Option<String>,
+    ) -> Result<Lease, ApiError> {
         {
             let mut idle = function.idle.lock().expect("lock poisoned");
             idle.retain(|(_, env)| env.is_alive());
@@ -168,7 +177,13 @@ impl Emulator {
             function.busy.fetch_sub(1, Ordering::SeqCst);
             return Err(ApiError::throttled());
         }
-        match Environment::spawn(&function.config, &self.state.region, self.state.base_dir.path()).await {
+        match Environment::spawn(
+            &function.config,
+            &self.state.region,
+            self.state.base_dir.path(),
+        )
+        .await
+        {
             Ok(env) => {
                 let mut all = self.state.all.lock().expect("lock poisoned");
                 all.retain(|e| e.is_alive());
@@ -177,13 +192,19 @@ impl Emulator {
             }
             Err(e) => {
                 function.busy.fetch_sub(1, Ordering::SeqCst);
-                Err(ApiError::service(format!("cannot start an environment for {}: {e}", function.config.name)))
+                Err(ApiError::service(format!(
+                    "cannot start an environment for {}: {e}",
+                    function.config.name
+                )))
             }
         }
     }
 
     fn function_arn(&self, name: &str) -> String {
-        format!("arn:aws:lambda:{}:000000000000:function:{name}", self.state.region)
+        format!(
+            "arn:aws:lambda:{}:000000000000:function:{name}",
+            self.state.region
+        )
     }
 }
 
@@ -259,7 +280,11 @@ impl RunningEmulator {
         let stop = CancellationToken::new();
         let signal = stop.clone();
         let task = tokio::spawn(emulator.serve(listener, async move { signal.cancelled().await }));
-        Ok(RunningEmulator { endpoint, stop, task })
+        Ok(RunningEmulator {
+            endpoint,
+            stop,
+            task,
+        })
     }
 
     /// Stops every environment and the server.

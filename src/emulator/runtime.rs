@@ -107,7 +107,10 @@ impl RuntimeApi {
 pub fn router(state: Arc<RuntimeApi>) -> Router {
     Router::new()
         .route(api::NEXT, get(next))
-        .route("/2018-06-01/runtime/invocation/{id}/response", post(response))
+        .route(
+            "/2018-06-01/runtime/invocation/{id}/response",
+            post(response),
+        )
         .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
         .route(api::INIT_ERROR, post(init_error))
         .with_state(state)
@@ -130,7 +133,10 @@ async fn next(State(rt): State<Arc<RuntimeApi>>) -> Response {
         .to_string();
     let trace = format!(
         "Root=1-{:08x}-{};Parent={};Sampled=0",
-        SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs(),
         &uuid::Uuid::new_v4().simple().to_string()[..24],
         &uuid::Uuid::new_v4().simple().to_string()[..16],
     );
@@ -168,10 +174,18 @@ fn invalid_request_id(id: &str) -> Response {
 }
 
 fn accepted() -> Response {
-    (StatusCode::ACCEPTED, axum::Json(serde_json::json!({ "status": "OK" }))).into_response()
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({ "status": "OK" })),
+    )
+        .into_response()
 }
 
-async fn response(State(rt): State<Arc<RuntimeApi>>, Path(id): Path<String>, req: Request) -> Response {
+async fn response(
+    State(rt): State<Arc<RuntimeApi>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
     let Some(reply) = rt.take_waiting(&id) else {
         return invalid_request_id(&id);
     };
@@ -181,7 +195,10 @@ async fn response(State(rt): State<Arc<RuntimeApi>>, Path(id): Path<String>, req
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(api::STREAMING.as_bytes()));
     let mut body = req.into_body();
     if !streaming {
-        return match http_body_util::Limited::new(body, MAX_BUFFERED_RESPONSE).collect().await {
+        return match http_body_util::Limited::new(body, MAX_BUFFERED_RESPONSE)
+            .collect()
+            .await
+        {
             Ok(collected) => {
                 let _ = reply.send(RuntimeReply::Buffered(collected.to_bytes()));
                 accepted()
@@ -234,7 +251,11 @@ fn trailer_error(trailers: &HeaderMap) -> Option<StreamPiece> {
     let error_type = trailers.get(api::ERROR_TYPE)?.to_str().ok()?.to_string();
     let body = trailers
         .get(api::ERROR_BODY)
-        .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v.as_bytes()).ok())
+        .and_then(|v| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.as_bytes())
+                .ok()
+        })
         .unwrap_or_default();
     Some(StreamPiece::Failed {
         error_type,
@@ -256,7 +277,11 @@ async fn error(
     accepted()
 }
 
-async fn init_error(State(rt): State<Arc<RuntimeApi>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn init_error(
+    State(rt): State<Arc<RuntimeApi>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let error_type = error_type_of(&headers, &body);
     *rt.init_error.lock().expect("lock poisoned") =
         Some((error_type, String::from_utf8_lossy(&body).into_owned()));

@@ -20,6 +20,9 @@ const COMPRESS_FROM: usize = 512;
 const KIND_OUTPUT: u8 = 1;
 const KIND_HEARTBEAT: u8 = 2;
 const KIND_RESULT: u8 = 3;
+const KIND_FILE: u8 = 4;
+/// Longest path a file frame carries.
+pub const MAX_FILE_PATH: usize = 4096;
 const ENCODING_RAW: u8 = 0;
 const ENCODING_ZSTD: u8 = 1;
 
@@ -40,6 +43,14 @@ pub enum Frame {
         /// Where it was written.
         stream: OutputStream,
         /// The bytes, at most [`MAX_FRAME_PAYLOAD`].
+        data: Bytes,
+    },
+    /// A piece of a file the command wrote that the request asked for;
+    /// consecutive pieces with the same path make up one file.
+    File {
+        /// Path relative to the working directory.
+        path: String,
+        /// The bytes of this piece.
         data: Bytes,
     },
     /// Sent during silence so that no transport gives the stream up as stalled.
@@ -130,20 +141,57 @@ fn decode_payload(kind: u8, mut payload: Bytes) -> Result<Frame, FrameError> {
                 2 => OutputStream::Stderr,
                 other => return Err(FrameError::Invalid(format!("unknown stream {other}"))),
             };
-            let data = match payload.get_u8() {
-                ENCODING_RAW => payload,
-                ENCODING_ZSTD => zstd::bulk::decompress(&payload, MAX_FRAME_PAYLOAD)
-                    .map_err(|e| FrameError::Invalid(format!("bad compressed output: {e}")))?
-                    .into(),
-                other => return Err(FrameError::Invalid(format!("unknown encoding {other}"))),
-            };
-            Ok(Frame::Output { stream, data })
+            let encoding = payload.get_u8();
+            Ok(Frame::Output {
+                stream,
+                data: decode_body(encoding, payload)?,
+            })
+        }
+        KIND_FILE => {
+            if payload.len() < 2 {
+                return Err(FrameError::Invalid("file frame too short".into()));
+            }
+            let len = payload.get_u16() as usize;
+            if len > MAX_FILE_PATH || payload.len() < len + 1 {
+                return Err(FrameError::Invalid(
+                    "file frame path is out of bounds".into(),
+                ));
+            }
+            let path = String::from_utf8(payload.split_to(len).to_vec())
+                .map_err(|_| FrameError::Invalid("file path is not UTF-8".into()))?;
+            let encoding = payload.get_u8();
+            Ok(Frame::File {
+                path,
+                data: decode_body(encoding, payload)?,
+            })
         }
         KIND_HEARTBEAT => Ok(Frame::Heartbeat),
         KIND_RESULT => serde_json::from_slice(&payload)
             .map(Frame::Result)
             .map_err(|e| FrameError::Invalid(format!("bad result: {e}"))),
         other => Err(FrameError::Invalid(format!("unknown frame kind {other}"))),
+    }
+}
+
+fn decode_body(encoding: u8, payload: Bytes) -> Result<Bytes, FrameError> {
+    match encoding {
+        ENCODING_RAW => Ok(payload),
+        ENCODING_ZSTD => zstd::bulk::decompress(&payload, MAX_FRAME_PAYLOAD)
+            .map(Bytes::from)
+            .map_err(|e| FrameError::Invalid(format!("bad compressed data: {e}"))),
+        other => Err(FrameError::Invalid(format!("unknown encoding {other}"))),
+    }
+}
+
+/// The body of an output or file frame: zstd when that is smaller.
+fn encode_body(data: &[u8]) -> (u8, std::borrow::Cow<'_, [u8]>) {
+    let compressed = (data.len() >= COMPRESS_FROM)
+        .then(|| zstd::bulk::compress(data, 1).ok())
+        .flatten()
+        .filter(|c| c.len() < data.len());
+    match compressed {
+        Some(c) => (ENCODING_ZSTD, c.into()),
+        None => (ENCODING_RAW, data.into()),
     }
 }
 
@@ -161,26 +209,30 @@ impl Encoder<Frame> for FrameCodec {
                 if data.len() > MAX_FRAME_PAYLOAD - 2 {
                     return Err(FrameError::TooLarge(data.len()));
                 }
-                let compressed = (data.len() >= COMPRESS_FROM)
-                    .then(|| zstd::bulk::compress(&data, 1).ok())
-                    .flatten()
-                    .filter(|c| c.len() < data.len());
-                let (encoding, body) = match &compressed {
-                    Some(c) => (ENCODING_ZSTD, &c[..]),
-                    None => (ENCODING_RAW, &data[..]),
-                };
+                let (encoding, body) = encode_body(&data);
                 put_header(dst, KIND_OUTPUT, body.len() + 2);
                 dst.put_u8(match stream {
                     OutputStream::Stdout => 1,
                     OutputStream::Stderr => 2,
                 });
                 dst.put_u8(encoding);
-                dst.put_slice(body);
+                dst.put_slice(&body);
+            }
+            Frame::File { path, data } => {
+                if path.len() > MAX_FILE_PATH || data.len() + path.len() > MAX_FRAME_PAYLOAD - 3 {
+                    return Err(FrameError::TooLarge(data.len() + path.len()));
+                }
+                let (encoding, body) = encode_body(&data);
+                put_header(dst, KIND_FILE, 2 + path.len() + 1 + body.len());
+                dst.put_u16(path.len() as u16);
+                dst.put_slice(path.as_bytes());
+                dst.put_u8(encoding);
+                dst.put_slice(&body);
             }
             Frame::Heartbeat => put_header(dst, KIND_HEARTBEAT, 0),
             Frame::Result(result) => {
-                let json = serde_json::to_vec(&result)
-                    .map_err(|e| FrameError::Invalid(e.to_string()))?;
+                let json =
+                    serde_json::to_vec(&result).map_err(|e| FrameError::Invalid(e.to_string()))?;
                 if json.len() > MAX_FRAME_PAYLOAD {
                     return Err(FrameError::TooLarge(json.len()));
                 }
@@ -210,6 +262,10 @@ mod tests {
                 data: Bytes::from_static(b"hello\n"),
             },
             Frame::Heartbeat,
+            Frame::File {
+                path: "target/junit.xml".into(),
+                data: Bytes::from(vec![b'<'; 5000]),
+            },
             Frame::Output {
                 stream: OutputStream::Stderr,
                 data: Bytes::from(vec![b'x'; 100_000]),
@@ -247,7 +303,7 @@ mod tests {
 
     #[test]
     fn compressible_output_is_compressed_on_the_wire() {
-        let encoded = encode_all(&frames()[2..3]);
+        let encoded = encode_all(&frames()[3..4]);
         assert!(encoded.len() < 10_000, "{} bytes", encoded.len());
     }
 
@@ -255,14 +311,23 @@ mod tests {
     fn foreign_streams_and_oversized_frames_are_errors() {
         let mut codec = FrameCodec::new();
         let mut buf = BytesMut::from(&b"{\"statusCode\":200}"[..]);
-        assert!(matches!(codec.decode(&mut buf), Err(FrameError::NotAFrameStream(_))));
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(FrameError::NotAFrameStream(_))
+        ));
 
         let mut codec = FrameCodec::new();
         let mut buf = BytesMut::from(&b"MVMS\x01\x01\xff\xff\xff\xff"[..]);
-        assert!(matches!(codec.decode(&mut buf), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(FrameError::TooLarge(_))
+        ));
 
         let mut codec = FrameCodec::new();
         let mut buf = BytesMut::from(&b"MVMS\x07"[..]);
-        assert!(matches!(codec.decode(&mut buf), Err(FrameError::Version(7))));
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(FrameError::Version(7))
+        ));
     }
 }

@@ -19,6 +19,7 @@ const MAX_ENV_VALUE: usize = 128 * 1024;
 const MAX_SHARDS: u32 = 10_000;
 const MAX_WORKDIR: usize = 4096;
 const MAX_URL: usize = 8192;
+const MAX_COLLECT_PATTERNS: usize = 32;
 /// Eight hours: the longest any backend (Lambda MicroVMs) lets a shard live.
 const MAX_TIMEOUT_MS: u64 = 8 * 3600 * 1000;
 
@@ -79,6 +80,10 @@ pub struct ShardRequest {
     pub workdir: String,
     /// The source tree to run in.
     pub source: SourceSpec,
+    /// Globs, relative to the working directory, of files to send back after
+    /// the command has ended (JUnit reports, for one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub collect: Vec<String>,
 }
 
 /// Why a request was refused before anything ran.
@@ -154,7 +159,11 @@ impl ShardRequest {
         if self.command.len() > MAX_ARGS {
             return invalid(format!("command has over {MAX_ARGS} arguments"));
         }
-        if let Some(arg) = self.command.iter().find(|a| a.len() > MAX_ARG_BYTES || a.contains('\0')) {
+        if let Some(arg) = self
+            .command
+            .iter()
+            .find(|a| a.len() > MAX_ARG_BYTES || a.contains('\0'))
+        {
             return invalid(format!(
                 "argument starting {:?} is over {MAX_ARG_BYTES} bytes or contains NUL",
                 arg.chars().take(20).collect::<String>()
@@ -181,7 +190,22 @@ impl ShardRequest {
                 .components()
                 .any(|c| !matches!(c, std::path::Component::Normal(_)))
         {
-            return invalid(format!("workdir {:?} must be a relative path inside the source", self.workdir));
+            return invalid(format!(
+                "workdir {:?} must be a relative path inside the source",
+                self.workdir
+            ));
+        }
+        if self.collect.len() > MAX_COLLECT_PATTERNS
+            || self.collect.iter().any(|p| {
+                p.is_empty()
+                    || p.len() > MAX_WORKDIR
+                    || p.starts_with('/')
+                    || p.split('/').any(|c| c == "..")
+            })
+        {
+            return invalid(format!(
+                "collect takes at most {MAX_COLLECT_PATTERNS} relative globs that stay inside the working directory"
+            ));
         }
         if let SourceSpec::Url { url, .. } = &self.source {
             if url.len() > MAX_URL || !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -250,6 +274,9 @@ pub struct ShardResult {
     /// Processes this shard's command left behind that the agent killed.
     #[serde(default)]
     pub stragglers_killed: u32,
+    /// Files matching `collect` that were not sent back (over the size budget).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files_skipped: Vec<String>,
 }
 
 impl ShardResult {
@@ -263,6 +290,7 @@ impl ShardResult {
             stale_paths_removed: 0,
             stale_processes_killed: 0,
             stragglers_killed: 0,
+            files_skipped: Vec::new(),
         }
     }
 }
@@ -281,6 +309,7 @@ mod tests {
             timeout_ms: 1000,
             workdir: String::new(),
             source: SourceSpec::Empty,
+            collect: Vec::new(),
         }
     }
 
@@ -292,7 +321,14 @@ mod tests {
 
     #[test]
     fn garbage_is_malformed_not_a_panic() {
-        for payload in [&b""[..], b"{", b"null", b"[]", b"\xff\xfe", b"{\"version\":1}"] {
+        for payload in [
+            &b""[..],
+            b"{",
+            b"null",
+            b"[]",
+            b"\xff\xfe",
+            b"{\"version\":1}",
+        ] {
             assert!(matches!(
                 ShardRequest::decode(payload),
                 Err(RequestError::Malformed(_))
@@ -326,15 +362,24 @@ mod tests {
         let mut r = request();
         r.workdir = "../escape".into();
         cases.push(r);
+        let mut r = request();
+        r.collect = vec!["../../etc/passwd".into()];
+        cases.push(r);
         for r in cases {
             let bytes = serde_json::to_vec(&r).unwrap();
-            assert!(matches!(ShardRequest::decode(&bytes), Err(RequestError::Invalid(_))), "{r:?}");
+            assert!(
+                matches!(ShardRequest::decode(&bytes), Err(RequestError::Invalid(_))),
+                "{r:?}"
+            );
         }
     }
 
     #[test]
     fn oversized_payload_is_refused() {
         let big = vec![b' '; MAX_REQUEST_BYTES + 1];
-        assert!(matches!(ShardRequest::decode(&big), Err(RequestError::TooLarge { .. })));
+        assert!(matches!(
+            ShardRequest::decode(&big),
+            Err(RequestError::TooLarge { .. })
+        ));
     }
 }

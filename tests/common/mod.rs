@@ -42,7 +42,9 @@ pub async fn sdk_client(endpoint: &str) -> aws_sdk_lambda::Client {
     let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .endpoint_url(endpoint)
         .region(aws_sdk_lambda::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_lambda::config::Credentials::new("k", "s", None, None, "test"))
+        .credentials_provider(aws_sdk_lambda::config::Credentials::new(
+            "k", "s", None, None, "test",
+        ))
         .load()
         .await;
     aws_sdk_lambda::Client::new(&conf)
@@ -74,6 +76,7 @@ pub fn request(script: &str, index: u32, count: u32, timeout: Duration) -> Shard
         timeout_ms: timeout.as_millis() as u64,
         workdir: String::new(),
         source: SourceSpec::Empty,
+        collect: Vec::new(),
     }
 }
 
@@ -92,7 +95,11 @@ impl Finished {
 }
 
 /// Runs `requests` through `backend` with the real dispatcher.
-pub async fn run(backend: Arc<dyn Backend>, requests: Vec<ShardRequest>, max_parallel: usize) -> Finished {
+pub async fn run(
+    backend: Arc<dyn Backend>,
+    requests: Vec<ShardRequest>,
+    max_parallel: usize,
+) -> Finished {
     let jobs = requests
         .iter()
         .map(|r| ShardJob {
@@ -104,14 +111,26 @@ pub async fn run(backend: Arc<dyn Backend>, requests: Vec<ShardRequest>, max_par
 }
 
 /// Runs pre-encoded jobs (to send what no planner would).
-pub async fn run_jobs(backend: Arc<dyn Backend>, jobs: Vec<ShardJob>, max_parallel: usize) -> Finished {
+pub async fn run_jobs(
+    backend: Arc<dyn Backend>,
+    jobs: Vec<ShardJob>,
+    max_parallel: usize,
+) -> Finished {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let options = DispatchOptions {
         max_parallel,
         ..DispatchOptions::default()
     };
     let run_id = format!("t{}", uuid::Uuid::new_v4().simple());
-    let summary = dispatch::dispatch(backend, &run_id, jobs, &options, tx, CancellationToken::new()).await;
+    let summary = dispatch::dispatch(
+        backend,
+        &run_id,
+        jobs,
+        &options,
+        tx,
+        CancellationToken::new(),
+    )
+    .await;
     let mut finished = Finished {
         summary,
         stdout: BTreeMap::new(),
@@ -119,7 +138,12 @@ pub async fn run_jobs(backend: Arc<dyn Backend>, jobs: Vec<ShardJob>, max_parall
         events: Vec::new(),
     };
     while let Some(event) = rx.recv().await {
-        if let RunEvent::Output { shard, stream, data } = &event {
+        if let RunEvent::Output {
+            shard,
+            stream,
+            data,
+        } = &event
+        {
             let map = match stream {
                 OutputStream::Stdout => &mut finished.stdout,
                 OutputStream::Stderr => &mut finished.stderr,

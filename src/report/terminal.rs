@@ -1,10 +1,12 @@
-//! Showing a run: each shard's output line by line with a shard prefix as it
-//! arrives, then a summary table. Consumes [`RunEvent`]s; knows nothing of backends.
+//! The terminal renderer: each shard's output line by line with a shard
+//! prefix as it arrives, then a summary table and the failed tests.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::time::Duration;
 
+use super::junit::TestReport;
+use super::Reporter;
 use crate::dispatch::{RunEvent, RunSummary, ShardStatus};
 use crate::protocol::{OutputStream, ShardId};
 
@@ -31,7 +33,11 @@ impl<W: Write> TerminalReporter<W> {
     pub fn handle(&mut self, event: &RunEvent) -> std::io::Result<()> {
         match event {
             RunEvent::Started { .. } => Ok(()),
-            RunEvent::Output { shard, stream, data } => {
+            RunEvent::Output {
+                shard,
+                stream,
+                data,
+            } => {
                 let held = self.partial.entry((*shard, *stream)).or_default();
                 held.extend_from_slice(data);
                 let mut lines = Vec::new();
@@ -69,8 +75,12 @@ impl<W: Write> TerminalReporter<W> {
                 }
                 let detail = match &record.status {
                     ShardStatus::Passed => String::new(),
-                    ShardStatus::Failed { exit_code: Some(c), .. } => format!(" (exit code {c})"),
-                    ShardStatus::Failed { signal: Some(s), .. } => format!(" (killed by signal {s})"),
+                    ShardStatus::Failed {
+                        exit_code: Some(c), ..
+                    } => format!(" (exit code {c})"),
+                    ShardStatus::Failed {
+                        signal: Some(s), ..
+                    } => format!(" (killed by signal {s})"),
                     ShardStatus::Failed { .. } => String::new(),
                     ShardStatus::TimedOut => " (ran out of time)".into(),
                     ShardStatus::InfraFailed { reason } => format!(": {reason}"),
@@ -92,15 +102,29 @@ impl<W: Write> TerminalReporter<W> {
         self.out.write_all(line)
     }
 
-    /// Writes the summary table and the closing count line.
-    pub fn summary(&mut self, summary: &RunSummary) -> std::io::Result<()> {
+    /// Writes the summary table, the failed tests and the closing count line.
+    pub fn summary(&mut self, summary: &RunSummary, tests: &TestReport) -> std::io::Result<()> {
         writeln!(self.out)?;
-        writeln!(self.out, "{:<8} {:<10} {:>9} {:>5}  {}", "shard", "status", "duration", "exit", "environment")?;
+        writeln!(
+            self.out,
+            "{:<8} {:<10} {:>9} {:>5}  {}",
+            "shard", "status", "duration", "exit", "environment"
+        )?;
         for r in &summary.records {
             let exit = match (&r.status, &r.result) {
-                (ShardStatus::Failed { exit_code: Some(c), .. }, _) => c.to_string(),
+                (
+                    ShardStatus::Failed {
+                        exit_code: Some(c), ..
+                    },
+                    _,
+                ) => c.to_string(),
                 (ShardStatus::Passed, _) => "0".into(),
-                (ShardStatus::Failed { signal: Some(s), .. }, _) => format!("sig{s}"),
+                (
+                    ShardStatus::Failed {
+                        signal: Some(s), ..
+                    },
+                    _,
+                ) => format!("sig{s}"),
                 _ => "-".into(),
             };
             let environment = match &r.result {
@@ -117,6 +141,27 @@ impl<W: Write> TerminalReporter<W> {
                 exit,
                 environment
             )?;
+        }
+        for (shard, path, error) in &tests.unreadable {
+            writeln!(self.out, "[{shard}] {path} is not a JUnit report: {error}")?;
+        }
+        if !tests.failures.is_empty() {
+            writeln!(self.out, "\nfailed tests:")?;
+            for f in tests.failures.iter().take(MAX_LISTED_FAILURES) {
+                let place = match (&f.file, f.line) {
+                    (Some(file), Some(line)) => format!(" ({file}:{line})"),
+                    (Some(file), None) => format!(" ({file})"),
+                    _ => String::new(),
+                };
+                writeln!(self.out, "  [{}] {}{place}: {}", f.shard, f.name, f.message)?;
+            }
+            if tests.failures.len() > MAX_LISTED_FAILURES {
+                writeln!(
+                    self.out,
+                    "  ... and {} more",
+                    tests.failures.len() - MAX_LISTED_FAILURES
+                )?;
+            }
         }
         let failed: Vec<String> = summary
             .records
@@ -142,7 +187,21 @@ impl<W: Write> TerminalReporter<W> {
     }
 }
 
-fn secs(d: Duration) -> String {
+impl<W: Write + Send> Reporter for TerminalReporter<W> {
+    fn handle(&mut self, event: &RunEvent) -> std::io::Result<()> {
+        TerminalReporter::handle(self, event)
+    }
+
+    fn finish(&mut self, summary: &RunSummary, tests: &TestReport) -> std::io::Result<()> {
+        self.summary(summary, tests)
+    }
+}
+
+/// Failed tests listed at the end before the rest is counted.
+const MAX_LISTED_FAILURES: usize = 50;
+
+/// Seconds with two decimals, as durations are shown everywhere.
+pub fn secs(d: Duration) -> String {
     format!("{:.2}s", d.as_secs_f64())
 }
 
@@ -168,7 +227,12 @@ mod tests {
     fn lines_from_concurrent_shards_never_mix() {
         let mut out = Vec::new();
         let mut r = TerminalReporter::new(&mut out);
-        for e in [output(1, b"hel"), output(2, b"other\nsec"), output(1, b"lo\n"), output(2, b"ond")] {
+        for e in [
+            output(1, b"hel"),
+            output(2, b"other\nsec"),
+            output(1, b"lo\n"),
+            output(2, b"ond"),
+        ] {
             r.handle(&e).unwrap();
         }
         r.handle(&RunEvent::Finished(ShardRecord {
@@ -180,6 +244,7 @@ mod tests {
             duration: Duration::from_millis(1500),
             attempts: 1,
             result: None,
+            files: Vec::new(),
         }))
         .unwrap();
         let text = String::from_utf8(out).unwrap();
