@@ -74,8 +74,13 @@ pub struct RunArgs {
     #[arg(long = "env", value_name = "NAME[=VALUE]")]
     pub env: Vec<String>,
     /// Directory to ship (default: the git working tree of the current directory).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "source_from")]
     pub source: Option<PathBuf>,
+    /// `tree`: ship the local tree (default). `github`: each VM fetches the
+    /// workflow's commit (GITHUB_REPOSITORY at GITHUB_SHA) from a short-lived
+    /// tarball link obtained with GITHUB_TOKEN, which never leaves this machine.
+    #[arg(long, value_enum, default_value = "tree")]
+    pub source_from: SourceFrom,
     /// The function does not use tenant isolation: send no tenant id.
     #[arg(long)]
     pub no_tenant_isolation: bool,
@@ -89,6 +94,15 @@ pub struct RunArgs {
     /// The command each shard runs; `{index}` and `{count}` are replaced.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+/// Where the shards' source comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceFrom {
+    /// The local working tree (or `--source DIR`).
+    Tree,
+    /// The workflow's commit, as a GitHub tarball link.
+    Github,
 }
 
 /// `mvm-shard emulate`.
@@ -131,6 +145,9 @@ pub enum RunError {
     /// The source could not be packed (exit 2).
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// The GitHub source is misconfigured (exit 2).
+    #[error("--source-from github: {0}")]
+    Github(String),
     /// Something local failed (exit 3).
     #[error("{0}")]
     Local(String),
@@ -160,13 +177,30 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
         .map(|o| plan::parse_only(o, args.shards))
         .transpose()?;
     let env = plan::resolve_env(&args.env, |name| std::env::var(name).ok())?;
+    let mut links_to_mask = Vec::new();
+    let github = match args.source_from {
+        SourceFrom::Github => {
+            let links = github_links()?;
+            // Fail before anything runs when GitHub refuses; the link is cached for the first shards.
+            let first = dispatch::SourceResolver::resolve(&links)
+                .await
+                .map_err(RunError::Github)?;
+            links_to_mask.extend(first.secret);
+            Some(Arc::new(links))
+        }
+        SourceFrom::Tree => None,
+    };
     let source_dir = match &args.source {
         Some(dir) => dir.clone(),
         None => std::env::current_dir().map_err(|e| RunError::Local(e.to_string()))?,
     };
-    let archive = tokio::task::spawn_blocking(move || crate::source::pack(&source_dir))
-        .await
-        .map_err(|e| RunError::Local(e.to_string()))??;
+    let archive = match &github {
+        // The commit's tree comes from GitHub; only the working directory is needed here.
+        Some(_) => crate::source::SourceArchive::nothing(&source_dir),
+        None => tokio::task::spawn_blocking(move || crate::source::pack(&source_dir))
+            .await
+            .map_err(|e| RunError::Local(e.to_string()))??,
+    };
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
     let spec = RunSpec {
         shards: args.shards,
@@ -180,7 +214,9 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
 
     let budget = plan::inline_budget(&spec, &run_id)?;
     let mut archive_server = None;
-    let source = if archive.bytes.len() <= budget {
+    let source = if github.is_some() {
+        SourceSpec::Empty
+    } else if archive.bytes.len() <= budget {
         SourceSpec::Inline {
             archive: base64::engine::general_purpose::STANDARD.encode(&archive.bytes),
         }
@@ -192,7 +228,8 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
         archive_server = Some(server);
         SourceSpec::Url {
             url,
-            strip_prefix: None,
+            format: crate::protocol::ArchiveFormat::TarZst,
+            strip_components: 0,
         }
     } else {
         return Err(PlanError::SourceTooLarge {
@@ -262,7 +299,8 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
                 files.report = Some(args.report.clone());
             }
             let mut github = GithubReporter::new(std::io::stdout(), files);
-            for value in secret_values(&args.env, &spec.env) {
+            let links = links_to_mask.iter().map(String::as_str);
+            for value in secret_values(&args.env, &spec.env).into_iter().chain(links) {
                 let _ = github.mask(value);
             }
             Box::new(github)
@@ -279,6 +317,7 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
     });
     let dispatch_options = DispatchOptions {
         max_parallel,
+        source: github.map(|g| g as Arc<dyn dispatch::SourceResolver>),
         ..DispatchOptions::default()
     };
     let summary = dispatch::dispatch(backend, &run_id, jobs, &dispatch_options, tx, cancel).await;
@@ -309,6 +348,14 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
         server.shutdown().await;
     }
     Ok(summary.exit_code())
+}
+
+/// Tarball links for the workflow's commit, from the variables GitHub Actions sets.
+fn github_links() -> Result<crate::github::TarballLinks, RunError> {
+    let var = |name: &str| std::env::var(name).unwrap_or_default();
+    let api = std::env::var("GITHUB_API_URL").unwrap_or_else(|_| "https://api.github.com".into());
+    crate::github::TarballLinks::new(&api, &var("GITHUB_TOKEN"), &var("GITHUB_REPOSITORY"), &var("GITHUB_SHA"))
+        .map_err(|e| RunError::Github(e.to_string()))
 }
 
 /// Values to mask in a CI log: everything forwarded from this environment

@@ -9,13 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, InvokeError, InvokeErrorKind, ShardInvocation, ShardStream};
-use crate::protocol::{Frame, FrameCodec, Outcome, OutputStream, ShardId, ShardResult};
+use crate::protocol::{Frame, FrameCodec, Outcome, OutputStream, ShardId, ShardRequest, ShardResult, SourceSpec};
 
 /// What happened during a run, in the order it happened.
 #[derive(Debug, Clone)]
@@ -49,6 +50,24 @@ pub enum RunEvent {
     },
     /// A shard is done, one way or another.
     Finished(ShardRecord),
+    /// A value that must not appear in logs from now on (a fresh source link).
+    Secret(String),
+}
+
+/// A source decided at dispatch time, such as a tarball link that expires
+/// within minutes and must be fresh for every attempt.
+pub trait SourceResolver: Send + Sync {
+    /// The source for the next attempt.
+    fn resolve(&self) -> BoxFuture<'_, Result<ResolvedSource, String>>;
+}
+
+/// What a [`SourceResolver`] hands out.
+#[derive(Debug, Clone)]
+pub struct ResolvedSource {
+    /// The source to put in the request.
+    pub spec: SourceSpec,
+    /// A new secret in it (the link), to mask.
+    pub secret: Option<String>,
 }
 
 /// How a shard ended, from the run's point of view.
@@ -146,7 +165,7 @@ pub struct ShardJob {
 }
 
 /// Limits of a dispatch.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DispatchOptions {
     /// Shards in flight at once.
     pub max_parallel: usize,
@@ -154,6 +173,8 @@ pub struct DispatchOptions {
     pub max_attempts: u32,
     /// First retry delay; doubled each time, capped at [`MAX_BACKOFF`].
     pub backoff: Duration,
+    /// Replaces each request's source at every attempt, when set.
+    pub source: Option<Arc<dyn SourceResolver>>,
 }
 
 /// Longest wait between two attempts.
@@ -165,6 +186,7 @@ impl Default for DispatchOptions {
             max_parallel: 64,
             max_attempts: 6,
             backoff: Duration::from_millis(500),
+            source: None,
         }
     }
 }
@@ -223,11 +245,21 @@ async fn run_shard(
 ) -> (ShardStatus, u32, Received) {
     let mut attempt = 1;
     loop {
+        let payload = match &options.source {
+            None => job.payload.clone(),
+            Some(resolver) => match with_resolved_source(&job.payload, &**resolver, events).await {
+                Ok(payload) => payload,
+                Err(reason) => {
+                    let reason = format!("cannot get the shard's source: {reason}");
+                    return (ShardStatus::InfraFailed { reason }, attempt, Received::default());
+                }
+            },
+        };
         let invocation = ShardInvocation {
             shard: job.shard,
             attempt,
             run_id: run_id.to_string(),
-            payload: job.payload.clone(),
+            payload,
         };
         let _ = events.send(RunEvent::Started {
             shard: job.shard,
@@ -264,6 +296,21 @@ async fn run_shard(
             },
         }
     }
+}
+
+/// The job's request with the source the resolver hands out now.
+async fn with_resolved_source(
+    payload: &Bytes,
+    resolver: &dyn SourceResolver,
+    events: &mpsc::UnboundedSender<RunEvent>,
+) -> Result<Bytes, String> {
+    let resolved = resolver.resolve().await?;
+    if let Some(secret) = resolved.secret {
+        let _ = events.send(RunEvent::Secret(secret));
+    }
+    let mut request = ShardRequest::decode(payload).map_err(|e| e.to_string())?;
+    request.source = resolved.spec;
+    request.encode().map(Bytes::from).map_err(|e| e.to_string())
 }
 
 /// Whether to retry a failed start, and after how long: exponential backoff

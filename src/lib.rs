@@ -12,6 +12,7 @@ pub mod backend;
 pub mod cli;
 pub mod dispatch;
 pub mod emulator;
+pub mod github;
 pub mod os;
 pub mod plan;
 pub mod protocol;

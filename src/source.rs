@@ -5,6 +5,8 @@ use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
+use crate::protocol::ArchiveFormat;
+
 /// A packed source tree, ready to travel inside a request or over a link.
 #[derive(Debug)]
 pub struct SourceArchive {
@@ -18,6 +20,26 @@ pub struct SourceArchive {
     pub root: PathBuf,
     /// Where the command runs, relative to `root` (the invoker's cwd inside a repository).
     pub workdir: String,
+}
+
+impl SourceArchive {
+    /// No archive: the source comes from elsewhere. The working directory is
+    /// still `dir` relative to its repository, as it would be in the checkout.
+    pub fn nothing(dir: &Path) -> Self {
+        let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+        let root = git_toplevel(&dir).unwrap_or_else(|| dir.clone());
+        let workdir = dir
+            .strip_prefix(&root)
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        SourceArchive {
+            bytes: Vec::new(),
+            entries: 0,
+            unpacked_bytes: 0,
+            root,
+            workdir,
+        }
+    }
 }
 
 /// Why a source tree could not be packed or unpacked.
@@ -170,27 +192,31 @@ fn walk_files(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
     Ok(files)
 }
 
-/// Unpacks a tar.zst stream into `dest`, dropping `strip_prefix` (a top folder)
-/// from every path. Entries that would land outside `dest` are refused.
+/// Unpacks a compressed tar stream into `dest`, dropping the first
+/// `strip_components` path components. Entries that would land outside
+/// `dest` are refused.
 pub fn unpack(
     archive: impl Read,
+    format: ArchiveFormat,
     dest: &Path,
-    strip_prefix: Option<&str>,
+    strip_components: u8,
 ) -> Result<usize, SourceError> {
     let dest = dest.canonicalize()?;
-    let mut tar = tar::Archive::new(zstd::Decoder::new(archive)?);
+    let decoder: Box<dyn Read> = match format {
+        ArchiveFormat::TarZst => Box::new(zstd::Decoder::new(archive)?),
+        ArchiveFormat::TarGz => Box::new(flate2::read::GzDecoder::new(archive)),
+    };
+    let mut tar = tar::Archive::new(decoder);
     tar.set_preserve_permissions(true);
     let mut count = 0;
     for entry in tar.entries()? {
         let mut entry = entry?;
+        // GitHub's tarballs start with a pax global header that carries the commit.
+        if matches!(entry.header().entry_type(), tar::EntryType::XGlobalHeader | tar::EntryType::XHeader) {
+            continue;
+        }
         let path = entry.path()?.into_owned();
-        let rel = match strip_prefix {
-            Some(prefix) => match path.strip_prefix(prefix) {
-                Ok(rest) => rest.to_path_buf(),
-                Err(_) => continue,
-            },
-            None => path,
-        };
+        let rel: PathBuf = path.components().skip(strip_components as usize).collect();
         if rel.as_os_str().is_empty() {
             continue;
         }
@@ -245,7 +271,7 @@ mod tests {
         let archive = pack(src.path()).unwrap();
         assert_eq!(archive.entries, 3);
         let dest = tempfile::tempdir().unwrap();
-        let n = unpack(&archive.bytes[..], dest.path(), None).unwrap();
+        let n = unpack(&archive.bytes[..], ArchiveFormat::TarZst, dest.path(), 0).unwrap();
         assert_eq!(n, 3);
         assert_eq!(
             std::fs::read_to_string(dest.path().join("link")).unwrap(),
@@ -293,7 +319,7 @@ mod tests {
         let archive = pack(&repo.path().join("sub")).unwrap();
         assert_eq!(archive.workdir, "sub");
         let dest = tempfile::tempdir().unwrap();
-        unpack(&archive.bytes[..], dest.path(), None).unwrap();
+        unpack(&archive.bytes[..], ArchiveFormat::TarZst, dest.path(), 0).unwrap();
         assert_eq!(
             std::fs::read_to_string(dest.path().join("tracked.txt")).unwrap(),
             "v2 uncommitted"
@@ -305,13 +331,13 @@ mod tests {
     }
 
     #[test]
-    fn strip_prefix_drops_the_top_folder() {
+    fn strip_components_drops_the_top_folder() {
         let src = tempfile::tempdir().unwrap();
         std::fs::create_dir(src.path().join("owner-repo-abc1234")).unwrap();
         std::fs::write(src.path().join("owner-repo-abc1234/f"), "x").unwrap();
         let archive = pack(src.path()).unwrap();
         let dest = tempfile::tempdir().unwrap();
-        unpack(&archive.bytes[..], dest.path(), Some("owner-repo-abc1234")).unwrap();
+        unpack(&archive.bytes[..], ArchiveFormat::TarZst, dest.path(), 1).unwrap();
         assert!(dest.path().join("f").exists());
     }
 }

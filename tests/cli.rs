@@ -340,3 +340,46 @@ fn run_against_a_separate_emulator_process_with_endpoint_url() {
     );
     assert_eq!(stdout.matches("] payload").count(), 3, "{stdout}");
 }
+
+#[test]
+fn in_github_actions_logs_are_grouped_failures_annotated_and_outputs_written() {
+    let dir = plain_dir();
+    let gh = tempfile::tempdir().unwrap();
+    let (summary, output) = (gh.path().join("summary.md"), gh.path().join("output"));
+    let report = gh.path().join("merged.xml");
+    let script = r#"mkdir -p reports
+if [ {index} = 2 ]; then status='<failure message="expected 1, got 2">trace</failure>'; fi
+printf '<testsuites><testsuite name="suite{index}"><testcase classname="pkg.mod" name="test_{index}" file="src/mod.py" line="1{index}">%s</testcase></testsuite></testsuites>' "$status" > reports/junit.xml
+echo "token is $API_TOKEN"
+test {index} = 1"#;
+    let out = Command::new(binary())
+        .args(["run", "--local", "--shards", "2", "--junit", "reports/*.xml", "--report"])
+        .arg(&report)
+        .args(["--env", "API_TOKEN", "--", "sh", "-c", script])
+        .env("GITHUB_ACTIONS", "true")
+        .env("GITHUB_STEP_SUMMARY", &summary)
+        .env("GITHUB_OUTPUT", &output)
+        .env("API_TOKEN", "s3cr3t-value")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    // The secret is masked before anything could print it.
+    let mask = stdout.find("::add-mask::s3cr3t-value").expect("secret masked");
+    assert!(mask < stdout.find("::group::").unwrap());
+    assert!(stdout.contains("::group::✅ shard 1/2 passed"), "{stdout}");
+    assert!(stdout.contains("::group::❌ shard 2/2 FAILED"), "{stdout}");
+    assert!(
+        stdout.contains("::error title=pkg.mod%3A%3Atest_2 (shard 2/2),file=src/mod.py,line=12::expected 1, got 2"),
+        "{stdout}"
+    );
+    let outputs = std::fs::read_to_string(&output).unwrap();
+    assert!(outputs.contains("result=failed\npassed=1\nfailed=1\ntimed-out=0\ninfra-failed=0\n"), "{outputs}");
+    assert!(outputs.contains(&format!("report={}", report.display())));
+    let md = std::fs::read_to_string(&summary).unwrap();
+    assert!(md.contains("| 1/2 | ✅ passed |") && md.contains("| 1 | 0 | fresh |"), "{md}");
+    assert!(md.contains("`pkg.mod::test_2` `src/mod.py:12`"), "{md}");
+    let merged = std::fs::read_to_string(&report).unwrap();
+    assert!(merged.contains("shard 1/2: suite1") && merged.contains("shard 2/2: suite2"), "{merged}");
+}

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use super::workspace::{self, Workspace};
 use crate::os;
-use crate::protocol::{Frame, Outcome, OutputStream, ShardRequest, ShardResult, SourceSpec};
+use crate::protocol::{ArchiveFormat, Frame, Outcome, OutputStream, ShardRequest, ShardResult, SourceSpec};
 
 /// Time the agent keeps before Lambda's own deadline to stop the command and
 /// still deliver the result.
@@ -222,19 +222,23 @@ async fn fetch_source(source: &SourceSpec, ws: &Workspace) -> Result<(), String>
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(archive)
                 .map_err(|e| format!("inline source is not valid base64: {e}"))?;
-            tokio::task::spawn_blocking(move || crate::source::unpack(&bytes[..], &dest, None))
+            tokio::task::spawn_blocking(move || crate::source::unpack(&bytes[..], ArchiveFormat::TarZst, &dest, 0))
                 .await
                 .map_err(|e| format!("unpacking the source panicked: {e}"))?
                 .map(|_| ())
                 .map_err(|e| format!("cannot unpack the source: {e}"))
         }
-        SourceSpec::Url { url, strip_prefix } => {
-            let file = ws.dir.join("source.tar.zst");
+        SourceSpec::Url {
+            url,
+            format,
+            strip_components,
+        } => {
+            let file = ws.dir.join("source.archive");
             super::download::to_file(url, &file).await?;
-            let prefix = strip_prefix.clone();
+            let (format, strip) = (*format, *strip_components);
             let result = tokio::task::spawn_blocking(move || {
-                let reader = std::fs::File::open(&file)?;
-                let n = crate::source::unpack(reader, &dest, prefix.as_deref());
+                let reader = std::io::BufReader::new(std::fs::File::open(&file)?);
+                let n = crate::source::unpack(reader, format, &dest, strip);
                 let _ = std::fs::remove_file(&file);
                 n.map_err(std::io::Error::other)
             })

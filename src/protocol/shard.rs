@@ -49,14 +49,29 @@ pub enum SourceSpec {
         /// base64 of the tar.zst bytes.
         archive: String,
     },
-    /// A tar.zst archive the agent downloads (short-lived link; never a credential).
+    /// An archive the agent downloads from a short-lived link (never a
+    /// long-lived credential).
     Url {
-        /// Plain HTTP(S) link to the archive.
+        /// HTTP(S) link to the archive.
         url: String,
-        /// Top-level folder inside the archive to strip (GitHub tarballs have one).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        strip_prefix: Option<String>,
+        /// How the archive is compressed.
+        #[serde(default)]
+        format: ArchiveFormat,
+        /// Leading path components to drop (GitHub tarballs have one top folder).
+        #[serde(default)]
+        strip_components: u8,
     },
+}
+
+/// Compression of a source archive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArchiveFormat {
+    /// tar + zstd, what the invoker packs.
+    #[default]
+    TarZst,
+    /// tar + gzip, what GitHub serves.
+    TarGz,
 }
 
 /// Everything one invocation needs to run one shard.

@@ -249,6 +249,7 @@ impl<W: Write + Send> Reporter for GithubReporter<W> {
                 secs(*delay)
             ),
             RunEvent::Finished(record) => self.show_shard(record),
+            RunEvent::Secret(value) => self.mask(value),
         }
     }
 

@@ -32,7 +32,7 @@ impl<W: Write> TerminalReporter<W> {
     /// Shows one event.
     pub fn handle(&mut self, event: &RunEvent) -> std::io::Result<()> {
         match event {
-            RunEvent::Started { .. } => Ok(()),
+            RunEvent::Started { .. } | RunEvent::Secret(_) => Ok(()),
             RunEvent::Output {
                 shard,
                 stream,
