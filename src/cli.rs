@@ -40,6 +40,51 @@ pub enum Command {
     Agent,
     /// Serve a local Lambda emulator on loopback (no Docker, no AWS).
     Emulate(EmulateArgs),
+    /// Check a deployment: credentials, region, the function, its configuration, a real round trip.
+    Doctor(DoctorArgs),
+}
+
+/// `mvm-shard doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// The Lambda function (name or ARN) to check.
+    #[arg(
+        long,
+        env = "MVM_SHARD_FUNCTION",
+        value_name = "NAME",
+        default_value = "mvm-shard"
+    )]
+    pub function: String,
+    /// Call another endpoint than AWS's (for example `mvm-shard emulate`).
+    #[arg(long, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// AWS region (default: from the environment or profile).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// The function is meant to run without tenant isolation.
+    #[arg(long)]
+    pub no_tenant_isolation: bool,
+}
+
+/// `mvm-shard doctor`: returns the exit status (0 healthy, 1 problems, 2 no configuration).
+pub async fn doctor(args: DoctorArgs) -> i32 {
+    let backend = LambdaBackend::connect(LambdaOptions {
+        function: args.function,
+        endpoint_url: args.endpoint_url,
+        region: args.region,
+        tenant_isolation: !args.no_tenant_isolation,
+        local_credentials: false,
+    })
+    .await;
+    match backend {
+        Ok(backend) => crate::doctor::print(
+            &crate::doctor::diagnose(&backend, !args.no_tenant_isolation).await,
+        ),
+        Err(e) => {
+            println!("PROBLEM  credentials and region: {e}");
+            2
+        }
+    }
 }
 
 /// `mvm-shard run`.
@@ -354,8 +399,13 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
 fn github_links() -> Result<crate::github::TarballLinks, RunError> {
     let var = |name: &str| std::env::var(name).unwrap_or_default();
     let api = std::env::var("GITHUB_API_URL").unwrap_or_else(|_| "https://api.github.com".into());
-    crate::github::TarballLinks::new(&api, &var("GITHUB_TOKEN"), &var("GITHUB_REPOSITORY"), &var("GITHUB_SHA"))
-        .map_err(|e| RunError::Github(e.to_string()))
+    crate::github::TarballLinks::new(
+        &api,
+        &var("GITHUB_TOKEN"),
+        &var("GITHUB_REPOSITORY"),
+        &var("GITHUB_SHA"),
+    )
+    .map_err(|e| RunError::Github(e.to_string()))
 }
 
 /// Values to mask in a CI log: everything forwarded from this environment

@@ -16,7 +16,9 @@ use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, InvokeError, InvokeErrorKind, ShardInvocation, ShardStream};
-use crate::protocol::{Frame, FrameCodec, Outcome, OutputStream, ShardId, ShardRequest, ShardResult, SourceSpec};
+use crate::protocol::{
+    Frame, FrameCodec, Outcome, OutputStream, ShardId, ShardRequest, ShardResult, SourceSpec,
+};
 
 /// What happened during a run, in the order it happened.
 #[derive(Debug, Clone)]
@@ -251,7 +253,11 @@ async fn run_shard(
                 Ok(payload) => payload,
                 Err(reason) => {
                     let reason = format!("cannot get the shard's source: {reason}");
-                    return (ShardStatus::InfraFailed { reason }, attempt, Received::default());
+                    return (
+                        ShardStatus::InfraFailed { reason },
+                        attempt,
+                        Received::default(),
+                    );
                 }
             },
         };
@@ -338,14 +344,17 @@ fn rand_fraction() -> f64 {
 
 /// What a shard's stream delivered besides output.
 #[derive(Debug, Default)]
-struct Received {
-    result: Option<ShardResult>,
-    files: Vec<CollectedFile>,
-    failure: Option<String>,
+pub struct Received {
+    /// The final result, if it arrived.
+    pub result: Option<ShardResult>,
+    /// Files sent back.
+    pub files: Vec<CollectedFile>,
+    /// Why the stream broke, if it did.
+    pub failure: Option<String>,
 }
 
 /// Decodes a shard's stream, forwarding output as it arrives.
-async fn consume(
+pub async fn consume(
     shard: ShardId,
     mut stream: ShardStream,
     events: &mpsc::UnboundedSender<RunEvent>,

@@ -11,6 +11,7 @@ pub mod agent;
 pub mod backend;
 pub mod cli;
 pub mod dispatch;
+pub mod doctor;
 pub mod emulator;
 pub mod github;
 pub mod os;

@@ -42,6 +42,7 @@ fn main() -> ExitCode {
                 1
             }
         },
+        Command::Doctor(args) => runtime.block_on(cli::doctor(args)),
         Command::Emulate(args) => match runtime.block_on(cli::emulate(args)) {
             Ok(()) => 0,
             Err(e) => {

@@ -212,7 +212,10 @@ pub fn unpack(
     for entry in tar.entries()? {
         let mut entry = entry?;
         // GitHub's tarballs start with a pax global header that carries the commit.
-        if matches!(entry.header().entry_type(), tar::EntryType::XGlobalHeader | tar::EntryType::XHeader) {
+        if matches!(
+            entry.header().entry_type(),
+            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader
+        ) {
             continue;
         }
         let path = entry.path()?.into_owned();
@@ -248,6 +251,45 @@ fn escape(rel: &Path) -> SourceError {
             rel.display()
         ),
     ))
+}
+
+/// Serves one archive on a loopback port, so agents of a local run can fetch
+/// sources larger than a request may carry.
+pub struct ArchiveServer {
+    /// The link agents download from.
+    pub url: String,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl ArchiveServer {
+    /// Binds `127.0.0.1:0` and serves `archive` under an unguessable path.
+    pub async fn start(archive: bytes::Bytes) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let path = format!("/source/{}.tar.zst", uuid::Uuid::new_v4().simple());
+        let url = format!("http://{}{path}", listener.local_addr()?);
+        let router = axum::Router::new().route(
+            &path,
+            axum::routing::get(move || {
+                let archive = archive.clone();
+                async move { archive }
+            }),
+        );
+        let stop = tokio_util::sync::CancellationToken::new();
+        let signal = stop.clone();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { signal.cancelled().await })
+                .await
+        });
+        Ok(ArchiveServer { url, stop, task })
+    }
+
+    /// Stops serving.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
 }
 
 #[cfg(test)]
@@ -339,44 +381,5 @@ mod tests {
         let dest = tempfile::tempdir().unwrap();
         unpack(&archive.bytes[..], ArchiveFormat::TarZst, dest.path(), 1).unwrap();
         assert!(dest.path().join("f").exists());
-    }
-}
-
-/// Serves one archive on a loopback port, so agents of a local run can fetch
-/// sources larger than a request may carry.
-pub struct ArchiveServer {
-    /// The link agents download from.
-    pub url: String,
-    stop: tokio_util::sync::CancellationToken,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl ArchiveServer {
-    /// Binds `127.0.0.1:0` and serves `archive` under an unguessable path.
-    pub async fn start(archive: bytes::Bytes) -> std::io::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let path = format!("/source/{}.tar.zst", uuid::Uuid::new_v4().simple());
-        let url = format!("http://{}{path}", listener.local_addr()?);
-        let router = axum::Router::new().route(
-            &path,
-            axum::routing::get(move || {
-                let archive = archive.clone();
-                async move { archive }
-            }),
-        );
-        let stop = tokio_util::sync::CancellationToken::new();
-        let signal = stop.clone();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move { signal.cancelled().await })
-                .await
-        });
-        Ok(ArchiveServer { url, stop, task })
-    }
-
-    /// Stops serving.
-    pub async fn shutdown(self) {
-        self.stop.cancel();
-        let _ = self.task.await;
     }
 }

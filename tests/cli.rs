@@ -353,7 +353,15 @@ printf '<testsuites><testsuite name="suite{index}"><testcase classname="pkg.mod"
 echo "token is $API_TOKEN"
 test {index} = 1"#;
     let out = Command::new(binary())
-        .args(["run", "--local", "--shards", "2", "--junit", "reports/*.xml", "--report"])
+        .args([
+            "run",
+            "--local",
+            "--shards",
+            "2",
+            "--junit",
+            "reports/*.xml",
+            "--report",
+        ])
         .arg(&report)
         .args(["--env", "API_TOKEN", "--", "sh", "-c", script])
         .env("GITHUB_ACTIONS", "true")
@@ -366,7 +374,9 @@ test {index} = 1"#;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     // The secret is masked before anything could print it.
-    let mask = stdout.find("::add-mask::s3cr3t-value").expect("secret masked");
+    let mask = stdout
+        .find("::add-mask::s3cr3t-value")
+        .expect("secret masked");
     assert!(mask < stdout.find("::group::").unwrap());
     assert!(stdout.contains("::group::✅ shard 1/2 passed"), "{stdout}");
     assert!(stdout.contains("::group::❌ shard 2/2 FAILED"), "{stdout}");
@@ -375,11 +385,20 @@ test {index} = 1"#;
         "{stdout}"
     );
     let outputs = std::fs::read_to_string(&output).unwrap();
-    assert!(outputs.contains("result=failed\npassed=1\nfailed=1\ntimed-out=0\ninfra-failed=0\n"), "{outputs}");
+    assert!(
+        outputs.contains("result=failed\npassed=1\nfailed=1\ntimed-out=0\ninfra-failed=0\n"),
+        "{outputs}"
+    );
     assert!(outputs.contains(&format!("report={}", report.display())));
     let md = std::fs::read_to_string(&summary).unwrap();
-    assert!(md.contains("| 1/2 | ✅ passed |") && md.contains("| 1 | 0 | fresh |"), "{md}");
+    assert!(
+        md.contains("| 1/2 | ✅ passed |") && md.contains("| 1 | 0 | fresh |"),
+        "{md}"
+    );
     assert!(md.contains("`pkg.mod::test_2` `src/mod.py:12`"), "{md}");
     let merged = std::fs::read_to_string(&report).unwrap();
-    assert!(merged.contains("shard 1/2: suite1") && merged.contains("shard 2/2: suite2"), "{merged}");
+    assert!(
+        merged.contains("shard 1/2: suite1") && merged.contains("shard 2/2: suite2"),
+        "{merged}"
+    );
 }

@@ -8,28 +8,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use common::*;
-use mvm_shard::emulator::FunctionConfig;
 use mvm_shard::protocol::{Frame, FrameCodec, Outcome, OutputStream};
 use tokio_util::codec::Decoder;
-
-fn clients_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
-}
-
-/// A function run by awslambdaric, the official Python runtime client.
-fn python_function(name: &str, handler: &str) -> FunctionConfig {
-    FunctionConfig::new(
-        name,
-        vec![
-            "sh".into(),
-            "-c".into(),
-            format!(
-                "cd '{}' && exec python3 -m awslambdaric {handler}",
-                clients_dir().display()
-            ),
-        ],
-    )
-}
 
 #[tokio::test]
 async fn boto3_streams_a_shard_from_the_emulator() {

@@ -25,9 +25,16 @@ struct FakeGithub {
     api_calls: Arc<AtomicUsize>,
 }
 
-async fn tarball(State(gh): State<FakeGithub>, Path((owner, repo, reference)): Path<(String, String, String)>, headers: HeaderMap) -> Response {
+async fn tarball(
+    State(gh): State<FakeGithub>,
+    Path((owner, repo, reference)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
     gh.api_calls.fetch_add(1, Ordering::SeqCst);
-    let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if auth != format!("Bearer {TOKEN}") && auth != format!("token {TOKEN}") {
         return (
             StatusCode::UNAUTHORIZED,
@@ -44,13 +51,20 @@ async fn tarball(State(gh): State<FakeGithub>, Path((owner, repo, reference)): P
         )
             .into_response();
     }
-    let location = format!("{}/codeload/octo/app/legacy.tar.gz/{SHA}?token=SHORTLIVED", gh.base);
+    let location = format!(
+        "{}/codeload/octo/app/legacy.tar.gz/{SHA}?token=SHORTLIVED",
+        gh.base
+    );
     (StatusCode::FOUND, [("location", location)]).into_response()
 }
 
 async fn codeload(State(gh): State<FakeGithub>) -> Response {
     gh.downloads.fetch_add(1, Ordering::SeqCst);
-    ([("content-type", "application/x-gzip")], (*gh.archive).clone()).into_response()
+    (
+        [("content-type", "application/x-gzip")],
+        (*gh.archive).clone(),
+    )
+        .into_response()
 }
 
 /// A tar.gz with GitHub's layout: one top folder `owner-repo-sha7/`.
@@ -95,8 +109,18 @@ async fn the_redirect_is_read_and_not_followed() {
     let gh = fake_github().await;
     let links = TarballLinks::new(&gh.base, TOKEN, "octo/app", SHA).unwrap();
     let link = links.fetch_link().await.unwrap();
-    assert_eq!(link, format!("{}/codeload/octo/app/legacy.tar.gz/{SHA}?token=SHORTLIVED", gh.base));
-    assert_eq!(gh.downloads.load(Ordering::SeqCst), 0, "the invoker followed the link");
+    assert_eq!(
+        link,
+        format!(
+            "{}/codeload/octo/app/legacy.tar.gz/{SHA}?token=SHORTLIVED",
+            gh.base
+        )
+    );
+    assert_eq!(
+        gh.downloads.load(Ordering::SeqCst),
+        0,
+        "the invoker followed the link"
+    );
 }
 
 #[tokio::test]
@@ -124,7 +148,15 @@ async fn shards_fetch_the_commit_themselves_and_the_link_is_masked() {
         let output = gh_files.path().join("output");
         move || {
             let out = std::process::Command::new(common::binary())
-                .args(["run", "--local", "--shards", "2", "--source-from", "github", "--"])
+                .args([
+                    "run",
+                    "--local",
+                    "--shards",
+                    "2",
+                    "--source-from",
+                    "github",
+                    "--",
+                ])
                 .args(["sh", "-c", "cat README.md src/lib.txt"])
                 .current_dir(&work)
                 .env("GITHUB_ACTIONS", "true")
@@ -150,7 +182,11 @@ async fn shards_fetch_the_commit_themselves_and_the_link_is_masked() {
     let mask = format!("::add-mask::{}/codeload/", gh.base);
     let masked_at = stdout.find(&mask).expect("the link is masked");
     assert!(masked_at < stdout.find("::group::").unwrap());
-    assert_eq!(gh.downloads.load(Ordering::SeqCst), 2, "each shard downloads the archive itself");
+    assert_eq!(
+        gh.downloads.load(Ordering::SeqCst),
+        2,
+        "each shard downloads the archive itself"
+    );
     assert!(!stderr.contains(TOKEN) && !stdout.contains(TOKEN));
 
     // A bad token fails before anything runs.

@@ -11,7 +11,9 @@ use tokio::sync::mpsc;
 
 use super::workspace::{self, Workspace};
 use crate::os;
-use crate::protocol::{ArchiveFormat, Frame, Outcome, OutputStream, ShardRequest, ShardResult, SourceSpec};
+use crate::protocol::{
+    ArchiveFormat, Frame, Outcome, OutputStream, ShardRequest, ShardResult, SourceSpec,
+};
 
 /// Time the agent keeps before Lambda's own deadline to stop the command and
 /// still deliver the result.
@@ -222,11 +224,13 @@ async fn fetch_source(source: &SourceSpec, ws: &Workspace) -> Result<(), String>
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(archive)
                 .map_err(|e| format!("inline source is not valid base64: {e}"))?;
-            tokio::task::spawn_blocking(move || crate::source::unpack(&bytes[..], ArchiveFormat::TarZst, &dest, 0))
-                .await
-                .map_err(|e| format!("unpacking the source panicked: {e}"))?
-                .map(|_| ())
-                .map_err(|e| format!("cannot unpack the source: {e}"))
+            tokio::task::spawn_blocking(move || {
+                crate::source::unpack(&bytes[..], ArchiveFormat::TarZst, &dest, 0)
+            })
+            .await
+            .map_err(|e| format!("unpacking the source panicked: {e}"))?
+            .map(|_| ())
+            .map_err(|e| format!("cannot unpack the source: {e}"))
         }
         SourceSpec::Url {
             url,
@@ -282,7 +286,7 @@ async fn run_command(
         .env("MVM_SHARD_INDEX", req.shard.index.to_string())
         .env("MVM_SHARD_COUNT", req.shard.count.to_string())
         .env("MVM_SHARD_RUN_ID", &req.run_id)
-        .env(workspace::SANDBOX_MARKER, &scratch)
+        .env(workspace::SANDBOX_MARKER, scratch)
         .env("TMPDIR", &ws.tmp)
         .env("HOME", &ws.home)
         .stdin(Stdio::null())

@@ -90,6 +90,16 @@ impl LambdaBackend {
         })
     }
 
+    /// The SDK client, for control-plane calls (`mvm-shard doctor`).
+    pub fn client(&self) -> &aws_sdk_lambda::Client {
+        &self.client
+    }
+
+    /// The function this backend invokes.
+    pub fn function(&self) -> &str {
+        &self.function
+    }
+
     /// The tenant id of one attempt: unique per run, shard and attempt, so no
     /// shard ever lands in an environment another one used.
     pub fn tenant_id(invocation: &ShardInvocation) -> String {

@@ -49,6 +49,11 @@ impl Environment {
         let tmp = dir.join("tmp");
         std::fs::create_dir_all(&task)?;
         std::fs::create_dir_all(&tmp)?;
+        // As on Lambda, a function that drops privileges may write /tmp and nothing else.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::set_permissions(&task, std::fs::Permissions::from_mode(0o555))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777))?;
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let runtime_addr = listener.local_addr()?;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
@@ -29,6 +29,13 @@ const MAX_STREAMED_RESPONSE: usize = 200 * 1024 * 1024;
 /// The Invoke API routes.
 pub fn router(emulator: Emulator) -> Router {
     Router::new()
+        .route("/2015-03-31/functions/", get(list_functions))
+        .route("/2015-03-31/functions", get(list_functions))
+        .route("/2015-03-31/functions/{name}", get(get_function))
+        .route(
+            "/2015-03-31/functions/{name}/configuration",
+            get(get_function_configuration),
+        )
         .route("/2015-03-31/functions/{name}/invocations", post(invoke))
         .route(
             "/2021-11-15/functions/{name}/response-streaming-invocations",
@@ -74,13 +81,7 @@ fn prepare(
     headers: &HeaderMap,
     payload_len: usize,
 ) -> Result<Call, ApiError> {
-    let function_name = function_name(name);
-    let Some(function) = emulator.state.functions.get(function_name) else {
-        return Err(ApiError::not_found(format!(
-            "Function not found: {}",
-            emulator.function_arn(function_name)
-        )));
-    };
+    let function = lookup(emulator, name)?;
     if payload_len > MAX_REQUEST_BYTES {
         return Err(ApiError::too_large(payload_len, MAX_REQUEST_BYTES));
     }
@@ -107,6 +108,70 @@ fn prepare(
         log_tail: header(headers, "x-amz-log-type") == Some("Tail"),
         client_context: header(headers, "x-amz-client-context").map(str::to_owned),
     })
+}
+
+/// The `FunctionConfiguration` document Lambda returns for a function.
+fn configuration(emulator: &Emulator, function: &Function) -> serde_json::Value {
+    let c = &function.config;
+    let mut doc = serde_json::json!({
+        "FunctionName": c.name,
+        "FunctionArn": emulator.function_arn(&c.name),
+        "PackageType": "Image",
+        "MemorySize": c.memory_mb,
+        "Timeout": c.timeout.as_secs(),
+        "EphemeralStorage": { "Size": c.ephemeral_storage_mb },
+        "Architectures": [std::env::consts::ARCH.replace("aarch64", "arm64")],
+        "Version": "$LATEST",
+        "State": "Active",
+        "LastUpdateStatus": "Successful",
+        "Handler": c.handler,
+    });
+    if c.tenant_isolation {
+        doc["TenancyConfig"] = serde_json::json!({ "TenantIsolationMode": "PER_TENANT" });
+    }
+    doc
+}
+
+fn lookup<'a>(emulator: &'a Emulator, raw: &str) -> Result<&'a Arc<Function>, ApiError> {
+    let name = function_name(raw);
+    emulator.state.functions.get(name).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "Function not found: {}",
+            emulator.function_arn(name)
+        ))
+    })
+}
+
+async fn get_function_configuration(
+    State(emulator): State<Emulator>,
+    Path(name): Path<String>,
+) -> Response {
+    match lookup(&emulator, &name) {
+        Ok(function) => axum::Json(configuration(&emulator, function)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn get_function(State(emulator): State<Emulator>, Path(name): Path<String>) -> Response {
+    match lookup(&emulator, &name) {
+        Ok(function) => axum::Json(serde_json::json!({
+            "Configuration": configuration(&emulator, function),
+            "Code": { "RepositoryType": "ECR", "ImageUri": "emulated" },
+        }))
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn list_functions(State(emulator): State<Emulator>) -> Response {
+    let mut functions: Vec<serde_json::Value> = emulator
+        .state
+        .functions
+        .values()
+        .map(|f| configuration(&emulator, f))
+        .collect();
+    functions.sort_by(|a, b| a["FunctionName"].as_str().cmp(&b["FunctionName"].as_str()));
+    axum::Json(serde_json::json!({ "Functions": functions })).into_response()
 }
 
 /// `my-fn`, `my-fn:alias`, `123456789012:function:my-fn` or a full ARN, to `my-fn`.

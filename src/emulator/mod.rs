@@ -41,6 +41,8 @@ pub struct FunctionConfig {
     pub timeout: Duration,
     /// `AWS_LAMBDA_FUNCTION_MEMORY_SIZE`.
     pub memory_mb: u32,
+    /// Reported `EphemeralStorage.Size`, in MB.
+    pub ephemeral_storage_mb: u32,
     /// Tenant isolation mode `PER_TENANT`: a tenant id is required and
     /// environments are never shared between tenant ids.
     pub tenant_isolation: bool,
@@ -59,6 +61,7 @@ impl FunctionConfig {
             handler: "bootstrap".into(),
             timeout: Duration::from_secs(900),
             memory_mb: 10_240,
+            ephemeral_storage_mb: 10_240,
             tenant_isolation: false,
             max_concurrency: 1000,
             env: Vec::new(),
@@ -124,6 +127,9 @@ impl Emulator {
         let base_dir = tempfile::Builder::new()
             .prefix("mvm-shard-emulator-")
             .tempdir()?;
+        // Runtimes that drop privileges must still reach their environment's /tmp.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(base_dir.path(), std::fs::Permissions::from_mode(0o755))?;
         Ok(Emulator {
             state: Arc::new(EmulatorState {
                 functions,

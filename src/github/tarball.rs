@@ -65,10 +65,14 @@ impl TarballLinks {
     /// (`GITHUB_API_URL`, for GitHub Enterprise Server too).
     pub fn new(api_url: &str, token: &str, repo: &str, commit: &str) -> Result<Self, GithubError> {
         if repo.split('/').count() != 2 || repo.split('/').any(str::is_empty) {
-            return Err(GithubError::Config(format!("repository {repo:?} is not owner/name")));
+            return Err(GithubError::Config(format!(
+                "repository {repo:?} is not owner/name"
+            )));
         }
         if commit.is_empty() {
-            return Err(GithubError::Config("no commit to fetch (GITHUB_SHA is empty)".into()));
+            return Err(GithubError::Config(
+                "no commit to fetch (GITHUB_SHA is empty)".into(),
+            ));
         }
         if token.is_empty() {
             return Err(GithubError::Config(
@@ -92,11 +96,18 @@ impl TarballLinks {
 
     /// Asks GitHub for a fresh link (no caching).
     pub async fn fetch_link(&self) -> Result<String, GithubError> {
-        let url = format!("{}/repos/{}/tarball/{}", self.api_url, self.repo, self.commit);
-        let resp = self.client._get(url).await.map_err(|e| GithubError::Transport {
-            url: self.api_url.clone(),
-            message: e.to_string(),
-        })?;
+        let url = format!(
+            "{}/repos/{}/tarball/{}",
+            self.api_url, self.repo, self.commit
+        );
+        let resp = self
+            .client
+            ._get(url)
+            .await
+            .map_err(|e| GithubError::Transport {
+                url: self.api_url.clone(),
+                message: e.to_string(),
+            })?;
         let status = resp.status();
         if status.is_redirection() {
             return resp
@@ -109,7 +120,12 @@ impl TarballLinks {
                     message: "a redirect without Location".into(),
                 });
         }
-        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         let message = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v.get("message")?.as_str().map(str::to_owned))

@@ -107,8 +107,8 @@ impl<W: Write> TerminalReporter<W> {
         writeln!(self.out)?;
         writeln!(
             self.out,
-            "{:<8} {:<10} {:>9} {:>5}  {}",
-            "shard", "status", "duration", "exit", "environment"
+            "{:<8} {:<10} {:>9} {:>5}  environment",
+            "shard", "status", "duration", "exit"
         )?;
         for r in &summary.records {
             let exit = match (&r.status, &r.result) {

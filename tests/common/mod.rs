@@ -27,6 +27,26 @@ pub fn agent_function(name: &str, tenant_isolation: bool) -> FunctionConfig {
     f
 }
 
+/// Folder of the foreign clients and handlers the tests use.
+pub fn clients_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
+}
+
+/// A function run by awslambdaric, the official Python runtime client.
+pub fn python_function(name: &str, handler: &str) -> FunctionConfig {
+    FunctionConfig::new(
+        name,
+        vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "cd '{}' && exec python3 -m awslambdaric {handler}",
+                clients_dir().display()
+            ),
+        ],
+    )
+}
+
 /// An emulator hosting `functions`.
 pub async fn emulator(functions: Vec<FunctionConfig>) -> RunningEmulator {
     RunningEmulator::start(EmulatorConfig {
