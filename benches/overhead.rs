@@ -93,6 +93,8 @@ async fn main() {
     let emu = RunningEmulator::start(EmulatorConfig {
         functions: vec![function("cold", true), function("warm", false)],
         region: "us-east-1".into(),
+        microvm_images: Vec::new(),
+        microvm_faults: Default::default(),
     })
     .await
     .unwrap();

@@ -6,7 +6,8 @@
 # checks the archive's SHA-256 against SHA256SUMS, and installs the binary
 # into a directory it adds to $GITHUB_PATH. When the release has no archive
 # (HTTP 404), it builds the action's own source with cargo instead. Any other
-# failure is an error: no silent fallback.
+# failure is an error: no silent fallback. When MVM_SHARD_PREBUILT names a
+# binary already on this machine, it installs that one and downloads nothing.
 #
 # Environment (all optional; action.yml sets the ACTION_* ones):
 #   MVM_SHARD_VERSION            release tag to install (v1.2.3 or 1.2.3), or
@@ -18,6 +19,12 @@
 #                                must be https, except for loopback hosts (tests)
 #   MVM_SHARD_INSTALL_DIR        default $RUNNER_TEMP/mvm-shard/bin
 #   MVM_SHARD_CARGO              the cargo to build with (default: cargo)
+#   MVM_SHARD_PREBUILT           path of an mvm-shard binary already on this
+#                                machine (a self-hosted runner's own, one that an
+#                                earlier step built, a test's): it is installed
+#                                as it is, with no download, checksum or build,
+#                                and MVM_SHARD_VERSION is ignored. A relative
+#                                path is taken from the current directory.
 #
 # The version, when MVM_SHARD_VERSION is empty, is ACTION_REF if that is a
 # full release tag (v1.2.3); otherwise (a major tag such as v1, a commit SHA, a
@@ -84,8 +91,13 @@ cargo_toml_version() {
 
 release_tag_re='^v[0-9]+\.[0-9]+\.[0-9]+([-+][0-9A-Za-z.+-]+)?$'
 
+prebuilt=${MVM_SHARD_PREBUILT:-}
+
 version=${MVM_SHARD_VERSION:-}
-if [[ -z "$version" ]]; then
+if [[ -n "$prebuilt" ]]; then
+  [[ -z "$version" ]] || log "MVM_SHARD_PREBUILT is set: installing $prebuilt, not version '$version'"
+  version=prebuilt
+elif [[ -z "$version" ]]; then
   if [[ "$action_ref" =~ $release_tag_re ]]; then
     version=$action_ref
   else
@@ -101,7 +113,7 @@ fi
 if [[ "$version" =~ ^[0-9] ]]; then
   version="v$version"
 fi
-if [[ "$version" != source && ! "$version" =~ ^[A-Za-z0-9][A-Za-z0-9._+-]*$ ]]; then
+if [[ -z "$prebuilt" && "$version" != source && ! "$version" =~ ^[A-Za-z0-9][A-Za-z0-9._+-]*$ ]]; then
   die "invalid version '$version': expected a release tag such as v1.2.3, or 'source'"
 fi
 
@@ -163,7 +175,12 @@ build_from_source() {
 # ---- get the binary ---------------------------------------------------------
 
 binary=""
-if [[ "$version" == source ]]; then
+if [[ -n "$prebuilt" ]]; then
+  [[ -f "$prebuilt" ]] || die "MVM_SHARD_PREBUILT is '$prebuilt', which is not a file"
+  [[ -x "$prebuilt" ]] || die "MVM_SHARD_PREBUILT is '$prebuilt', which is not executable"
+  log "using the prebuilt mvm-shard at $prebuilt (MVM_SHARD_PREBUILT): nothing is downloaded"
+  binary=$prebuilt
+elif [[ "$version" == source ]]; then
   build_from_source "version 'source' was asked for"
 elif [[ -z "$target" ]]; then
   build_from_source "there is no prebuilt mvm-shard for $os/$arch"
@@ -241,12 +258,21 @@ mv -f "$dest.tmp.$$" "$dest"
 
 if ! installed=$("$dest" --version 2>&1); then
   rm -f "$dest"
+  if [[ -n "$prebuilt" ]]; then
+    die "the prebuilt mvm-shard at $prebuilt (MVM_SHARD_PREBUILT) does not run: $installed"
+  fi
   if [[ "$binary" == "$work/unpacked/mvm-shard" ]]; then
     die "the mvm-shard of release $version does not run on this machine ($os/$arch): $installed. Release binaries for Linux are built on ubuntu-24.04 and need its glibc or newer; on an older system set the 'version' input to 'source' to build mvm-shard here with cargo."
   fi
   die "the mvm-shard built from source does not run: $installed"
 fi
 log "installed $installed at $dest"
+if [[ -n "$prebuilt" ]]; then
+  # The version is the one the binary reports ("mvm-shard 1.2.3" -> v1.2.3).
+  version=$(awk 'NR == 1 { print $2 }' <<<"$installed")
+  [[ ! "$version" =~ ^[0-9] ]] || version="v$version"
+  [[ -n "$version" ]] || version=prebuilt
+fi
 
 if [[ -n "${GITHUB_PATH:-}" ]]; then
   printf '%s\n' "$install_dir" >>"$GITHUB_PATH"

@@ -12,9 +12,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::lambda::LambdaConfigError;
-use crate::backend::{Backend, LambdaBackend, LambdaOptions};
+use crate::backend::{Backend, LambdaBackend, LambdaOptions, MicrovmBackend, MicrovmOptions};
 use crate::dispatch::{self, DispatchOptions};
-use crate::emulator::{EmulatorConfig, FunctionConfig, RunningEmulator, DEFAULT_FUNCTION};
+use crate::emulator::{
+    EmulatorConfig, FunctionConfig, MicrovmImageConfig, RunningEmulator, DEFAULT_FUNCTION,
+};
 use crate::plan::{self, human_bytes, PlanError, RunSpec};
 use crate::protocol::SourceSpec;
 use crate::report::github::GithubFiles;
@@ -37,11 +39,20 @@ pub enum Command {
     /// Split a command into shards and run each in a fresh environment.
     Run(RunArgs),
     /// The in-VM agent: the bootstrap of the Lambda image (a Lambda custom runtime).
-    Agent,
+    Agent(AgentArgs),
     /// Serve a local Lambda emulator on loopback (no Docker, no AWS).
     Emulate(EmulateArgs),
     /// Check a deployment: credentials, region, the function, its configuration, a real round trip.
     Doctor(DoctorArgs),
+}
+
+/// `mvm-shard agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Serve one shard in a Lambda MicroVM (lifecycle hooks and the log over
+    /// HTTP) instead of acting as a Lambda custom runtime.
+    #[arg(long)]
+    pub microvm: bool,
 }
 
 /// `mvm-shard doctor`.
@@ -89,7 +100,7 @@ pub async fn doctor(args: DoctorArgs) -> i32 {
 
 /// `mvm-shard run`.
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("target").required(true).args(["local", "function"])))]
+#[command(group(ArgGroup::new("target").required(true).args(["local", "function", "microvm_image"])))]
 pub struct RunArgs {
     /// Run on an embedded local emulator, with no AWS at all.
     #[arg(long)]
@@ -97,6 +108,15 @@ pub struct RunArgs {
     /// The Lambda function (name or ARN) that runs the shards.
     #[arg(long, env = "MVM_SHARD_FUNCTION", value_name = "NAME")]
     pub function: Option<String>,
+    /// Run each shard in a Lambda MicroVM started from this image (ARN or name).
+    #[arg(long, value_name = "ARN")]
+    pub microvm_image: Option<String>,
+    /// Version of the MicroVM image (default: the latest).
+    #[arg(long, value_name = "V", requires = "microvm_image")]
+    pub image_version: Option<String>,
+    /// Role the MicroVMs run with.
+    #[arg(long, value_name = "ARN", requires = "microvm_image")]
+    pub execution_role_arn: Option<String>,
     /// Call another endpoint than AWS's (for example `mvm-shard emulate`).
     #[arg(long, value_name = "URL", conflicts_with = "local")]
     pub endpoint_url: Option<String>,
@@ -176,6 +196,11 @@ pub struct EmulateArgs {
     /// Region reported to functions.
     #[arg(long, default_value = "us-east-1")]
     pub region: String,
+    /// A MicroVM image to host: its application's command, run with `sh -c`
+    /// in each microVM (repeatable). Without any, hosts `mvm-shard`, this
+    /// binary's `agent --microvm`.
+    #[arg(long = "microvm-image", value_name = "NAME=COMMAND")]
+    pub microvm_images: Vec<String>,
 }
 
 /// Why `run` stopped before it could report shards.
@@ -294,9 +319,13 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
         let mut function =
             FunctionConfig::default_agent().map_err(|e| RunError::Local(e.to_string()))?;
         function.max_concurrency = max_parallel;
+        let image =
+            MicrovmImageConfig::default_agent().map_err(|e| RunError::Local(e.to_string()))?;
         let running = RunningEmulator::start(EmulatorConfig {
             functions: vec![function],
             region: "us-east-1".into(),
+            microvm_images: vec![image],
+            microvm_faults: Default::default(),
         })
         .await
         .map_err(|e| RunError::Local(format!("cannot start the local emulator: {e}")))?;
@@ -318,16 +347,29 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
             local_credentials: false,
         }
     };
-    let backend: Arc<dyn Backend> = Arc::new(LambdaBackend::connect(options).await?);
+    let backend: Arc<dyn Backend> = match &args.microvm_image {
+        Some(image) => Arc::new(
+            MicrovmBackend::connect(MicrovmOptions {
+                image: image.clone(),
+                image_version: args.image_version.clone(),
+                execution_role_arn: args.execution_role_arn.clone(),
+                endpoint_url: args.endpoint_url.clone(),
+                region: args.region.clone(),
+                local_credentials: false,
+            })
+            .await?,
+        ),
+        None => Arc::new(LambdaBackend::connect(options).await?),
+    };
 
     eprintln!(
         "mvm-shard: run {run_id}: {} of {} shards on {}, source {} ({} files, {})",
         jobs.len(),
         args.shards,
-        if args.local {
-            "the local emulator".to_string()
-        } else {
-            format!("function {}", args.function.as_deref().unwrap_or(""))
+        match (&args.microvm_image, &args.function) {
+            _ if args.local => "the local emulator".to_string(),
+            (Some(image), _) => format!("MicroVMs of image {image}"),
+            (None, function) => format!("function {}", function.as_deref().unwrap_or("")),
         },
         archive.root.display(),
         archive.entries,
@@ -365,7 +407,17 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
         source: github.map(|g| g as Arc<dyn dispatch::SourceResolver>),
         ..DispatchOptions::default()
     };
-    let summary = dispatch::dispatch(backend, &run_id, jobs, &dispatch_options, tx, cancel).await;
+    let summary = dispatch::dispatch(
+        backend.clone(),
+        &run_id,
+        jobs,
+        &dispatch_options,
+        tx,
+        cancel,
+    )
+    .await;
+    // Whatever happened, nothing the run started may outlive it (MicroVMs cost money).
+    backend.shutdown().await;
     signals.abort();
     let mut reporter = reporter.await.map_err(|e| RunError::Local(e.to_string()))?;
     let tests = TestReport::from_summary(&summary);
@@ -474,16 +526,37 @@ pub async fn emulate(args: EmulateArgs) -> anyhow::Result<()> {
         f.memory_mb = args.memory;
         f.max_concurrency = args.max_concurrency;
     }
+    let mut microvm_images = Vec::new();
+    for spec in &args.microvm_images {
+        let (name, command) = spec
+            .split_once('=')
+            .filter(|(n, c)| !n.is_empty() && !c.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("--microvm-image {spec:?}: expected NAME=COMMAND"))?;
+        microvm_images.push(MicrovmImageConfig::new(
+            name,
+            vec!["/bin/sh".into(), "-c".into(), command.into()],
+        ));
+    }
+    if microvm_images.is_empty() {
+        microvm_images.push(MicrovmImageConfig::default_agent()?);
+    }
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let endpoint = format!("http://{}", listener.local_addr()?);
     let names: Vec<&str> = functions.iter().map(|f| f.name.as_str()).collect();
-    eprintln!("mvm-shard emulator: functions {}", names.join(", "));
+    let images: Vec<&str> = microvm_images.iter().map(|i| i.name.as_str()).collect();
+    eprintln!(
+        "mvm-shard emulator: functions {}; microVM images {}",
+        names.join(", "),
+        images.join(", ")
+    );
     println!("{endpoint}");
     use std::io::Write;
     std::io::stdout().flush()?;
     let emulator = crate::emulator::Emulator::new(EmulatorConfig {
         functions,
         region: args.region,
+        microvm_images,
+        microvm_faults: Default::default(),
     })?;
     emulator
         .serve(listener, async {

@@ -94,6 +94,22 @@ pub enum ShardStatus {
 }
 
 impl ShardStatus {
+    /// What happened, in words: `exited with code 1`, `could not run: …`.
+    pub fn describe(&self) -> String {
+        match self {
+            ShardStatus::Passed => "passed".into(),
+            ShardStatus::Failed {
+                exit_code: Some(c), ..
+            } => format!("exited with code {c}"),
+            ShardStatus::Failed {
+                signal: Some(s), ..
+            } => format!("killed by signal {s}"),
+            ShardStatus::Failed { .. } => "failed".into(),
+            ShardStatus::TimedOut => "ran out of time".into(),
+            ShardStatus::InfraFailed { reason } => format!("could not run: {reason}"),
+        }
+    }
+
     /// Short label for tables.
     pub fn label(&self) -> &'static str {
         match self {

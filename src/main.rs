@@ -10,7 +10,7 @@ use mvm_shard::cli::{self, Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.command {
-        Command::Agent => "info",
+        Command::Agent(_) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -35,7 +35,16 @@ fn main() -> ExitCode {
                 e.exit_code()
             }
         },
-        Command::Agent => match runtime.block_on(mvm_shard::agent::run()) {
+        Command::Agent(args) if args.microvm => {
+            match runtime.block_on(mvm_shard::agent::microvm::run()) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("error: {:#}", anyhow::Error::from(e));
+                    1
+                }
+            }
+        }
+        Command::Agent(_) => match runtime.block_on(mvm_shard::agent::run()) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("error: {e}");

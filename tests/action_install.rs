@@ -625,3 +625,97 @@ async fn the_version_comes_from_the_action_ref_or_the_action_cargo_toml() {
         outcome.stderr
     );
 }
+
+#[tokio::test]
+async fn a_prebuilt_binary_is_installed_without_any_download() {
+    let fx = Fixture::new().await;
+    let cargo = fx.fake_cargo();
+    let prebuilt = fx.path("prebuilt/mvm-shard");
+    write_executable(&prebuilt, "#!/bin/sh\necho 'mvm-shard 7.7.7'\n");
+
+    // MVM_SHARD_PREBUILT wins over a version, even one with no release.
+    let outcome = fx
+        .install(&[
+            ("MVM_SHARD_PREBUILT", prebuilt.display().to_string()),
+            ("MVM_SHARD_VERSION", "v2.0.0".into()),
+            ("ACTION_PATH", fx.action_path().display().to_string()),
+            ("MVM_SHARD_CARGO", cargo.display().to_string()),
+        ])
+        .await;
+    assert!(outcome.success, "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("MVM_SHARD_PREBUILT"),
+        "{}",
+        outcome.stderr
+    );
+    assert_eq!(run_installed(&fx.installed()).trim(), "mvm-shard 7.7.7");
+    let github_path = std::fs::read_to_string(fx.path("github_path")).unwrap();
+    assert_eq!(github_path, format!("{}\n", fx.path("bin").display()));
+    let output = std::fs::read_to_string(fx.path("github_output")).unwrap();
+    assert_eq!(
+        output,
+        format!("path={}\nversion=v7.7.7\n", fx.installed().display())
+    );
+    assert!(
+        fx.assets.requests().is_empty(),
+        "{:?}",
+        fx.assets.requests()
+    );
+    assert!(
+        !fx.cargo_marker().exists(),
+        "no build with a prebuilt binary"
+    );
+    // The prebuilt file itself is left as it was.
+    assert!(prebuilt.exists());
+
+    // A path that is not an executable file is an error, not a fallback.
+    for (bad, complaint) in [
+        (fx.path("prebuilt/missing"), "not a file"),
+        (fx.path("prebuilt"), "not a file"),
+    ] {
+        let fx = Fixture::new().await;
+        let outcome = fx
+            .install(&[("MVM_SHARD_PREBUILT", bad.display().to_string())])
+            .await;
+        assert!(!outcome.success, "{}", outcome.stderr);
+        assert!(outcome.stderr.contains(complaint), "{}", outcome.stderr);
+        assert!(fx.assets.requests().is_empty());
+        fx.assert_nothing_installed(&outcome);
+    }
+    let not_executable = fx.path("prebuilt/not-executable");
+    std::fs::write(&not_executable, "#!/bin/sh\necho 'mvm-shard 7.7.7'\n").unwrap();
+    let fx2 = Fixture::new().await;
+    let outcome = fx2
+        .install(&[("MVM_SHARD_PREBUILT", not_executable.display().to_string())])
+        .await;
+    assert!(!outcome.success, "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("not executable"),
+        "{}",
+        outcome.stderr
+    );
+    fx2.assert_nothing_installed(&outcome);
+
+    // One that does not run is not left installed.
+    let broken = fx.path("prebuilt/broken");
+    write_executable(
+        &broken,
+        "#!/bin/sh\necho 'GLIBC_2.99 not found' >&2\nexit 1\n",
+    );
+    let fx3 = Fixture::new().await;
+    let outcome = fx3
+        .install(&[("MVM_SHARD_PREBUILT", broken.display().to_string())])
+        .await;
+    assert!(!outcome.success, "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("prebuilt mvm-shard") && outcome.stderr.contains("does not run"),
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        outcome.stderr.contains("GLIBC_2.99 not found"),
+        "{}",
+        outcome.stderr
+    );
+    fx3.assert_nothing_installed(&outcome);
+}

@@ -4,20 +4,25 @@
 //! [`ShardRequest`](crate::protocol::ShardRequest), runs it through
 //! [`shard::run`] in a freshly wiped environment and streams
 //! [`Frame`]s back as the response body, ending with the shard's result.
+//! In [`microvm`] mode it serves one shard over HTTP instead, with the same
+//! shard code and the same frame stream.
 
 mod download;
+pub mod microvm;
+mod replay_log;
 pub mod runtime_client;
 pub mod shard;
 pub mod workspace;
 
+use std::future::Future;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio_util::codec::Encoder;
 
-use crate::protocol::{Frame, FrameCodec, Outcome, ShardRequest, ShardResult};
-use runtime_client::{Invocation, ResponseStream, RuntimeClient, RuntimeError};
+use crate::protocol::{Frame, FrameCodec, FrameError, Outcome, ShardRequest, ShardResult};
+use runtime_client::{Invocation, ResponseClosed, ResponseStream, RuntimeClient, RuntimeError};
 use shard::EnvironmentState;
 
 /// Longest silence on the response stream before a heartbeat goes out; well
@@ -86,9 +91,51 @@ async fn handle(client: &RuntimeClient, state: &mut EnvironmentState, invocation
     }
 }
 
-/// Encodes frames into response chunks, coalescing what is ready and sending
-/// a heartbeat whenever nothing else went out for [`HEARTBEAT_EVERY`].
-async fn pump_frames(mut rx: mpsc::Receiver<Frame>, stream: ResponseStream) -> Result<(), String> {
+/// Where the frame pump writes the encoded stream: the Lambda response body,
+/// or the MicroVM mode's replay log.
+pub(crate) trait ChunkSink {
+    /// Why the sink stopped taking chunks.
+    type Error: std::error::Error + 'static;
+
+    /// Writes one chunk of the encoded stream.
+    fn send_chunk(&mut self, chunk: Bytes) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Ends the stream loudly after a frame could not be encoded.
+    fn abort(self, reason: &str) -> impl Future<Output = ()> + Send;
+}
+
+impl ChunkSink for ResponseStream {
+    type Error = ResponseClosed;
+
+    fn send_chunk(
+        &mut self,
+        chunk: Bytes,
+    ) -> impl Future<Output = Result<(), ResponseClosed>> + Send {
+        self.send(chunk)
+    }
+
+    fn abort(self, reason: &str) -> impl Future<Output = ()> + Send {
+        self.fail("Runtime.FrameError", reason)
+    }
+}
+
+/// Why the frame pump stopped before the frame channel closed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PumpError<E: std::error::Error + 'static> {
+    /// A frame could not be encoded; only a bug does that.
+    #[error(transparent)]
+    Encode(FrameError),
+    /// The sink stopped taking chunks.
+    #[error(transparent)]
+    Sink(E),
+}
+
+/// Encodes frames into chunks for `sink`, coalescing what is ready and
+/// sending a heartbeat whenever nothing else went out for [`HEARTBEAT_EVERY`].
+pub(crate) async fn pump_frames<S: ChunkSink>(
+    mut rx: mpsc::Receiver<Frame>,
+    mut sink: S,
+) -> Result<(), PumpError<S::Error>> {
     let mut codec = FrameCodec::new();
     let mut buf = BytesMut::new();
     loop {
@@ -101,17 +148,17 @@ async fn pump_frames(mut rx: mpsc::Receiver<Frame>, stream: ResponseStream) -> R
         while let Some(frame) = next.take() {
             if let Err(e) = codec.encode(frame, &mut buf) {
                 // Only a bug can make a frame unencodable; end the stream loudly.
-                stream.fail("Runtime.FrameError", &e.to_string()).await;
-                return Err(e.to_string());
+                sink.abort(&e.to_string()).await;
+                return Err(PumpError::Encode(e));
             }
             if buf.len() < MAX_CHUNK {
                 next = rx.try_recv().ok();
             }
         }
-        if stream.send(buf.split().freeze()).await.is_err() {
+        if let Err(e) = sink.send_chunk(buf.split().freeze()).await {
             // Keep draining so the command's output readers never block.
             while rx.recv().await.is_some() {}
-            return Err("the runtime API closed the response stream".into());
+            return Err(PumpError::Sink(e));
         }
     }
 }

@@ -18,8 +18,8 @@ use crate::protocol::{
 /// Time the agent keeps before Lambda's own deadline to stop the command and
 /// still deliver the result.
 const DEADLINE_MARGIN: Duration = Duration::from_secs(3);
-/// How long a timed-out command gets between SIGTERM and SIGKILL.
-const TERM_GRACE: Duration = Duration::from_secs(2);
+/// How long a timed-out or terminated command gets between SIGTERM and SIGKILL.
+pub(crate) const TERM_GRACE: Duration = Duration::from_secs(2);
 /// How long processes the command left behind get between SIGTERM and SIGKILL.
 const STRAGGLER_GRACE: Duration = Duration::from_millis(500);
 /// Output read size; also the largest output frame the agent sends.

@@ -1,7 +1,6 @@
 //! The Lambda functions backend: `InvokeWithResponseStream` through the real
 //! aws-sdk-lambda client, one tenant id per shard and attempt.
 
-use aws_sdk_lambda::config::{Credentials, Region};
 use aws_sdk_lambda::error::{DisplayErrorContext, SdkError};
 use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::InvokeWithResponseStreamResponseEvent as Event;
@@ -10,6 +9,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
+pub use super::LambdaConfigError;
 use super::{Backend, InvokeError, InvokeErrorKind, ShardInvocation, ShardStream, StreamError};
 
 /// How to reach the function.
@@ -27,17 +27,6 @@ pub struct LambdaOptions {
     pub local_credentials: bool,
 }
 
-/// Why the Lambda client could not be configured.
-#[derive(Debug, thiserror::Error)]
-pub enum LambdaConfigError {
-    /// No region anywhere.
-    #[error("no AWS region is configured: pass --region or set AWS_REGION")]
-    NoRegion,
-    /// No usable credentials.
-    #[error("no AWS credentials found ({0}): configure them as for the AWS CLI (environment, profile, SSO or OIDC role)")]
-    NoCredentials(String),
-}
-
 /// Runs shards as invocations of one Lambda function.
 pub struct LambdaBackend {
     client: aws_sdk_lambda::Client,
@@ -49,36 +38,12 @@ impl LambdaBackend {
     /// Loads credentials and region as the AWS CLI does and checks both now,
     /// so that a configuration problem is reported before anything runs.
     pub async fn connect(options: LambdaOptions) -> Result<Self, LambdaConfigError> {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        if let Some(url) = &options.endpoint_url {
-            loader = loader.endpoint_url(url);
-        }
-        if options.local_credentials {
-            loader = loader
-                .credentials_provider(Credentials::new(
-                    "local",
-                    "local",
-                    None,
-                    None,
-                    "mvm-shard-local",
-                ))
-                .region(Region::new("us-east-1"));
-        }
-        if let Some(region) = &options.region {
-            loader = loader.region(Region::new(region.clone()));
-        }
-        let shared = loader.load().await;
-        if shared.region().is_none() {
-            return Err(LambdaConfigError::NoRegion);
-        }
-        let provider = shared
-            .credentials_provider()
-            .ok_or_else(|| LambdaConfigError::NoCredentials("no provider".into()))?;
-        use aws_credential_types::provider::ProvideCredentials;
-        provider
-            .provide_credentials()
-            .await
-            .map_err(|e| LambdaConfigError::NoCredentials(DisplayErrorContext(&e).to_string()))?;
+        let shared = super::load_aws_config(
+            options.endpoint_url.as_deref(),
+            options.region.as_deref(),
+            options.local_credentials,
+        )
+        .await?;
         // Retries are ours: each attempt must carry a new tenant id.
         let config = aws_sdk_lambda::config::Builder::from(&shared)
             .retry_config(RetryConfig::disabled())

@@ -3,6 +3,7 @@
 //! byte stream; decoding and accounting are shared in [`crate::dispatch`].
 
 pub mod lambda;
+pub mod microvm;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -11,6 +12,7 @@ use futures::stream::BoxStream;
 use crate::protocol::ShardId;
 
 pub use lambda::{LambdaBackend, LambdaOptions};
+pub use microvm::{MicrovmBackend, MicrovmOptions};
 
 /// One attempt at running one shard.
 #[derive(Debug, Clone)]
@@ -35,6 +37,64 @@ pub trait Backend: Send + Sync {
         &'a self,
         invocation: &'a ShardInvocation,
     ) -> BoxFuture<'a, Result<ShardStream, InvokeError>>;
+
+    /// Releases everything the backend still holds (MicroVMs that must not
+    /// outlive the run); called once at the end, after a cancellation too.
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// Why an AWS client could not be configured.
+#[derive(Debug, thiserror::Error)]
+pub enum LambdaConfigError {
+    /// No region anywhere.
+    #[error("no AWS region is configured: pass --region or set AWS_REGION")]
+    NoRegion,
+    /// No usable credentials.
+    #[error("no AWS credentials found ({0}): configure them as for the AWS CLI (environment, profile, SSO or OIDC role)")]
+    NoCredentials(String),
+}
+
+/// Loads region and credentials as the AWS CLI does (or fixed placeholders
+/// for the local emulator) and checks both now, so that a configuration
+/// problem is reported before anything runs.
+pub async fn load_aws_config(
+    endpoint_url: Option<&str>,
+    region: Option<&str>,
+    local_credentials: bool,
+) -> Result<aws_config::SdkConfig, LambdaConfigError> {
+    use aws_credential_types::provider::ProvideCredentials;
+    use aws_sdk_lambda::config::{Credentials, Region};
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(url) = endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    if local_credentials {
+        loader = loader
+            .credentials_provider(Credentials::new(
+                "local",
+                "local",
+                None,
+                None,
+                "mvm-shard-local",
+            ))
+            .region(Region::new("us-east-1"));
+    }
+    if let Some(region) = region {
+        loader = loader.region(Region::new(region.to_string()));
+    }
+    let shared = loader.load().await;
+    if shared.region().is_none() {
+        return Err(LambdaConfigError::NoRegion);
+    }
+    let provider = shared
+        .credentials_provider()
+        .ok_or_else(|| LambdaConfigError::NoCredentials("no provider".into()))?;
+    provider.provide_credentials().await.map_err(|e| {
+        LambdaConfigError::NoCredentials(aws_sdk_lambda::error::DisplayErrorContext(&e).to_string())
+    })?;
+    Ok(shared)
 }
 
 /// How a failed start should be treated.

@@ -1,5 +1,6 @@
 //! The Invoke API routes: `Invoke` (buffered) and `InvokeWithResponseStream`
-//! (event-stream), both driving one environment through its Runtime API.
+//! (event-stream), both driving one environment through its Runtime API; the
+//! MicroVMs control plane is merged in beside them.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -41,6 +42,7 @@ pub fn router(emulator: Emulator) -> Router {
             "/2021-11-15/functions/{name}/response-streaming-invocations",
             post(invoke_with_response_stream),
         )
+        .merge(super::microvms::router())
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,

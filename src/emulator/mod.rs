@@ -4,11 +4,14 @@
 //! listener. Each function is a command started as a fresh process in a fresh
 //! folder with the variables Lambda sets, speaking the Runtime API on a port of
 //! its own; warm environments are reused as Lambda does, never across tenant ids.
+//! The same listener serves the Lambda MicroVMs control plane, whose microVMs
+//! are commands too ([`MicrovmImageConfig`]).
 
 mod environment;
 mod errors;
 mod eventstream;
 mod invoke;
+mod microvms;
 mod runtime;
 
 use std::collections::{HashMap, VecDeque};
@@ -22,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use environment::Environment;
 pub use errors::ApiError;
 pub use eventstream::InvokeComplete;
+pub use microvms::{MicrovmFaults, MicrovmImageConfig, DEFAULT_MICROVM_IMAGE};
 
 /// Name of the function `emulate` hosts when none is given.
 pub const DEFAULT_FUNCTION: &str = "mvm-shard";
@@ -88,6 +92,10 @@ pub struct EmulatorConfig {
     pub functions: Vec<FunctionConfig>,
     /// Region reported to functions and in ARNs.
     pub region: String,
+    /// The MicroVM images, by name.
+    pub microvm_images: Vec<MicrovmImageConfig>,
+    /// Faults injected into MicroVM endpoints and tokens, for testing clients.
+    pub microvm_faults: MicrovmFaults,
 }
 
 struct Function {
@@ -101,6 +109,7 @@ struct EmulatorState {
     region: String,
     base_dir: tempfile::TempDir,
     all: Mutex<Vec<Arc<Environment>>>,
+    microvms: Arc<microvms::Microvms>,
 }
 
 /// A Lambda emulator; see the module docs.
@@ -130,17 +139,25 @@ impl Emulator {
         // Runtimes that drop privileges must still reach their environment's /tmp.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(base_dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let microvms = microvms::Microvms::new(
+            config.microvm_images,
+            &config.region,
+            base_dir.path().join("microvms"),
+            config.microvm_faults,
+        )?;
         Ok(Emulator {
             state: Arc::new(EmulatorState {
                 functions,
                 region: config.region,
+                microvms: Arc::new(microvms),
                 base_dir,
                 all: Mutex::new(Vec::new()),
             }),
         })
     }
 
-    /// Serves on `listener` until `shutdown` resolves, then stops every environment.
+    /// Serves on `listener` until `shutdown` resolves, then stops every
+    /// environment and microVM.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -219,9 +236,12 @@ async fn destroy_all(state: &EmulatorState) {
     for env in &envs {
         env.destroy();
     }
-    for env in &envs {
-        let _ = tokio::time::timeout(Duration::from_secs(10), env.exited.cancelled()).await;
-    }
+    let environments_gone = async {
+        for env in &envs {
+            let _ = tokio::time::timeout(Duration::from_secs(10), env.exited.cancelled()).await;
+        }
+    };
+    tokio::join!(environments_gone, state.microvms.terminate_all());
 }
 
 /// An environment checked out for one invocation; back to the pool or destroyed on release.
@@ -293,7 +313,7 @@ impl RunningEmulator {
         })
     }
 
-    /// Stops every environment and the server.
+    /// Stops every environment, every microVM and the server.
     pub async fn shutdown(self) -> std::io::Result<()> {
         self.stop.cancel();
         self.task.await.map_err(std::io::Error::other)?

@@ -7,6 +7,7 @@
 //! routes and headers once, for the agent's client and the emulator's server.
 
 mod frame;
+pub mod microvm;
 pub mod runtime_api;
 mod shard;
 

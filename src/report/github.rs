@@ -121,17 +121,7 @@ impl<W: Write> GithubReporter<W> {
         }
         writeln!(self.out, "::endgroup::")?;
         if record.status != ShardStatus::Passed {
-            let message = match &record.status {
-                ShardStatus::Failed {
-                    exit_code: Some(c), ..
-                } => format!("exited with code {c}"),
-                ShardStatus::Failed {
-                    signal: Some(s), ..
-                } => format!("killed by signal {s}"),
-                ShardStatus::TimedOut => "ran out of time".to_string(),
-                ShardStatus::InfraFailed { reason } => format!("could not run: {reason}"),
-                _ => "failed".to_string(),
-            };
+            let message = record.status.describe();
             let title = format!("shard {} {}", record.shard, record.status.label());
             self.annotate(&[("title", title)], &message)?;
         }

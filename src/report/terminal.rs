@@ -75,15 +75,7 @@ impl<W: Write> TerminalReporter<W> {
                 }
                 let detail = match &record.status {
                     ShardStatus::Passed => String::new(),
-                    ShardStatus::Failed {
-                        exit_code: Some(c), ..
-                    } => format!(" (exit code {c})"),
-                    ShardStatus::Failed {
-                        signal: Some(s), ..
-                    } => format!(" (killed by signal {s})"),
-                    ShardStatus::Failed { .. } => String::new(),
-                    ShardStatus::TimedOut => " (ran out of time)".into(),
-                    ShardStatus::InfraFailed { reason } => format!(": {reason}"),
+                    other => format!(" ({})", other.describe()),
                 };
                 writeln!(
                     self.out,
@@ -250,7 +242,7 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert_eq!(
             text,
-            "[2/2] other\n[1/2] hello\n[2/2] second\n[2/2] FAILED (exit code 1) in 1.50s\n"
+            "[2/2] other\n[1/2] hello\n[2/2] second\n[2/2] FAILED (exited with code 1) in 1.50s\n"
         );
     }
 }

@@ -52,6 +52,8 @@ pub async fn emulator(functions: Vec<FunctionConfig>) -> RunningEmulator {
     RunningEmulator::start(EmulatorConfig {
         functions,
         region: "us-east-1".into(),
+        microvm_images: Vec::new(),
+        microvm_faults: Default::default(),
     })
     .await
     .expect("emulator starts")
@@ -198,4 +200,57 @@ pub fn cli(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// An emulator hosting the image `img`, whose microVMs run our agent's MicroVM mode.
+pub async fn microvm_emulator(faults: mvm_shard::emulator::MicrovmFaults) -> RunningEmulator {
+    RunningEmulator::start(EmulatorConfig {
+        functions: Vec::new(),
+        region: "us-east-1".into(),
+        microvm_images: vec![mvm_shard::emulator::MicrovmImageConfig::new(
+            "img",
+            vec![binary().into(), "agent".into(), "--microvm".into()],
+        )],
+        microvm_faults: faults,
+    })
+    .await
+    .expect("emulator starts")
+}
+
+/// Our MicroVMs backend for image `img` on `endpoint`.
+pub async fn microvm_backend(endpoint: &str) -> Arc<mvm_shard::backend::MicrovmBackend> {
+    Arc::new(
+        mvm_shard::backend::MicrovmBackend::connect(mvm_shard::backend::MicrovmOptions {
+            image: "img".into(),
+            endpoint_url: Some(endpoint.into()),
+            region: Some("us-east-1".into()),
+            local_credentials: true,
+            ..Default::default()
+        })
+        .await
+        .expect("backend connects"),
+    )
+}
+
+/// The real MicroVMs SDK client for `endpoint`.
+pub async fn microvms_client(endpoint: &str) -> aws_sdk_lambdamicrovms::Client {
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(aws_sdk_lambda::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_lambda::config::Credentials::new(
+            "k", "s", None, None, "test",
+        ))
+        .load()
+        .await;
+    aws_sdk_lambdamicrovms::Client::new(&conf)
+}
+
+/// States of every microVM the emulator knows.
+pub async fn microvm_states(endpoint: &str) -> Vec<String> {
+    let client = microvms_client(endpoint).await;
+    let list = client.list_microvms().send().await.expect("list works");
+    list.items()
+        .iter()
+        .map(|i| i.state().as_str().to_string())
+        .collect()
 }

@@ -1,0 +1,428 @@
+//! The Lambda MicroVMs backend: one snapshot-booted microVM per shard,
+//! through the real aws-sdk-lambdamicrovms client. The shard's framed log is
+//! read from the agent's log port through the microVM's authenticated
+//! endpoint, resuming from the last byte on a broken connection, and every
+//! microVM started is terminated, whatever happens.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_lambdamicrovms::error::{DisplayErrorContext, SdkError};
+use aws_sdk_lambdamicrovms::types::PortSpecification;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+
+use super::{
+    Backend, InvokeError, InvokeErrorKind, LambdaConfigError, ShardInvocation, ShardStream,
+    StreamError,
+};
+use crate::protocol::microvm::{
+    RunPayload, RunPayloadError, DEFAULT_LOG_PORT, LOG_PATH, SHARD_PATH,
+};
+use crate::protocol::ShardRequest;
+
+/// The agent's log port inside the microVM.
+const LOG_PORT: i32 = DEFAULT_LOG_PORT as i32;
+/// Auth tokens are asked for this long (the service allows up to 60 minutes).
+const TOKEN_MINUTES: i32 = 60;
+/// A token older than this is renewed before the next request.
+const TOKEN_RENEW_AFTER: Duration = Duration::from_secs(45 * 60);
+/// Time past the shard's own timeout before the service ends the microVM.
+const DURATION_MARGIN_S: u64 = 300;
+/// Longest a microVM may live.
+const MAX_DURATION_S: u64 = 28_800;
+/// Reconnections in a row, without a byte received, before the log counts as lost.
+const MAX_RECONNECTS: u32 = 8;
+
+/// How to reach Lambda MicroVMs.
+#[derive(Debug, Clone, Default)]
+pub struct MicrovmOptions {
+    /// Image ARN or name.
+    pub image: String,
+    /// Image version; the latest when absent.
+    pub image_version: Option<String>,
+    /// Role the microVM runs with.
+    pub execution_role_arn: Option<String>,
+    /// Another endpoint than AWS's (the emulator).
+    pub endpoint_url: Option<String>,
+    /// Region; otherwise from the environment and profile.
+    pub region: Option<String>,
+    /// Fixed placeholder credentials, for the local emulator.
+    pub local_credentials: bool,
+}
+
+/// Runs shards in Lambda MicroVMs.
+pub struct MicrovmBackend {
+    client: aws_sdk_lambdamicrovms::Client,
+    http: reqwest::Client,
+    options: MicrovmOptions,
+    /// MicroVMs started and not yet terminated.
+    running: Arc<Mutex<HashSet<String>>>,
+}
+
+impl MicrovmBackend {
+    /// Loads credentials and region and checks them now.
+    pub async fn connect(options: MicrovmOptions) -> Result<Self, LambdaConfigError> {
+        let shared = super::load_aws_config(
+            options.endpoint_url.as_deref(),
+            options.region.as_deref(),
+            options.local_credentials,
+        )
+        .await?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| {
+                LambdaConfigError::NoCredentials(format!("cannot build the HTTP client: {e}"))
+            })?;
+        Ok(MicrovmBackend {
+            client: aws_sdk_lambdamicrovms::Client::new(&shared),
+            http,
+            options,
+            running: Arc::default(),
+        })
+    }
+
+    /// The client token of one attempt, so a retried call never starts a second microVM.
+    pub fn client_token(invocation: &ShardInvocation) -> String {
+        format!(
+            "mvm-{}-s{}-a{}",
+            invocation.run_id, invocation.shard.index, invocation.attempt
+        )
+    }
+
+    async fn start(&self, invocation: &ShardInvocation) -> Result<ShardStream, InvokeError> {
+        let request =
+            ShardRequest::decode(&invocation.payload).map_err(|e| fatal(e.to_string()))?;
+        let max_duration =
+            (request.timeout_ms / 1000 + DURATION_MARGIN_S).min(MAX_DURATION_S) as i32;
+        // A request too large for the run hook goes to the agent's log port instead.
+        let (hook_payload, post_request) = match RunPayload::Inline(request.clone()).encode() {
+            Ok(payload) => (payload, false),
+            Err(RunPayloadError::TooLarge { .. }) => (
+                RunPayload::ViaLogPort
+                    .encode()
+                    .map_err(|e| fatal(e.to_string()))?,
+                true,
+            ),
+            Err(e) => return Err(fatal(e.to_string())),
+        };
+        let hook_payload = String::from_utf8(hook_payload).map_err(|e| fatal(e.to_string()))?;
+        let mut run = self
+            .client
+            .run_microvm()
+            .image_identifier(&self.options.image)
+            .run_hook_payload(hook_payload)
+            .maximum_duration_in_seconds(max_duration)
+            .client_token(Self::client_token(invocation));
+        if let Some(v) = &self.options.image_version {
+            run = run.image_version(v);
+        }
+        if let Some(role) = &self.options.execution_role_arn {
+            run = run.execution_role_arn(role);
+        }
+        let vm = run.send().await.map_err(classify)?;
+        let id = vm.microvm_id;
+        self.running
+            .lock()
+            .expect("lock poisoned")
+            .insert(id.clone());
+        let endpoint = if vm.endpoint.starts_with("http://") || vm.endpoint.starts_with("https://")
+        {
+            vm.endpoint.trim_end_matches('/').to_string()
+        } else {
+            format!("https://{}", vm.endpoint.trim_end_matches('/'))
+        };
+        let mut log = LogReader {
+            client: self.client.clone(),
+            http: self.http.clone(),
+            id: id.clone(),
+            endpoint,
+            token: None,
+            offset: 0,
+            failures: 0,
+            body: None,
+        };
+        if post_request {
+            if let Err(e) = log.post_request(invocation.payload.clone()).await {
+                self.terminate(&id).await;
+                return Err(InvokeError {
+                    kind: InvokeErrorKind::Transient,
+                    message: e,
+                });
+            }
+        }
+        let running = self.running.clone();
+        let terminator = Terminator {
+            client: self.client.clone(),
+            running,
+            id,
+        };
+        let stream = futures::stream::unfold(Some((log, terminator)), |state| async move {
+            let (mut log, terminator) = state?;
+            match log.next_chunk().await {
+                Ok(Some(chunk)) => Some((Ok(chunk), Some((log, terminator)))),
+                Ok(None) => {
+                    terminator.terminate().await;
+                    None
+                }
+                Err(e) => {
+                    terminator.terminate().await;
+                    Some((Err(StreamError::Transport(e)), None))
+                }
+            }
+        });
+        Ok(Box::pin(stream))
+    }
+
+    async fn terminate(&self, id: &str) {
+        Terminator {
+            client: self.client.clone(),
+            running: self.running.clone(),
+            id: id.to_string(),
+        }
+        .terminate()
+        .await;
+    }
+}
+
+impl Backend for MicrovmBackend {
+    fn invoke<'a>(
+        &'a self,
+        invocation: &'a ShardInvocation,
+    ) -> BoxFuture<'a, Result<ShardStream, InvokeError>> {
+        self.start(invocation).boxed()
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        async move {
+            let ids: Vec<String> = self
+                .running
+                .lock()
+                .expect("lock poisoned")
+                .iter()
+                .cloned()
+                .collect();
+            futures::future::join_all(ids.iter().map(|id| self.terminate(id))).await;
+        }
+        .boxed()
+    }
+}
+
+/// Ends one microVM and forgets it.
+struct Terminator {
+    client: aws_sdk_lambdamicrovms::Client,
+    running: Arc<Mutex<HashSet<String>>>,
+    id: String,
+}
+
+impl Terminator {
+    async fn terminate(&self) {
+        for attempt in 0..3u32 {
+            match self
+                .client
+                .terminate_microvm()
+                .microvm_identifier(&self.id)
+                .send()
+                .await
+            {
+                Ok(_) => break,
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|s| s.is_resource_not_found_exception()) =>
+                {
+                    break
+                }
+                Err(e) => {
+                    tracing::warn!(microvm = %self.id, error = %DisplayErrorContext(&e), "terminating failed");
+                    tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+                }
+            }
+        }
+        self.running.lock().expect("lock poisoned").remove(&self.id);
+    }
+}
+
+/// Reads one microVM's log through its endpoint, resuming after breaks.
+struct LogReader {
+    client: aws_sdk_lambdamicrovms::Client,
+    http: reqwest::Client,
+    id: String,
+    endpoint: String,
+    token: Option<(Instant, HashMap<String, String>)>,
+    offset: u64,
+    failures: u32,
+    body: Option<Body>,
+}
+
+/// An open log response body.
+type Body = futures::stream::BoxStream<'static, reqwest::Result<Bytes>>;
+
+impl LogReader {
+    async fn headers(&mut self, renew: bool) -> Result<HashMap<String, String>, String> {
+        if let Some((at, headers)) = &self.token {
+            if !renew && at.elapsed() < TOKEN_RENEW_AFTER {
+                return Ok(headers.clone());
+            }
+        }
+        let token = self
+            .client
+            .create_microvm_auth_token()
+            .microvm_identifier(&self.id)
+            .expiration_in_minutes(TOKEN_MINUTES)
+            .allowed_ports(PortSpecification::Port(LOG_PORT))
+            .send()
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot get an auth token for microVM {}: {}",
+                    self.id,
+                    DisplayErrorContext(&e)
+                )
+            })?;
+        let mut headers = token.auth_token;
+        headers.insert("X-aws-proxy-port".into(), LOG_PORT.to_string());
+        self.token = Some((Instant::now(), headers.clone()));
+        Ok(headers)
+    }
+
+    fn with_headers(
+        builder: reqwest::RequestBuilder,
+        headers: &HashMap<String, String>,
+    ) -> reqwest::RequestBuilder {
+        headers
+            .iter()
+            .fold(builder, |b, (k, v)| b.header(k.as_str(), v.as_str()))
+    }
+
+    async fn post_request(&mut self, payload: Bytes) -> Result<(), String> {
+        let headers = self.headers(false).await?;
+        let url = format!("{}{SHARD_PATH}", self.endpoint);
+        let resp = Self::with_headers(self.http.post(&url), &headers)
+            .body(payload)
+            .send()
+            .await
+            .map_err(|e| format!("cannot hand the request to microVM {}: {e}", self.id))?;
+        if resp.status() != reqwest::StatusCode::ACCEPTED {
+            return Err(format!(
+                "microVM {} refused the request: {} {}",
+                self.id,
+                resp.status(),
+                resp.text().await.unwrap_or_default()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Opens `GET /log?offset=N`, renewing the token once when it was
+    /// refused; `None` when the log is complete before `N` (416).
+    async fn open(&mut self) -> Result<Option<Body>, String> {
+        let mut renew = false;
+        loop {
+            let headers = self.headers(renew).await?;
+            let url = format!("{}{LOG_PATH}?offset={}", self.endpoint, self.offset);
+            let resp = Self::with_headers(self.http.get(&url), &headers)
+                .send()
+                .await
+                .map_err(|e| format!("cannot reach microVM {}: {e}", self.id))?;
+            match resp.status() {
+                s if s.is_success() => return Ok(Some(resp.bytes_stream().boxed())),
+                reqwest::StatusCode::RANGE_NOT_SATISFIABLE => return Ok(None),
+                reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN if !renew => {
+                    renew = true
+                }
+                s => {
+                    return Err(format!(
+                        "microVM {} answered {s} for its log: {}",
+                        self.id,
+                        resp.text().await.unwrap_or_default()
+                    ))
+                }
+            }
+        }
+    }
+}
+
+impl LogReader {
+    /// The next chunk of the log; `None` once the agent ended the stream.
+    /// A broken connection is reopened from the last byte received.
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
+        loop {
+            let body = match &mut self.body {
+                Some(body) => body,
+                None => match self.open().await {
+                    Ok(Some(body)) => self.body.insert(body),
+                    Ok(None) => return Ok(None),
+                    Err(e) => {
+                        self.backoff(e).await?;
+                        continue;
+                    }
+                },
+            };
+            match body.next().await {
+                Some(Ok(chunk)) if chunk.is_empty() => {}
+                Some(Ok(chunk)) => {
+                    self.offset += chunk.len() as u64;
+                    self.failures = 0;
+                    return Ok(Some(chunk));
+                }
+                Some(Err(e)) => {
+                    self.body = None;
+                    let e = format!(
+                        "the log of microVM {} broke off at byte {}: {e}",
+                        self.id, self.offset
+                    );
+                    self.backoff(e).await?;
+                }
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Waits before the next reconnection, or gives up with `error`.
+    async fn backoff(&mut self, error: String) -> Result<(), String> {
+        self.failures += 1;
+        if self.failures > MAX_RECONNECTS {
+            return Err(error);
+        }
+        tracing::debug!(microvm = %self.id, %error, attempt = self.failures, "reconnecting to the log");
+        let delay = Duration::from_millis(100u64 << self.failures.min(6));
+        tokio::time::sleep(delay).await;
+        Ok(())
+    }
+}
+
+fn fatal(message: String) -> InvokeError {
+    InvokeError {
+        kind: InvokeErrorKind::Fatal,
+        message,
+    }
+}
+
+fn classify<R: std::fmt::Debug>(
+    error: SdkError<aws_sdk_lambdamicrovms::operation::run_microvm::RunMicrovmError, R>,
+) -> InvokeError {
+    let message = DisplayErrorContext(&error).to_string();
+    let kind = match &error {
+        SdkError::ServiceError(service) => {
+            let e = service.err();
+            if e.is_throttling_exception()
+                || e.is_insufficient_capacity_exception()
+                || e.is_service_quota_exceeded_exception()
+            {
+                InvokeErrorKind::Throttled
+            } else if e.is_internal_server_exception() || e.is_conflict_exception() {
+                InvokeErrorKind::Transient
+            } else {
+                InvokeErrorKind::Fatal
+            }
+        }
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+            InvokeErrorKind::Transient
+        }
+        _ => InvokeErrorKind::Fatal,
+    };
+    InvokeError { kind, message }
+}
