@@ -201,6 +201,14 @@ pub struct EmulateArgs {
     /// binary's `agent --microvm`.
     #[arg(long = "microvm-image", value_name = "NAME=COMMAND")]
     pub microvm_images: Vec<String>,
+    /// Fault injection: MicroVM auth tokens live this long, whatever was asked
+    /// (to test that clients renew them).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub fault_token_lifetime: Option<Duration>,
+    /// Fault injection: every response through a MicroVM endpoint breaks off
+    /// after this many bytes (to test that clients resume).
+    #[arg(long, value_name = "BYTES")]
+    pub fault_cut_responses_after: Option<u64>,
 }
 
 /// Why `run` stopped before it could report shards.
@@ -556,7 +564,10 @@ pub async fn emulate(args: EmulateArgs) -> anyhow::Result<()> {
         functions,
         region: args.region,
         microvm_images,
-        microvm_faults: Default::default(),
+        microvm_faults: crate::emulator::MicrovmFaults {
+            token_lifetime: args.fault_token_lifetime,
+            cut_responses_after: args.fault_cut_responses_after,
+        },
     })?;
     emulator
         .serve(listener, async {

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use crate::backend::{Backend, LambdaBackend, ShardInvocation};
 use crate::dispatch::{self, status_of, ShardStatus};
-use crate::protocol::{ShardId, ShardRequest, SourceSpec, PROTOCOL_VERSION};
+use crate::protocol::{ShardId, ShardRequest};
 
 /// Memory below one full vCPU (Lambda gives one per 1,769 MB).
 const MIN_MEMORY_MB: i32 = 1769;
@@ -143,17 +143,12 @@ pub async fn diagnose(backend: &LambdaBackend, tenant_isolation: bool) -> Vec<Ch
 
 /// Two no-op shards in one tenant's environment: the first cold, the second warm.
 async fn round_trip(backend: &LambdaBackend) -> Check {
-    let request = ShardRequest {
-        version: PROTOCOL_VERSION,
-        run_id: "doctor".into(),
-        shard: ShardId { index: 1, count: 1 },
-        command: vec!["true".into()],
-        env: Default::default(),
-        timeout_ms: 60_000,
-        workdir: String::new(),
-        source: SourceSpec::Empty,
-        collect: Vec::new(),
-    };
+    let request = ShardRequest::new(
+        "doctor",
+        ShardId { index: 1, count: 1 },
+        vec!["true".into()],
+        60_000,
+    );
     let invocation = ShardInvocation {
         shard: request.shard,
         attempt: 1,

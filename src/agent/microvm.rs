@@ -38,10 +38,7 @@ use super::shard::{self, EnvironmentState};
 use super::{pump_frames, workspace};
 use crate::os;
 pub use crate::protocol::microvm::*;
-use crate::protocol::{
-    Frame, Outcome, ShardId, ShardRequest, ShardResult, SourceSpec, MAX_REQUEST_BYTES,
-    PROTOCOL_VERSION,
-};
+use crate::protocol::{Frame, Outcome, ShardId, ShardRequest, ShardResult, MAX_REQUEST_BYTES};
 
 /// How long a no-op validation shard may take.
 const VALIDATE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -254,17 +251,12 @@ async fn validate(State(agent): State<Arc<Agent>>) -> Answer {
         invocations: 0,
         scratch: agent.scratch.clone(),
     };
-    let request = ShardRequest {
-        version: PROTOCOL_VERSION,
-        run_id: "validate".into(),
-        shard: ShardId { index: 1, count: 1 },
-        command: vec!["true".into()],
-        env: Default::default(),
-        timeout_ms: VALIDATE_TIMEOUT.as_millis() as u64,
-        workdir: String::new(),
-        source: SourceSpec::Empty,
-        collect: Vec::new(),
-    };
+    let request = ShardRequest::new(
+        "validate",
+        ShardId { index: 1, count: 1 },
+        vec!["true".into()],
+        VALIDATE_TIMEOUT.as_millis() as u64,
+    );
     let (frames, mut rx) = mpsc::channel(64);
     let run = async move {
         let deadline = SystemTime::now() + NO_PLATFORM_DEADLINE;
@@ -477,17 +469,12 @@ mod tests {
     use super::*;
 
     fn request() -> ShardRequest {
-        ShardRequest {
-            version: PROTOCOL_VERSION,
-            run_id: "run".into(),
-            shard: ShardId { index: 1, count: 1 },
-            command: vec!["true".into()],
-            env: Default::default(),
-            timeout_ms: 1000,
-            workdir: String::new(),
-            source: SourceSpec::Empty,
-            collect: Vec::new(),
-        }
+        ShardRequest::new(
+            "run",
+            ShardId { index: 1, count: 1 },
+            vec!["true".into()],
+            1000,
+        )
     }
 
     #[test]

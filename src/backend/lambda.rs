@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 
 pub use super::LambdaConfigError;
-use super::{Backend, InvokeError, InvokeErrorKind, ShardInvocation, ShardStream, StreamError};
+use super::{Backend, InvokeError, ShardInvocation, ShardStream, StreamError};
 
 /// How to reach the function.
 #[derive(Debug, Clone, Default)]
@@ -124,32 +124,21 @@ impl Backend for LambdaBackend {
     }
 }
 
+/// Lambda's error codes for a start that may work later.
 fn classify<R: std::fmt::Debug>(
     error: SdkError<
         aws_sdk_lambda::operation::invoke_with_response_stream::InvokeWithResponseStreamError,
         R,
     >,
 ) -> InvokeError {
-    let message = DisplayErrorContext(&error).to_string();
-    let kind = match &error {
-        SdkError::ServiceError(service) => {
-            let e = service.err();
-            if e.is_too_many_requests_exception() || e.is_ec2_throttled_exception() {
-                InvokeErrorKind::Throttled
-            } else if e.is_service_exception()
-                || e.is_resource_not_ready_exception()
-                || e.is_ec2_unexpected_exception()
-                || e.is_eni_limit_reached_exception()
-            {
-                InvokeErrorKind::Transient
-            } else {
-                InvokeErrorKind::Fatal
-            }
-        }
-        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
-            InvokeErrorKind::Transient
-        }
-        _ => InvokeErrorKind::Fatal,
-    };
-    InvokeError { kind, message }
+    super::classify_sdk_error(
+        &error,
+        &["TooManyRequestsException", "EC2ThrottledException"],
+        &[
+            "ServiceException",
+            "ResourceNotReadyException",
+            "EC2UnexpectedException",
+            "ENILimitReachedException",
+        ],
+    )
 }

@@ -401,28 +401,17 @@ fn fatal(message: String) -> InvokeError {
     }
 }
 
+/// Lambda MicroVMs' error codes for a start that may work later.
 fn classify<R: std::fmt::Debug>(
     error: SdkError<aws_sdk_lambdamicrovms::operation::run_microvm::RunMicrovmError, R>,
 ) -> InvokeError {
-    let message = DisplayErrorContext(&error).to_string();
-    let kind = match &error {
-        SdkError::ServiceError(service) => {
-            let e = service.err();
-            if e.is_throttling_exception()
-                || e.is_insufficient_capacity_exception()
-                || e.is_service_quota_exceeded_exception()
-            {
-                InvokeErrorKind::Throttled
-            } else if e.is_internal_server_exception() || e.is_conflict_exception() {
-                InvokeErrorKind::Transient
-            } else {
-                InvokeErrorKind::Fatal
-            }
-        }
-        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
-            InvokeErrorKind::Transient
-        }
-        _ => InvokeErrorKind::Fatal,
-    };
-    InvokeError { kind, message }
+    super::classify_sdk_error(
+        &error,
+        &[
+            "ThrottlingException",
+            "InsufficientCapacityException",
+            "ServiceQuotaExceededException",
+        ],
+        &["InternalServerException", "ConflictException"],
+    )
 }

@@ -133,3 +133,30 @@ pub enum StreamError {
     #[error("response stream failed: {0}")]
     Transport(String),
 }
+
+/// Sorts a failed start into retry or not: service errors by their code
+/// (`throttled`, `transient`, anything else fatal), transport failures as transient.
+pub(crate) fn classify_sdk_error<E, R>(
+    error: &aws_smithy_runtime_api::client::result::SdkError<E, R>,
+    throttled: &[&str],
+    transient: &[&str],
+) -> InvokeError
+where
+    E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    use aws_smithy_runtime_api::client::result::SdkError;
+    let message = aws_smithy_types::error::display::DisplayErrorContext(error).to_string();
+    let kind = match error {
+        SdkError::ServiceError(service) => match service.err().code() {
+            Some(code) if throttled.contains(&code) => InvokeErrorKind::Throttled,
+            Some(code) if transient.contains(&code) => InvokeErrorKind::Transient,
+            _ => InvokeErrorKind::Fatal,
+        },
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+            InvokeErrorKind::Transient
+        }
+        _ => InvokeErrorKind::Fatal,
+    };
+    InvokeError { kind, message }
+}

@@ -1,16 +1,15 @@
 //! One emulated execution environment: a fresh process in a fresh folder with
 //! the variables Lambda sets, its own Runtime API, and a log tail.
 
-use std::collections::VecDeque;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::output_tail::OutputTail;
 use super::runtime::{self, PendingInvocation, RuntimeApi};
 use super::FunctionConfig;
 use crate::os;
@@ -32,7 +31,7 @@ pub struct Environment {
     pub exited: CancellationToken,
     /// The Runtime API state, to read an init error.
     pub runtime: Arc<RuntimeApi>,
-    log: Arc<Mutex<VecDeque<u8>>>,
+    log: OutputTail,
     kill: CancellationToken,
 }
 
@@ -97,27 +96,8 @@ impl Environment {
             .process_group(0)
             .kill_on_drop(true);
         let mut child = cmd.spawn()?;
-        let log = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_TAIL)));
-        for pipe in [
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>),
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            tokio::spawn(collect_log(
-                pipe,
-                log.clone(),
-                function.name.clone(),
-                id.clone(),
-            ));
-        }
+        let log = OutputTail::new(LOG_TAIL);
+        log.follow(&mut child, &format!("{}/{id}", function.name));
 
         let watch_kill = kill.clone();
         let watch_exited = exited.clone();
@@ -165,43 +145,17 @@ impl Environment {
 
     /// Appends an emulator line (START, END, REPORT) to the log.
     pub fn log_line(&self, line: &str) {
-        push_log(&self.log, format!("{line}\n").as_bytes());
+        self.log.push(format!("{line}\n").as_bytes());
     }
 
     /// Clears the log tail at the start of an invocation.
     pub fn clear_log(&self) {
-        self.log.lock().expect("lock poisoned").clear();
+        self.log.clear();
     }
 
     /// The last 4 KB of log since [`Environment::clear_log`].
     pub fn log_tail(&self) -> Vec<u8> {
-        self.log
-            .lock()
-            .expect("lock poisoned")
-            .iter()
-            .copied()
-            .collect()
-    }
-}
-
-fn push_log(log: &Mutex<VecDeque<u8>>, bytes: &[u8]) {
-    let mut log = log.lock().expect("lock poisoned");
-    log.extend(bytes);
-    let excess = log.len().saturating_sub(LOG_TAIL);
-    log.drain(..excess);
-}
-
-async fn collect_log(
-    pipe: Box<dyn AsyncRead + Send + Unpin>,
-    log: Arc<Mutex<VecDeque<u8>>>,
-    function: String,
-    env: String,
-) {
-    let mut lines = BufReader::new(pipe).split(b'\n');
-    while let Ok(Some(line)) = lines.next_segment().await {
-        tracing::debug!(%function, %env, "{}", String::from_utf8_lossy(&line));
-        push_log(&log, &line);
-        push_log(&log, b"\n");
+        self.log.snapshot()
     }
 }
 

@@ -182,36 +182,63 @@ fn function_name(raw: &str) -> &str {
     after.split(':').next().unwrap_or(after)
 }
 
+/// What the part both Invoke routes share decided.
+enum Begun {
+    /// Answered already (an error, `DryRun`, `Event`).
+    Answered(Response),
+    /// Running: the invocation's events and its request id.
+    Running(mpsc::Receiver<InvokeEvent>, String),
+}
+
+/// Checks the call as Lambda does and starts it; `streaming` is for
+/// `InvokeWithResponseStream`, which takes no `Event` invocations.
+async fn begin(
+    emulator: &Emulator,
+    name: &str,
+    headers: &HeaderMap,
+    payload: Bytes,
+    streaming: bool,
+) -> Begun {
+    let call = match prepare(emulator, name, headers, payload.len()) {
+        Ok(call) => call,
+        Err(e) => return Begun::Answered(e.into_response()),
+    };
+    let event = match (call.invocation_type.as_str(), streaming) {
+        ("DryRun", _) => return Begun::Answered(StatusCode::NO_CONTENT.into_response()),
+        ("RequestResponse", _) => false,
+        ("Event", false) => true,
+        (other, _) => {
+            let context = if streaming {
+                " for response streaming"
+            } else {
+                ""
+            };
+            let e = ApiError::invalid_parameter(format!(
+                "invocation type {other} is not supported{context}"
+            ));
+            return Begun::Answered(e.into_response());
+        }
+    };
+    match start(emulator, call, payload).await {
+        Err(e) => Begun::Answered(e.into_response()),
+        Ok((rx, _)) if event => {
+            // Nobody reads an asynchronous invocation's output.
+            tokio::spawn(ReceiverStream::new(rx).for_each(|_| async {}));
+            Begun::Answered(StatusCode::ACCEPTED.into_response())
+        }
+        Ok((rx, request_id)) => Begun::Running(rx, request_id),
+    }
+}
+
 async fn invoke(
     State(emulator): State<Emulator>,
     Path(name): Path<String>,
     headers: HeaderMap,
     payload: Bytes,
 ) -> Response {
-    let call = match prepare(&emulator, &name, &headers, payload.len()) {
-        Ok(call) => call,
-        Err(e) => return e.into_response(),
-    };
-    match call.invocation_type.as_str() {
-        "DryRun" => return StatusCode::NO_CONTENT.into_response(),
-        "Event" => {
-            let (rx, _) = match start(&emulator, call, payload).await {
-                Ok(started) => started,
-                Err(e) => return e.into_response(),
-            };
-            // Nobody reads an asynchronous invocation's output.
-            tokio::spawn(ReceiverStream::new(rx).for_each(|_| async {}));
-            return StatusCode::ACCEPTED.into_response();
-        }
-        "RequestResponse" => {}
-        other => {
-            return ApiError::invalid_parameter(format!("unknown invocation type {other}"))
-                .into_response()
-        }
-    }
-    let (mut rx, request_id) = match start(&emulator, call, payload).await {
-        Ok(started) => started,
-        Err(e) => return e.into_response(),
+    let (mut rx, request_id) = match begin(&emulator, &name, &headers, payload, false).await {
+        Begun::Answered(resp) => return resp,
+        Begun::Running(rx, request_id) => (rx, request_id),
     };
     let mut body = BytesMut::new();
     let mut complete = InvokeComplete::default();
@@ -258,23 +285,9 @@ async fn invoke_with_response_stream(
     headers: HeaderMap,
     payload: Bytes,
 ) -> Response {
-    let call = match prepare(&emulator, &name, &headers, payload.len()) {
-        Ok(call) => call,
-        Err(e) => return e.into_response(),
-    };
-    match call.invocation_type.as_str() {
-        "DryRun" => return StatusCode::NO_CONTENT.into_response(),
-        "RequestResponse" => {}
-        other => {
-            return ApiError::invalid_parameter(format!(
-                "invocation type {other} is not supported for response streaming"
-            ))
-            .into_response()
-        }
-    }
-    let (rx, request_id) = match start(&emulator, call, payload).await {
-        Ok(started) => started,
-        Err(e) => return e.into_response(),
+    let (rx, request_id) = match begin(&emulator, &name, &headers, payload, true).await {
+        Begun::Answered(resp) => return resp,
+        Begun::Running(rx, request_id) => (rx, request_id),
     };
     let events = ReceiverStream::new(rx).flat_map(|event| {
         let frames = match event {

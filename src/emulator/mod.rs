@@ -12,6 +12,7 @@ mod errors;
 mod eventstream;
 mod invoke;
 mod microvms;
+mod output_tail;
 mod runtime;
 
 use std::collections::{HashMap, VecDeque};

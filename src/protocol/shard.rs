@@ -122,6 +122,27 @@ pub enum RequestError {
 }
 
 impl ShardRequest {
+    /// A request with just the essentials: no extra environment, no source,
+    /// nothing collected, run in the source root.
+    pub fn new(
+        run_id: impl Into<String>,
+        shard: ShardId,
+        command: Vec<String>,
+        timeout_ms: u64,
+    ) -> Self {
+        ShardRequest {
+            version: PROTOCOL_VERSION,
+            run_id: run_id.into(),
+            shard,
+            command,
+            env: BTreeMap::new(),
+            timeout_ms,
+            workdir: String::new(),
+            source: SourceSpec::Empty,
+            collect: Vec::new(),
+        }
+    }
+
     /// Serialises the request, checking it against the same bounds the agent enforces.
     pub fn encode(&self) -> Result<Vec<u8>, RequestError> {
         self.validate()?;
@@ -315,17 +336,12 @@ mod tests {
     use super::*;
 
     fn request() -> ShardRequest {
-        ShardRequest {
-            version: PROTOCOL_VERSION,
-            run_id: "run".into(),
-            shard: ShardId { index: 1, count: 2 },
-            command: vec!["true".into()],
-            env: BTreeMap::new(),
-            timeout_ms: 1000,
-            workdir: String::new(),
-            source: SourceSpec::Empty,
-            collect: Vec::new(),
-        }
+        ShardRequest::new(
+            "run",
+            ShardId { index: 1, count: 2 },
+            vec!["true".into()],
+            1000,
+        )
     }
 
     #[test]

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use mvm_shard::backend::{Backend, LambdaBackend, LambdaOptions};
 use mvm_shard::dispatch::{self, DispatchOptions, RunEvent, RunSummary, ShardJob};
 use mvm_shard::emulator::{EmulatorConfig, FunctionConfig, RunningEmulator};
-use mvm_shard::protocol::{OutputStream, ShardId, ShardRequest, SourceSpec, PROTOCOL_VERSION};
+use mvm_shard::protocol::{OutputStream, ShardId, ShardRequest};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -89,17 +89,12 @@ pub async fn backend(endpoint: &str, function: &str, tenant_isolation: bool) -> 
 
 /// A request running `sh -c script` as shard `index` of `count`.
 pub fn request(script: &str, index: u32, count: u32, timeout: Duration) -> ShardRequest {
-    ShardRequest {
-        version: PROTOCOL_VERSION,
-        run_id: "test".into(),
-        shard: ShardId { index, count },
-        command: vec!["sh".into(), "-c".into(), script.into()],
-        env: BTreeMap::new(),
-        timeout_ms: timeout.as_millis() as u64,
-        workdir: String::new(),
-        source: SourceSpec::Empty,
-        collect: Vec::new(),
-    }
+    ShardRequest::new(
+        "test",
+        ShardId { index, count },
+        vec!["sh".into(), "-c".into(), script.into()],
+        timeout.as_millis() as u64,
+    )
 }
 
 /// What a dispatch produced: the summary and each shard's stdout and stderr.

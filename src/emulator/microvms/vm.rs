@@ -3,7 +3,6 @@
 //! through its lifecycle hooks, and ended (by `TerminateMicrovm`, by its
 //! maximum duration, or by itself) with everything it started.
 
-use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -13,7 +12,6 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +20,7 @@ use super::routes::{epoch_seconds, RunMicrovmRequest};
 use super::tokens::AuthTokens;
 use super::Image;
 use crate::emulator::environment::ENVIRONMENT_MARKER;
+use crate::emulator::output_tail::OutputTail;
 use crate::os;
 use crate::protocol::microvm::{
     hook_path, BIND_IP_VAR, DEFAULT_HOOKS_PORT, DEFAULT_LOG_PORT, HOOKS_PORT_VAR, LOG_PORT_VAR,
@@ -125,7 +124,7 @@ pub struct Microvm {
     status: Mutex<Status>,
     /// Fires when termination begins, whatever its cause.
     stop: CancellationToken,
-    output: Arc<Mutex<VecDeque<u8>>>,
+    output: OutputTail,
 }
 
 impl Microvm {
@@ -182,28 +181,9 @@ impl Microvm {
                 terminated_at: None,
             }),
             stop: CancellationToken::new(),
-            output: Arc::new(Mutex::new(VecDeque::with_capacity(OUTPUT_TAIL))),
+            output: OutputTail::new(OUTPUT_TAIL),
         });
-        let mut readers = Vec::new();
-        for pipe in [
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>),
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            readers.push(tokio::spawn(collect_output(
-                pipe,
-                vm.output.clone(),
-                vm.id.clone(),
-            )));
-        }
+        let readers = vm.output.follow(&mut child, &format!("microvm/{}", vm.id));
         tokio::spawn(proxy::serve(
             listener,
             vm.clone(),
@@ -347,9 +327,9 @@ impl Microvm {
     }
 
     fn output_tail(&self) -> String {
-        let output = self.output.lock().expect("lock poisoned");
-        let bytes: Vec<u8> = output.iter().copied().collect();
-        String::from_utf8_lossy(&bytes).trim().to_string()
+        String::from_utf8_lossy(&self.output.snapshot())
+            .trim()
+            .to_string()
     }
 }
 
@@ -418,22 +398,6 @@ async fn lifecycle(
     }
     vm.exited.cancel();
     let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
-}
-
-async fn collect_output(
-    pipe: Box<dyn AsyncRead + Send + Unpin>,
-    output: Arc<Mutex<VecDeque<u8>>>,
-    id: String,
-) {
-    let mut lines = BufReader::new(pipe).split(b'\n');
-    while let Ok(Some(line)) = lines.next_segment().await {
-        tracing::debug!(microvm = %id, "{}", String::from_utf8_lossy(&line));
-        let mut output = output.lock().expect("lock poisoned");
-        output.extend(&line);
-        output.push_back(b'\n');
-        let excess = output.len().saturating_sub(OUTPUT_TAIL);
-        output.drain(..excess);
-    }
 }
 
 fn truncate(reason: &str) -> String {
