@@ -400,7 +400,15 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
             }
             Box::new(github)
         } else {
-            Box::new(TerminalReporter::new(std::io::stdout()))
+            let terminal = TerminalReporter::new(std::io::stdout());
+            use std::io::IsTerminal;
+            if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
+                let bar = indicatif::ProgressBar::new(jobs.len() as u64);
+                bar.enable_steady_tick(Duration::from_millis(200));
+                Box::new(terminal.with_progress(bar))
+            } else {
+                Box::new(terminal)
+            }
         };
     let reporter = tokio::spawn(async move {
         while let Some(event) = rx.recv().await {

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::time::Duration;
 
+use indicatif::{ProgressBar, ProgressStyle};
+
 use super::junit::TestReport;
 use super::Reporter;
 use crate::dispatch::{RunEvent, RunSummary, ShardStatus};
@@ -18,6 +20,8 @@ const MAX_HELD_LINE: usize = 64 * 1024;
 pub struct TerminalReporter<W: Write> {
     out: W,
     partial: HashMap<(ShardId, OutputStream), Vec<u8>>,
+    progress: Option<ProgressBar>,
+    not_passed: usize,
 }
 
 impl<W: Write> TerminalReporter<W> {
@@ -26,7 +30,21 @@ impl<W: Write> TerminalReporter<W> {
         TerminalReporter {
             out,
             partial: HashMap::new(),
+            progress: None,
+            not_passed: 0,
         }
+    }
+
+    /// Adds a progress line below the output (for a terminal): shards done,
+    /// how many did not pass, time so far. Output is printed above it.
+    pub fn with_progress(mut self, bar: ProgressBar) -> Self {
+        if let Ok(style) =
+            ProgressStyle::with_template("{spinner} {elapsed_precise} {pos}/{len} shards done{msg}")
+        {
+            bar.set_style(style);
+        }
+        self.progress = Some(bar);
+        self
     }
 
     /// Shows one event.
@@ -181,10 +199,28 @@ impl<W: Write> TerminalReporter<W> {
 
 impl<W: Write + Send> Reporter for TerminalReporter<W> {
     fn handle(&mut self, event: &RunEvent) -> std::io::Result<()> {
-        TerminalReporter::handle(self, event)
+        let Some(bar) = self.progress.clone() else {
+            return TerminalReporter::handle(self, event);
+        };
+        // The bar steps aside while lines are written above it.
+        let written = bar.suspend(|| {
+            let written = TerminalReporter::handle(self, event);
+            self.out.flush().and(written)
+        });
+        if let RunEvent::Finished(record) = event {
+            if record.status != ShardStatus::Passed {
+                self.not_passed += 1;
+                bar.set_message(format!(", {} not passed", self.not_passed));
+            }
+            bar.inc(1);
+        }
+        written
     }
 
     fn finish(&mut self, summary: &RunSummary, tests: &TestReport) -> std::io::Result<()> {
+        if let Some(bar) = self.progress.take() {
+            bar.finish_and_clear();
+        }
         self.summary(summary, tests)
     }
 }
@@ -213,6 +249,34 @@ mod tests {
             stream: OutputStream::Stdout,
             data: Bytes::from_static(data),
         }
+    }
+
+    #[test]
+    fn the_progress_line_counts_finished_shards_and_leaves_the_output_alone() {
+        let mut out = Vec::new();
+        let bar = ProgressBar::hidden();
+        bar.set_length(2);
+        let mut r = TerminalReporter::new(&mut out).with_progress(bar.clone());
+        Reporter::handle(&mut r, &output(1, b"line\n")).unwrap();
+        Reporter::handle(
+            &mut r,
+            &RunEvent::Finished(ShardRecord {
+                shard: shard(1),
+                status: ShardStatus::TimedOut,
+                duration: Duration::from_millis(10),
+                attempts: 1,
+                result: None,
+                files: Vec::new(),
+            }),
+        )
+        .unwrap();
+        assert_eq!(bar.position(), 1);
+        assert_eq!(bar.message(), ", 1 not passed");
+        drop(r);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "[1/2] line\n[1/2] TIMED OUT (ran out of time) in 0.01s\n"
+        );
     }
 
     #[test]
