@@ -149,6 +149,11 @@ pub struct RunArgs {
     /// The function does not use tenant isolation: send no tenant id.
     #[arg(long)]
     pub no_tenant_isolation: bool,
+    /// A file or folder to lay over the source in every shard (repeatable),
+    /// at its place relative to the repository root, ignored or not: build
+    /// outputs prepared here, such as a `cargo nextest archive`.
+    #[arg(long, value_name = "PATH")]
+    pub include: Vec<PathBuf>,
     /// JUnit XML files each shard writes (glob, relative to its working
     /// directory; repeatable): sent back, annotated and merged.
     #[arg(long, value_name = "GLOB")]
@@ -280,7 +285,7 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
             .map_err(|e| RunError::Local(e.to_string()))??,
     };
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    let spec = RunSpec {
+    let mut spec = RunSpec {
         shards: args.shards,
         only,
         command: args.command.clone(),
@@ -288,8 +293,24 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
         timeout: args.timeout,
         workdir: archive.workdir.clone(),
         collect: args.junit.clone(),
+        overlay: None,
     };
 
+    if !args.include.is_empty() {
+        let cwd = std::env::current_dir().map_err(|e| RunError::Local(e.to_string()))?;
+        let include = args.include.clone();
+        let extra = tokio::task::spawn_blocking(move || crate::source::pack_extra(&cwd, &include))
+            .await
+            .map_err(|e| RunError::Local(e.to_string()))??;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(&extra.bytes);
+        if encoded.len() > crate::protocol::MAX_REQUEST_BYTES - 64 * 1024 {
+            return Err(PlanError::IncludeTooLarge {
+                size: human_bytes(extra.bytes.len() as u64),
+            }
+            .into());
+        }
+        spec.overlay = Some(encoded);
+    }
     let budget = plan::inline_budget(&spec, &run_id)?;
     let mut archive_server = None;
     let source = if github.is_some() {

@@ -39,6 +39,12 @@ pub enum PlanError {
     /// The request does not fit.
     #[error("{0}")]
     Request(#[from] RequestError),
+    /// The `--include` files are too large for a request.
+    #[error("the files given with --include are {size} compressed, but a request may carry at most 6 MB (base64 included): include less, such as only the prepared archive the tests need")]
+    IncludeTooLarge {
+        /// Their archive's size, human-readable.
+        size: String,
+    },
     /// The source is too large to travel inside the request.
     #[error("the source archive is {size} compressed, but a request may carry at most {limit} (Lambda's 6 MB payload limit, base64 included); ship less with --source DIR, add build outputs to .gitignore, or use --local, which serves larger sources over loopback")]
     SourceTooLarge {
@@ -66,6 +72,8 @@ pub struct RunSpec {
     pub workdir: String,
     /// Globs of files each shard sends back (JUnit reports).
     pub collect: Vec<String>,
+    /// Extra files laid over the source (`--include`), base64 tar.zst.
+    pub overlay: Option<String>,
 }
 
 /// Parses `--only`: a comma-separated list of shard numbers and ranges (`1,3,5-7`).
@@ -183,6 +191,7 @@ fn request(spec: &RunSpec, run_id: &str, shard: ShardId, source: SourceSpec) -> 
         workdir: spec.workdir.clone(),
         source,
         collect: spec.collect.clone(),
+        overlay: spec.overlay.clone(),
     }
 }
 
@@ -248,6 +257,7 @@ mod tests {
             timeout: Duration::from_secs(60),
             workdir: String::new(),
             collect: Vec::new(),
+            overlay: None,
         };
         let jobs = jobs(&spec, "run", &SourceSpec::Empty).unwrap();
         assert_eq!(jobs.len(), 1);

@@ -90,6 +90,69 @@ pub fn pack(dir: &Path) -> Result<SourceArchive, SourceError> {
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
 
+    let (bytes, entries, unpacked_bytes) = archive(&root, files)?;
+    Ok(SourceArchive {
+        bytes,
+        entries,
+        unpacked_bytes,
+        root,
+        workdir,
+    })
+}
+
+/// Packs chosen files and folders (`--include`) into an archive that is laid
+/// over the source: paths are taken relative to the repository root of `cwd`
+/// (or `cwd` outside a repository), so a file lands where it is here, ignored
+/// or not (build outputs, a `cargo nextest archive`).
+pub fn pack_extra(cwd: &Path, paths: &[PathBuf]) -> Result<SourceArchive, SourceError> {
+    let cwd = cwd
+        .canonicalize()
+        .map_err(|source| SourceError::Unreadable {
+            path: cwd.to_path_buf(),
+            source,
+        })?;
+    let root = git_toplevel(&cwd).unwrap_or_else(|| cwd.clone());
+    let mut files = Vec::new();
+    for given in paths {
+        let full = cwd
+            .join(given)
+            .canonicalize()
+            .map_err(|source| SourceError::Unreadable {
+                path: given.clone(),
+                source,
+            })?;
+        let rel = full
+            .strip_prefix(&root)
+            .map_err(|_| SourceError::Unreadable {
+                path: given.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "it is outside {}, the root the shards' source is laid out from",
+                        root.display()
+                    ),
+                ),
+            })?;
+        if full.is_dir() {
+            files.extend(walk_files(&full)?.into_iter().map(|f| rel.join(f)));
+        } else {
+            files.push(rel.to_path_buf());
+        }
+    }
+    files.sort();
+    files.dedup();
+    let (bytes, entries, unpacked_bytes) = archive(&root, files)?;
+    Ok(SourceArchive {
+        bytes,
+        entries,
+        unpacked_bytes,
+        workdir: String::new(),
+        root,
+    })
+}
+
+/// tar.zst of `files` (relative to `root`), with how many entries and bytes went in.
+fn archive(root: &Path, files: Vec<PathBuf>) -> Result<(Vec<u8>, usize, u64), SourceError> {
     let encoder = zstd::Encoder::new(Vec::new(), 3)?;
     let mut builder = tar::Builder::new(encoder);
     builder.follow_symlinks(false);
@@ -108,14 +171,7 @@ pub fn pack(dir: &Path) -> Result<SourceArchive, SourceError> {
         entries += 1;
         unpacked_bytes += meta.len();
     }
-    let bytes = builder.into_inner()?.finish()?;
-    Ok(SourceArchive {
-        bytes,
-        entries,
-        unpacked_bytes,
-        root,
-        workdir,
-    })
+    Ok((builder.into_inner()?.finish()?, entries, unpacked_bytes))
 }
 
 fn git_toplevel(dir: &Path) -> Option<PathBuf> {

@@ -142,22 +142,26 @@ async fn shards_fetch_the_commit_themselves_and_the_link_is_masked() {
     let gh = fake_github().await;
     let work = tempfile::tempdir().unwrap();
     let gh_files = tempfile::tempdir().unwrap();
+    std::fs::create_dir(work.path().join("target")).unwrap();
+    std::fs::write(
+        work.path().join("target/nextest-archive.tar.zst"),
+        "prepared on the runner\n",
+    )
+    .unwrap();
     let base = gh.base.clone();
     let (code, stdout, stderr) = tokio::task::spawn_blocking({
         let work = work.path().to_path_buf();
         let output = gh_files.path().join("output");
         move || {
             let out = std::process::Command::new(common::binary())
+                .args(["run", "--local", "--shards", "2", "--source-from", "github"])
+                // A build output prepared on the runner, laid over the commit's tree.
+                .args(["--include", "target/nextest-archive.tar.zst", "--"])
                 .args([
-                    "run",
-                    "--local",
-                    "--shards",
-                    "2",
-                    "--source-from",
-                    "github",
-                    "--",
+                    "sh",
+                    "-c",
+                    "cat README.md src/lib.txt target/nextest-archive.tar.zst",
                 ])
-                .args(["sh", "-c", "cat README.md src/lib.txt"])
                 .current_dir(&work)
                 .env("GITHUB_ACTIONS", "true")
                 .env("GITHUB_OUTPUT", &output)
@@ -179,6 +183,11 @@ async fn shards_fetch_the_commit_themselves_and_the_link_is_masked() {
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert_eq!(stdout.matches("from the commit").count(), 2, "{stdout}");
     assert_eq!(stdout.matches("nested").count(), 2, "{stdout}");
+    assert_eq!(
+        stdout.matches("prepared on the runner").count(),
+        2,
+        "{stdout}"
+    );
     let mask = format!("::add-mask::{}/codeload/", gh.base);
     let masked_at = stdout.find(&mask).expect("the link is masked");
     assert!(masked_at < stdout.find("::group::").unwrap());

@@ -90,7 +90,13 @@ pub async fn run(
             return result;
         }
     };
-    if let Err(reason) = fetch_source(&req.source, &ws).await {
+    let mut prepared = fetch_source(&req.source, &ws).await;
+    if let (Ok(()), Some(overlay)) = (&prepared, &req.overlay) {
+        prepared = unpack_inline(overlay, &ws.src)
+            .await
+            .map_err(|e| format!("cannot lay the included files over the source: {e}"));
+    }
+    if let Err(reason) = prepared {
         result.outcome = setup_failed(reason);
         result.setup_ms = elapsed_ms(setup_started);
         ws.remove().await;
@@ -215,23 +221,27 @@ fn effective_timeout(timeout_ms: u64, invocation_deadline: SystemTime) -> (Durat
     }
 }
 
+/// Unpacks a base64 tar.zst carried in the request into `dest`.
+async fn unpack_inline(archive: &str, dest: &std::path::Path) -> Result<(), String> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(archive)
+        .map_err(|e| format!("inline archive is not valid base64: {e}"))?;
+    let dest = dest.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        crate::source::unpack(&bytes[..], ArchiveFormat::TarZst, &dest, 0)
+    })
+    .await
+    .map_err(|e| format!("unpacking panicked: {e}"))?
+    .map(|_| ())
+    .map_err(|e| format!("cannot unpack the source: {e}"))
+}
+
 async fn fetch_source(source: &SourceSpec, ws: &Workspace) -> Result<(), String> {
     let dest = ws.src.clone();
     match source {
         SourceSpec::Empty => Ok(()),
-        SourceSpec::Inline { archive } => {
-            use base64::Engine as _;
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(archive)
-                .map_err(|e| format!("inline source is not valid base64: {e}"))?;
-            tokio::task::spawn_blocking(move || {
-                crate::source::unpack(&bytes[..], ArchiveFormat::TarZst, &dest, 0)
-            })
-            .await
-            .map_err(|e| format!("unpacking the source panicked: {e}"))?
-            .map(|_| ())
-            .map_err(|e| format!("cannot unpack the source: {e}"))
-        }
+        SourceSpec::Inline { archive } => unpack_inline(archive, &dest).await,
         SourceSpec::Url {
             url,
             format,

@@ -99,6 +99,10 @@ pub struct ShardRequest {
     /// the command has ended (JUnit reports, for one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub collect: Vec<String>,
+    /// Extra files laid over the source (base64 tar.zst, paths relative to
+    /// the source root): build outputs prepared where the invoker runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<String>,
 }
 
 /// Why a request was refused before anything ran.
@@ -140,6 +144,7 @@ impl ShardRequest {
             workdir: String::new(),
             source: SourceSpec::Empty,
             collect: Vec::new(),
+            overlay: None,
         }
     }
 
