@@ -9,7 +9,7 @@ use bytes::Bytes;
 use mvm_shard::backend::{Backend, LambdaBackend, LambdaOptions};
 use mvm_shard::dispatch::{self, DispatchOptions, RunEvent, ShardJob};
 use mvm_shard::emulator::{EmulatorConfig, FunctionConfig, RunningEmulator};
-use mvm_shard::protocol::{ShardId, ShardRequest, SourceSpec, PROTOCOL_VERSION};
+use mvm_shard::protocol::{ShardId, ShardRequest};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -23,17 +23,12 @@ fn function(name: &str, tenant_isolation: bool) -> FunctionConfig {
 }
 
 fn job(script: &str, index: u32, count: u32) -> ShardJob {
-    let request = ShardRequest {
-        version: PROTOCOL_VERSION,
-        run_id: "bench".into(),
-        shard: ShardId { index, count },
-        command: vec!["sh".into(), "-c".into(), script.into()],
-        env: Default::default(),
-        timeout_ms: 600_000,
-        workdir: String::new(),
-        source: SourceSpec::Empty,
-        collect: Vec::new(),
-    };
+    let request = ShardRequest::new(
+        "bench",
+        ShardId { index, count },
+        vec!["sh".into(), "-c".into(), script.into()],
+        600_000,
+    );
     ShardJob {
         shard: request.shard,
         payload: Bytes::from(request.encode().unwrap()),
