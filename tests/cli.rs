@@ -2,8 +2,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::{binary, cli};
 
@@ -295,17 +294,7 @@ fn env_values_reach_every_shard() {
 
 #[test]
 fn run_against_a_separate_emulator_process_with_endpoint_url() {
-    let mut emulator = Command::new(binary())
-        .args(["emulate", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(emulator.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let endpoint = line.trim().to_string();
+    let (mut emulator, endpoint) = common::start_emulate();
     assert!(endpoint.starts_with("http://127.0.0.1:"), "{endpoint:?}");
 
     let dir = plain_dir();
@@ -326,10 +315,7 @@ fn run_against_a_separate_emulator_process_with_endpoint_url() {
         .output()
         .unwrap();
     // SIGTERM: the emulator stops its environments before it exits.
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(emulator.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
+    common::sigterm(&emulator);
     assert!(emulator.wait().unwrap().success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(

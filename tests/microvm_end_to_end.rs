@@ -117,28 +117,6 @@ async fn an_expired_token_is_renewed_and_the_log_goes_on() {
     emu.shutdown().await.unwrap();
 }
 
-fn start_emulate() -> (std::process::Child, String) {
-    let mut emulator = Command::new(binary())
-        .args(["emulate", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(emulator.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    (emulator, line.trim().to_string())
-}
-
-fn sigterm(child: &std::process::Child) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-}
-
 #[tokio::test]
 async fn an_invoker_stopped_with_sigterm_leaves_no_microvm_running() {
     let (mut emulator, endpoint) = start_emulate();

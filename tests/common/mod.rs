@@ -249,3 +249,29 @@ pub async fn microvm_states(endpoint: &str) -> Vec<String> {
         .map(|i| i.state().as_str().to_string())
         .collect()
 }
+
+/// Starts `mvm-shard emulate` on a free loopback port; returns the process and
+/// the endpoint URL it printed.
+pub fn start_emulate() -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut emulator = Command::new(binary())
+        .args(["emulate", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(emulator.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (emulator, line.trim().to_string())
+}
+
+/// Sends SIGTERM, the polite stop every long-running part honours.
+pub fn sigterm(child: &std::process::Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+}
