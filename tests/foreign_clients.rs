@@ -176,3 +176,93 @@ async fn the_aws_cli_invokes_a_function_on_the_emulator() {
     assert_eq!(body["echo"]["from"], "cli");
     emu.shutdown().await.unwrap();
 }
+
+/// An example binary of this package; `cargo test` builds the examples next
+/// to the test binaries' `deps` folder.
+fn example(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>");
+    let path = profile_dir.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test`, which builds examples",
+        path.display()
+    );
+    path
+}
+
+#[tokio::test]
+async fn the_official_rust_runtime_client_runs_under_the_emulator() {
+    let binary = example("rust_runtime_function");
+    let emu = emulator(vec![mvm_shard::emulator::FunctionConfig::new(
+        "rs",
+        vec![binary.display().to_string()],
+    )])
+    .await;
+    let client = sdk_client(&emu.endpoint).await;
+
+    let out = client
+        .invoke()
+        .function_name("rs")
+        .payload(aws_sdk_lambda::primitives::Blob::new(
+            br#"{"n": 7}"#.to_vec(),
+        ))
+        .send()
+        .await
+        .expect("invoke succeeds");
+    assert_eq!(out.function_error(), None);
+    let body: serde_json::Value = serde_json::from_slice(out.payload().unwrap().as_ref()).unwrap();
+    assert_eq!(body["echo"]["n"], 7);
+    assert!(!body["request_id"].as_str().unwrap().is_empty());
+    assert!(
+        body["function_arn"]
+            .as_str()
+            .unwrap()
+            .ends_with(":function:rs"),
+        "{body}"
+    );
+
+    let out = client
+        .invoke()
+        .function_name("rs")
+        .payload(aws_sdk_lambda::primitives::Blob::new(
+            br#"{"fail": true}"#.to_vec(),
+        ))
+        .send()
+        .await
+        .expect("a function error is still a 200");
+    assert_eq!(out.function_error(), Some("Unhandled"));
+    let body = String::from_utf8_lossy(out.payload().unwrap().as_ref()).into_owned();
+    assert!(body.contains("failing on request"), "{body}");
+
+    // Streamed: a buffered runtime's answer arrives as chunks and a clean end.
+    let mut streamed = client
+        .invoke_with_response_stream()
+        .function_name("rs")
+        .payload(aws_sdk_lambda::primitives::Blob::new(
+            br#"{"n": 8}"#.to_vec(),
+        ))
+        .send()
+        .await
+        .expect("streaming invoke succeeds");
+    let mut bytes = Vec::new();
+    let mut completed = false;
+    while let Some(event) = streamed.event_stream.recv().await.unwrap() {
+        use aws_sdk_lambda::types::InvokeWithResponseStreamResponseEvent as E;
+        match event {
+            E::PayloadChunk(c) => bytes.extend_from_slice(c.payload().unwrap().as_ref()),
+            E::InvokeComplete(c) => {
+                assert_eq!(c.error_code(), None);
+                completed = true;
+            }
+            _ => {}
+        }
+    }
+    assert!(completed);
+    let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(body["echo"]["n"], 8);
+    emu.shutdown().await.unwrap();
+}
