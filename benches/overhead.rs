@@ -90,6 +90,7 @@ async fn main() {
         region: "us-east-1".into(),
         microvm_images: Vec::new(),
         microvm_faults: Default::default(),
+        throttle_streams: false,
     })
     .await
     .unwrap();

@@ -206,6 +206,10 @@ pub struct EmulateArgs {
     /// binary's `agent --microvm`.
     #[arg(long = "microvm-image", value_name = "NAME=COMMAND")]
     pub microvm_images: Vec<String>,
+    /// Pace streamed responses as Lambda does: the first 6 MB at full speed,
+    /// then at most 2 MB/s.
+    #[arg(long)]
+    pub throttle_streams: bool,
     /// Fault injection: MicroVM auth tokens live this long, whatever was asked
     /// (to test that clients renew them).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -355,6 +359,7 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
             region: "us-east-1".into(),
             microvm_images: vec![image],
             microvm_faults: Default::default(),
+            throttle_streams: false,
         })
         .await
         .map_err(|e| RunError::Local(format!("cannot start the local emulator: {e}")))?;
@@ -597,6 +602,7 @@ pub async fn emulate(args: EmulateArgs) -> anyhow::Result<()> {
             token_lifetime: args.fault_token_lifetime,
             cut_responses_after: args.fault_cut_responses_after,
         },
+        throttle_streams: args.throttle_streams,
     })?;
     emulator
         .serve(listener, async {

@@ -54,6 +54,7 @@ async fn emulator(microvm_images: Vec<MicrovmImageConfig>) -> RunningEmulator {
         region: "us-east-1".into(),
         microvm_images,
         microvm_faults: Default::default(),
+        throttle_streams: false,
     })
     .await
     .expect("emulator starts")

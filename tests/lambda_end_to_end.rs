@@ -338,3 +338,33 @@ async fn a_missing_function_is_an_infrastructure_failure_without_retries() {
     );
     emu.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn with_throttling_on_a_stream_past_6_mb_is_paced_like_lambda_and_arrives_whole() {
+    let emu = mvm_shard::emulator::RunningEmulator::start(mvm_shard::emulator::EmulatorConfig {
+        functions: vec![agent_function("f", true)],
+        region: "us-east-1".into(),
+        microvm_images: Vec::new(),
+        microvm_faults: Default::default(),
+        throttle_streams: true,
+    })
+    .await
+    .unwrap();
+    let backend = backend(&emu.endpoint, "f", true).await;
+    // Random bytes do not compress: about 9 MB cross the wire, 3 MB of them paced at 2 MB/s.
+    let started = std::time::Instant::now();
+    let done = run(
+        backend,
+        vec![request("head -c 9000000 /dev/urandom", 1, 1, MINUTE)],
+        1,
+    )
+    .await;
+    let took = started.elapsed();
+    assert_eq!(done.summary.records[0].status, ShardStatus::Passed);
+    assert_eq!(done.stdout[&1].len(), 9_000_000);
+    assert!(
+        took >= Duration::from_millis(1400),
+        "3 MB past the first 6 MB took only {took:?}"
+    );
+    emu.shutdown().await.unwrap();
+}

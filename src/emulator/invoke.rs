@@ -26,6 +26,10 @@ use crate::protocol::MAX_REQUEST_BYTES;
 
 /// Lambda's cap on a streamed response.
 const MAX_STREAMED_RESPONSE: usize = 200 * 1024 * 1024;
+/// Streamed bytes Lambda sends at full speed before it paces the rest.
+const UNTHROTTLED_BYTES: usize = 6_000_000;
+/// Lambda's pace past [`UNTHROTTLED_BYTES`], in bytes per second.
+const THROTTLED_RATE: f64 = 2_000_000.0;
 
 /// The Invoke API routes.
 pub fn router(emulator: Emulator) -> Router {
@@ -338,7 +342,12 @@ async fn start(
         client_context: call.client_context,
         reply,
     };
-    tokio::spawn(drive(lease, pending, reply_rx, timeout, call.log_tail, tx));
+    let settings = Settings {
+        timeout,
+        log_tail: call.log_tail,
+        throttle_streams: emulator.state.throttle_streams,
+    };
+    tokio::spawn(drive(lease, pending, reply_rx, settings, tx));
     Ok((rx, request_id))
 }
 
@@ -367,12 +376,22 @@ impl FunctionError {
     }
 }
 
+/// How one invocation is run.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    /// The function's timeout.
+    timeout: Duration,
+    /// Return the log tail (`X-Amz-Log-Type: Tail`).
+    log_tail: bool,
+    /// Pace streamed bytes past the first 6 MB as Lambda does.
+    throttle_streams: bool,
+}
+
 async fn drive(
     lease: Lease,
     pending: PendingInvocation,
     reply: oneshot::Receiver<RuntimeReply>,
-    timeout: Duration,
-    log_tail: bool,
+    settings: Settings,
     tx: mpsc::Sender<InvokeEvent>,
 ) {
     let env = lease.env.clone();
@@ -381,22 +400,15 @@ async fn drive(
     env.clear_log();
     env.log_line(&format!("START RequestId: {request_id} Version: $LATEST"));
     let started = Instant::now();
-    let (result, reusable) = exchange(
-        &env,
-        pending,
-        reply,
-        tokio::time::Instant::now() + timeout,
-        timeout,
-        &tx,
-    )
-    .await;
+    let (result, reusable) = exchange(&env, pending, reply, settings, &tx).await;
     env.log_line(&format!("END RequestId: {request_id}"));
     env.log_line(&format!(
         "REPORT RequestId: {request_id}\tDuration: {:.2} ms",
         started.elapsed().as_secs_f64() * 1000.0
     ));
-    let log_result =
-        log_tail.then(|| base64::engine::general_purpose::STANDARD.encode(env.log_tail()));
+    let log_result = settings
+        .log_tail
+        .then(|| base64::engine::general_purpose::STANDARD.encode(env.log_tail()));
     // Back in the pool before the caller hears the end, so a follow-up call can reuse it.
     lease.release(reusable);
     let (complete, body) = match result {
@@ -425,10 +437,11 @@ async fn exchange(
     env: &Environment,
     pending: PendingInvocation,
     reply: oneshot::Receiver<RuntimeReply>,
-    deadline: tokio::time::Instant,
-    timeout: Duration,
+    settings: Settings,
     tx: &mpsc::Sender<InvokeEvent>,
 ) -> (Result<(), FunctionError>, bool) {
+    let Settings { timeout, .. } = settings;
+    let deadline = tokio::time::Instant::now() + timeout;
     let request_id = pending.request_id.clone();
     let timed_out = || {
         FunctionError::new(
@@ -461,6 +474,7 @@ async fn exchange(
         RuntimeReply::Streaming(pieces) => pieces,
     };
     let mut total = 0usize;
+    let mut paced_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             biased;
@@ -472,6 +486,12 @@ async fn exchange(
                             "Function.ResponseSizeTooLarge",
                             format!("Response payload size exceeded maximum allowed payload size ({MAX_STREAMED_RESPONSE} bytes)."),
                         )), false);
+                    }
+                    if settings.throttle_streams && total > UNTHROTTLED_BYTES {
+                        // Past the first 6 MB, bytes leave no faster than 2 MB/s.
+                        let since = *paced_since.get_or_insert_with(tokio::time::Instant::now);
+                        let due = Duration::from_secs_f64((total - UNTHROTTLED_BYTES) as f64 / THROTTLED_RATE);
+                        tokio::time::sleep_until((since + due).min(deadline)).await;
                     }
                     // A caller that went away does not stop the function.
                     let _ = tx.send(InvokeEvent::Data(data)).await;

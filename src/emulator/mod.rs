@@ -97,6 +97,9 @@ pub struct EmulatorConfig {
     pub microvm_images: Vec<MicrovmImageConfig>,
     /// Faults injected into MicroVM endpoints and tokens, for testing clients.
     pub microvm_faults: MicrovmFaults,
+    /// Pace streamed responses past 6 MB at 2 MB/s, as Lambda does (off by
+    /// default, so local runs of chatty suites are not slowed).
+    pub throttle_streams: bool,
 }
 
 struct Function {
@@ -106,6 +109,7 @@ struct Function {
 }
 
 struct EmulatorState {
+    throttle_streams: bool,
     functions: HashMap<String, Arc<Function>>,
     region: String,
     base_dir: tempfile::TempDir,
@@ -149,6 +153,7 @@ impl Emulator {
         Ok(Emulator {
             state: Arc::new(EmulatorState {
                 functions,
+                throttle_streams: config.throttle_streams,
                 region: config.region,
                 microvms: Arc::new(microvms),
                 base_dir,

@@ -54,6 +54,7 @@ pub async fn emulator(functions: Vec<FunctionConfig>) -> RunningEmulator {
         region: "us-east-1".into(),
         microvm_images: Vec::new(),
         microvm_faults: Default::default(),
+        throttle_streams: false,
     })
     .await
     .expect("emulator starts")
@@ -207,6 +208,7 @@ pub async fn microvm_emulator(faults: mvm_shard::emulator::MicrovmFaults) -> Run
             vec![binary().into(), "agent".into(), "--microvm".into()],
         )],
         microvm_faults: faults,
+        throttle_streams: false,
     })
     .await
     .expect("emulator starts")
