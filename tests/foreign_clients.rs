@@ -91,29 +91,8 @@ async fn the_official_python_runtime_client_runs_under_the_emulator() {
     );
 
     // The warm environment serves a second call, streamed this time.
-    let mut streamed = client
-        .invoke_with_response_stream()
-        .function_name("py")
-        .payload(aws_sdk_lambda::primitives::Blob::new(
-            br#"{"n": 2}"#.to_vec(),
-        ))
-        .send()
-        .await
-        .expect("streaming invoke succeeds");
-    let mut bytes = Vec::new();
-    let mut completed = false;
-    while let Some(event) = streamed.event_stream.recv().await.unwrap() {
-        use aws_sdk_lambda::types::InvokeWithResponseStreamResponseEvent as E;
-        match event {
-            E::PayloadChunk(c) => bytes.extend_from_slice(c.payload().unwrap().as_ref()),
-            E::InvokeComplete(c) => {
-                assert_eq!(c.error_code(), None);
-                completed = true;
-            }
-            _ => {}
-        }
-    }
-    assert!(completed);
+    let (bytes, error) = invoke_streamed(&client, "py", br#"{"n": 2}"#).await;
+    assert_eq!(error, None);
     let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(body["echo"]["n"], 2);
 
@@ -239,30 +218,37 @@ async fn the_official_rust_runtime_client_runs_under_the_emulator() {
     assert!(body.contains("failing on request"), "{body}");
 
     // Streamed: a buffered runtime's answer arrives as chunks and a clean end.
+    let (bytes, error) = invoke_streamed(&client, "rs", br#"{"n": 8}"#).await;
+    assert_eq!(error, None);
+    let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(body["echo"]["n"], 8);
+    emu.shutdown().await.unwrap();
+}
+
+/// Calls InvokeWithResponseStream with our SDK client and returns the
+/// payload chunks joined, and the `InvokeComplete` error code if any.
+async fn invoke_streamed(
+    client: &aws_sdk_lambda::Client,
+    function: &str,
+    payload: &[u8],
+) -> (Vec<u8>, Option<String>) {
+    use aws_sdk_lambda::types::InvokeWithResponseStreamResponseEvent as E;
     let mut streamed = client
         .invoke_with_response_stream()
-        .function_name("rs")
-        .payload(aws_sdk_lambda::primitives::Blob::new(
-            br#"{"n": 8}"#.to_vec(),
-        ))
+        .function_name(function)
+        .payload(aws_sdk_lambda::primitives::Blob::new(payload.to_vec()))
         .send()
         .await
         .expect("streaming invoke succeeds");
     let mut bytes = Vec::new();
-    let mut completed = false;
+    let mut complete = None;
     while let Some(event) = streamed.event_stream.recv().await.unwrap() {
-        use aws_sdk_lambda::types::InvokeWithResponseStreamResponseEvent as E;
         match event {
             E::PayloadChunk(c) => bytes.extend_from_slice(c.payload().unwrap().as_ref()),
-            E::InvokeComplete(c) => {
-                assert_eq!(c.error_code(), None);
-                completed = true;
-            }
+            E::InvokeComplete(c) => complete = Some(c.error_code().map(str::to_owned)),
             _ => {}
         }
     }
-    assert!(completed);
-    let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-    assert_eq!(body["echo"]["n"], 8);
-    emu.shutdown().await.unwrap();
+    let error = complete.expect("the stream ends with InvokeComplete");
+    (bytes, error)
 }
