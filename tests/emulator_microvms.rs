@@ -330,15 +330,7 @@ async fn the_endpoint_answers_403_for_a_port_the_token_does_not_open() {
 async fn the_endpoint_streams_a_response_as_it_is_written() {
     let s = setup().await;
     let id = run(&s.client, "stream").await;
-    let endpoint = s
-        .client
-        .get_microvm()
-        .microvm_identifier(&id)
-        .send()
-        .await
-        .unwrap()
-        .endpoint()
-        .to_string();
+    let endpoint = endpoint_of(&s.client, &id).await;
     let token = token(&s.client, &id, PortSpecification::Port(8080)).await;
     let mut resp = http()
         .get(format!("{endpoint}/stream"))
@@ -373,15 +365,7 @@ async fn the_endpoint_streams_a_response_as_it_is_written() {
 async fn terminate_ends_the_microvm_and_everything_it_started() {
     let s = setup().await;
     let id = run(&s.client, "t").await;
-    let endpoint = s
-        .client
-        .get_microvm()
-        .microvm_identifier(&id)
-        .send()
-        .await
-        .unwrap()
-        .endpoint()
-        .to_string();
+    let endpoint = endpoint_of(&s.client, &id).await;
     let pids = recorded_pids(s.records.path());
     assert_eq!(pids.len(), 2);
     assert!(pids.iter().all(|&p| mvm_shard::os::is_alive(p)));
@@ -769,4 +753,16 @@ async fn boto3_drives_the_microvm_control_plane() {
     assert_eq!(report["unknown_image_error"], "ResourceNotFoundException");
     assert_eq!(report["oversized_payload_error"], "ValidationException");
     s.emu.shutdown().await.unwrap();
+}
+
+/// The endpoint GetMicrovm reports for `id`.
+async fn endpoint_of(client: &aws_sdk_lambdamicrovms::Client, id: &str) -> String {
+    client
+        .get_microvm()
+        .microvm_identifier(id)
+        .send()
+        .await
+        .unwrap()
+        .endpoint()
+        .to_string()
 }
