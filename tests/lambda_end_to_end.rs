@@ -341,15 +341,14 @@ async fn a_missing_function_is_an_infrastructure_failure_without_retries() {
 
 #[tokio::test]
 async fn with_throttling_on_a_stream_past_6_mb_is_paced_like_lambda_and_arrives_whole() {
-    let emu = mvm_shard::emulator::RunningEmulator::start(mvm_shard::emulator::EmulatorConfig {
+    let emu = start_emulator(mvm_shard::emulator::EmulatorConfig {
         functions: vec![agent_function("f", true)],
         region: "us-east-1".into(),
         microvm_images: Vec::new(),
         microvm_faults: Default::default(),
         throttle_streams: true,
     })
-    .await
-    .unwrap();
+    .await;
     let backend = backend(&emu.endpoint, "f", true).await;
     // Random bytes do not compress: about 9 MB cross the wire, 3 MB of them paced at 2 MB/s.
     let started = std::time::Instant::now();

@@ -266,10 +266,10 @@ impl<W: Write + Send> Reporter for GithubReporter<W> {
                 "::notice title=More failures::{unannotated} more failed tests than GitHub shows as annotations; all are listed in the job summary"
             )?;
         }
-        for (shard, path, error) in &tests.unreadable {
+        for (shard, path, error) in &tests.problems {
             writeln!(
                 self.out,
-                "::warning title=Unreadable JUnit report::shard {shard}: {}: {}",
+                "::warning title=JUnit report lost::shard {shard}: {}: {}",
                 escape_property(path),
                 escape_data(error)
             )?;

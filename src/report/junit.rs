@@ -41,8 +41,9 @@ pub struct TestReport {
     pub counts: BTreeMap<ShardId, TestCounts>,
     /// Every failed test, by shard.
     pub failures: Vec<TestFailure>,
-    /// Files that were not valid JUnit XML: (shard, path, error).
-    pub unreadable: Vec<(ShardId, String, String)>,
+    /// Reports that are lost: not valid JUnit XML, or not sent back because
+    /// they were over the shard's budget for collected files: (shard, path, why).
+    pub problems: Vec<(ShardId, String, String)>,
     /// All shards' suites in one report, names prefixed with the shard.
     pub merged: Option<Report>,
 }
@@ -54,11 +55,20 @@ impl TestReport {
         let mut merged = Report::new("mvm-shard");
         let mut any = false;
         for record in &summary.records {
+            let skipped = record.result.iter().flat_map(|r| &r.files_skipped);
+            for path in skipped {
+                let why = "not sent back: the shard's collected files were over their size budget";
+                out.problems.push((record.shard, path.clone(), why.into()));
+            }
             for file in &record.files {
                 let report = match parse(&file.data) {
                     Ok(r) => r,
                     Err(e) => {
-                        out.unreadable.push((record.shard, file.path.clone(), e));
+                        out.problems.push((
+                            record.shard,
+                            file.path.clone(),
+                            format!("not a JUnit report: {e}"),
+                        ));
                         continue;
                     }
                 };
@@ -163,7 +173,12 @@ at line</error></testcase></testsuite>"#;
                 status: ShardStatus::Passed,
                 duration: Duration::ZERO,
                 attempts: 1,
-                result: None,
+                result: Some(crate::protocol::ShardResult {
+                    files_skipped: vec!["huge.xml".into()],
+                    ..crate::protocol::ShardResult::not_run(crate::protocol::Outcome::Exited {
+                        code: 0,
+                    })
+                }),
                 files: files
                     .into_iter()
                     .map(|(p, d)| CollectedFile {
@@ -199,7 +214,12 @@ at line</error></testcase></testsuite>"#;
         );
         assert_eq!(f.message, "assert 1 == 2");
         assert_eq!(report.failures[1].message, "boom");
-        assert_eq!(report.unreadable.len(), 1);
+        let problems: Vec<(&str, bool)> = report
+            .problems
+            .iter()
+            .map(|(_, path, why)| (path.as_str(), why.contains("not sent back")))
+            .collect();
+        assert_eq!(problems, [("huge.xml", true), ("junk.xml", false)]);
         let merged = report.merged.unwrap();
         assert_eq!(merged.test_suites.len(), 2);
         assert!(merged.test_suites[0].name.starts_with("shard 2/3: "));

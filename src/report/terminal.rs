@@ -152,8 +152,8 @@ impl<W: Write> TerminalReporter<W> {
                 environment
             )?;
         }
-        for (shard, path, error) in &tests.unreadable {
-            writeln!(self.out, "[{shard}] {path} is not a JUnit report: {error}")?;
+        for (shard, path, error) in &tests.problems {
+            writeln!(self.out, "[{shard}] {path}: {error}")?;
         }
         if !tests.failures.is_empty() {
             writeln!(self.out, "\nfailed tests:")?;

@@ -49,7 +49,7 @@ pub fn python_function(name: &str, handler: &str) -> FunctionConfig {
 
 /// An emulator hosting `functions`.
 pub async fn emulator(functions: Vec<FunctionConfig>) -> RunningEmulator {
-    RunningEmulator::start(EmulatorConfig {
+    start_emulator(EmulatorConfig {
         functions,
         region: "us-east-1".into(),
         microvm_images: Vec::new(),
@@ -57,20 +57,30 @@ pub async fn emulator(functions: Vec<FunctionConfig>) -> RunningEmulator {
         throttle_streams: false,
     })
     .await
-    .expect("emulator starts")
 }
 
-/// The real SDK client for `endpoint`.
-pub async fn sdk_client(endpoint: &str) -> aws_sdk_lambda::Client {
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+/// An emulator for `config`, on a free loopback port.
+pub async fn start_emulator(config: EmulatorConfig) -> RunningEmulator {
+    RunningEmulator::start(config)
+        .await
+        .expect("emulator starts")
+}
+
+/// The SDK settings of every test client: `endpoint`, a region, fixed credentials.
+async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
         .endpoint_url(endpoint)
         .region(aws_sdk_lambda::config::Region::new("us-east-1"))
         .credentials_provider(aws_sdk_lambda::config::Credentials::new(
             "k", "s", None, None, "test",
         ))
         .load()
-        .await;
-    aws_sdk_lambda::Client::new(&conf)
+        .await
+}
+
+/// The real SDK client for `endpoint`.
+pub async fn sdk_client(endpoint: &str) -> aws_sdk_lambda::Client {
+    aws_sdk_lambda::Client::new(&sdk_config(endpoint).await)
 }
 
 /// Our backend for `function` on `endpoint`.
@@ -200,7 +210,7 @@ pub fn cli(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
 
 /// An emulator hosting the image `img`, whose microVMs run our agent's MicroVM mode.
 pub async fn microvm_emulator(faults: mvm_shard::emulator::MicrovmFaults) -> RunningEmulator {
-    RunningEmulator::start(EmulatorConfig {
+    start_emulator(EmulatorConfig {
         functions: Vec::new(),
         region: "us-east-1".into(),
         microvm_images: vec![mvm_shard::emulator::MicrovmImageConfig::new(
@@ -211,7 +221,6 @@ pub async fn microvm_emulator(faults: mvm_shard::emulator::MicrovmFaults) -> Run
         throttle_streams: false,
     })
     .await
-    .expect("emulator starts")
 }
 
 /// Our MicroVMs backend for image `img` on `endpoint`.
@@ -231,15 +240,7 @@ pub async fn microvm_backend(endpoint: &str) -> Arc<mvm_shard::backend::MicrovmB
 
 /// The real MicroVMs SDK client for `endpoint`.
 pub async fn microvms_client(endpoint: &str) -> aws_sdk_lambdamicrovms::Client {
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(endpoint)
-        .region(aws_sdk_lambda::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_lambda::config::Credentials::new(
-            "k", "s", None, None, "test",
-        ))
-        .load()
-        .await;
-    aws_sdk_lambdamicrovms::Client::new(&conf)
+    aws_sdk_lambdamicrovms::Client::new(&sdk_config(endpoint).await)
 }
 
 /// States of every microVM the emulator knows.
