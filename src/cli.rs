@@ -418,6 +418,7 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
             let mut files = GithubFiles::from_env();
             if !args.junit.is_empty() {
                 files.report = Some(args.report.clone());
+                files.junit = args.junit.clone();
             }
             let mut github = GithubReporter::new(std::io::stdout(), files);
             let links = links_to_mask.iter().map(String::as_str);

@@ -11,6 +11,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.command {
         Command::Agent(_) => "info",
+        // A GitHub Actions re-run "with debug logging" sets RUNNER_DEBUG=1.
+        _ if std::env::var("RUNNER_DEBUG").as_deref() == Ok("1") => "warn,mvm_shard=debug",
         _ => "warn",
     };
     tracing_subscriber::fmt()

@@ -2,7 +2,7 @@
 //! (failed shards marked), `::error` annotations within GitHub's per-step
 //! limit, a job summary table and step outputs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Seek, Write};
 use std::path::PathBuf;
@@ -15,6 +15,8 @@ use crate::protocol::ShardId;
 
 /// GitHub shows at most 10 error annotations per step; the rest go to the summary.
 pub const MAX_ERROR_ANNOTATIONS: usize = 10;
+/// Likewise for warnings.
+pub const MAX_WARNING_ANNOTATIONS: usize = 10;
 /// Failed tests listed in the job summary (it holds about 1 MiB).
 const MAX_SUMMARY_FAILURES: usize = 200;
 
@@ -25,8 +27,11 @@ pub struct GithubFiles {
     pub step_summary: Option<PathBuf>,
     /// `$GITHUB_OUTPUT`.
     pub output: Option<PathBuf>,
-    /// The merged JUnit report written, for the `report` output.
+    /// Where the merged JUnit report goes, for the `report` output (set only
+    /// when a report was written).
     pub report: Option<PathBuf>,
+    /// The `--junit` globs, to warn when no shard sent a report back.
+    pub junit: Vec<String>,
 }
 
 impl GithubFiles {
@@ -36,6 +41,7 @@ impl GithubFiles {
             step_summary: std::env::var_os("GITHUB_STEP_SUMMARY").map(PathBuf::from),
             output: std::env::var_os("GITHUB_OUTPUT").map(PathBuf::from),
             report: None,
+            junit: Vec::new(),
         }
     }
 }
@@ -48,6 +54,8 @@ pub struct GithubReporter<W: Write> {
     files: GithubFiles,
     logs: HashMap<ShardId, File>,
     annotations: usize,
+    warnings: usize,
+    failed_shards: Vec<(ShardId, ShardStatus)>,
 }
 
 impl<W: Write> GithubReporter<W> {
@@ -58,6 +66,8 @@ impl<W: Write> GithubReporter<W> {
             files,
             logs: HashMap::new(),
             annotations: 0,
+            warnings: 0,
+            failed_shards: Vec::new(),
         }
     }
 
@@ -74,17 +84,97 @@ impl<W: Write> GithubReporter<W> {
             return Ok(false);
         }
         self.annotations += 1;
+        self.command("error", properties, message)?;
+        Ok(true)
+    }
+
+    /// A `::warning`, within GitHub's 10 per step; returns whether it was shown.
+    fn warn(&mut self, properties: &[(&str, String)], message: &str) -> std::io::Result<bool> {
+        if self.warnings >= MAX_WARNING_ANNOTATIONS {
+            return Ok(false);
+        }
+        self.warnings += 1;
+        self.command("warning", properties, message)?;
+        Ok(true)
+    }
+
+    fn command(
+        &mut self,
+        name: &str,
+        properties: &[(&str, String)],
+        message: &str,
+    ) -> std::io::Result<()> {
         let props: Vec<String> = properties
             .iter()
             .map(|(k, v)| format!("{k}={}", escape_property(v)))
             .collect();
         writeln!(
             self.out,
-            "::error {}::{}",
+            "::{name} {}::{}",
             props.join(","),
             escape_data(message)
-        )?;
-        Ok(true)
+        )
+    }
+
+    /// Annotations for failed tests first, each at its file and line, then
+    /// the shards that failed for another reason (timed out, could not run,
+    /// failed without a failed test in their report), folded into one when
+    /// they would not all fit. Returns how many were left unannotated
+    /// (tests, shards).
+    fn annotate_failures(&mut self, tests: &TestReport) -> std::io::Result<(usize, usize)> {
+        let explained: HashSet<ShardId> = tests.failures.iter().map(|f| f.shard).collect();
+        let shards: Vec<(ShardId, ShardStatus)> = std::mem::take(&mut self.failed_shards)
+            .into_iter()
+            .filter(|(shard, status)| {
+                !(matches!(status, ShardStatus::Failed { .. }) && explained.contains(shard))
+            })
+            .collect();
+        let room = MAX_ERROR_ANNOTATIONS.saturating_sub(self.annotations);
+        let fold = tests.failures.len() + shards.len() > room && shards.len() > 1;
+        let shard_slots = match (shards.is_empty(), fold) {
+            (true, _) => 0,
+            (false, true) => 1,
+            (false, false) => shards.len().min(room),
+        };
+        let mut tests_left = 0;
+        for (shown, failure) in tests.failures.iter().enumerate() {
+            if shown >= room.saturating_sub(shard_slots) {
+                tests_left += 1;
+                continue;
+            }
+            let mut props = vec![(
+                "title",
+                format!("{} (shard {})", failure.name, failure.shard),
+            )];
+            if let Some(file) = &failure.file {
+                props.push(("file", file.clone()));
+                if let Some(line) = failure.line {
+                    props.push(("line", line.to_string()));
+                }
+            }
+            if !self.annotate(&props, &failure.message)? {
+                tests_left += 1;
+            }
+        }
+        let mut shards_left = 0;
+        if fold {
+            let title = format!("{} shards did not pass", shards.len());
+            let lines: Vec<String> = shards
+                .iter()
+                .map(|(shard, status)| format!("shard {shard}: {}", status.describe()))
+                .collect();
+            if !self.annotate(&[("title", title)], &lines.join("\n"))? {
+                shards_left = shards.len();
+            }
+        } else {
+            for (shard, status) in &shards {
+                let title = format!("shard {shard} {}", status.label());
+                if !self.annotate(&[("title", title)], &status.describe())? {
+                    shards_left += 1;
+                }
+            }
+        }
+        Ok((tests_left, shards_left))
     }
 
     fn show_shard(&mut self, record: &ShardRecord) -> std::io::Result<()> {
@@ -121,9 +211,9 @@ impl<W: Write> GithubReporter<W> {
         }
         writeln!(self.out, "::endgroup::")?;
         if record.status != ShardStatus::Passed {
-            let message = record.status.describe();
-            let title = format!("shard {} {}", record.shard, record.status.label());
-            self.annotate(&[("title", title)], &message)?;
+            // Annotated at the end, after the failed tests, which say more.
+            self.failed_shards
+                .push((record.shard, record.status.clone()));
         }
         self.out.flush()
     }
@@ -191,7 +281,7 @@ impl<W: Write> GithubReporter<W> {
         append(path, md.as_bytes())
     }
 
-    fn write_outputs(&self, summary: &RunSummary) -> std::io::Result<()> {
+    fn write_outputs(&self, summary: &RunSummary, tests: &TestReport) -> std::io::Result<()> {
         let Some(path) = &self.files.output else {
             return Ok(());
         };
@@ -207,8 +297,11 @@ impl<W: Write> GithubReporter<W> {
             summary.count(|s| *s == ShardStatus::TimedOut),
             summary.count(|s| matches!(s, ShardStatus::InfraFailed { .. })),
         );
-        if let Some(report) = &self.files.report {
-            lines.push_str(&format!("report={}\n", report.display()));
+        match &self.files.report {
+            Some(report) if tests.merged.is_some() => {
+                lines.push_str(&format!("report={}\n", report.display()));
+            }
+            _ => lines.push_str("report=\n"),
         }
         append(path, lines.as_bytes())
     }
@@ -244,34 +337,33 @@ impl<W: Write + Send> Reporter for GithubReporter<W> {
     }
 
     fn finish(&mut self, summary: &RunSummary, tests: &TestReport) -> std::io::Result<()> {
-        let mut unannotated = 0;
-        for failure in &tests.failures {
-            let mut props = vec![(
-                "title",
-                format!("{} (shard {})", failure.name, failure.shard),
-            )];
-            if let Some(file) = &failure.file {
-                props.push(("file", file.clone()));
-                if let Some(line) = failure.line {
-                    props.push(("line", line.to_string()));
-                }
-            }
-            if !self.annotate(&props, &failure.message)? {
-                unannotated += 1;
-            }
-        }
-        if unannotated > 0 {
+        let (tests_left, shards_left) = self.annotate_failures(tests)?;
+        if tests_left + shards_left > 0 {
             writeln!(
                 self.out,
-                "::notice title=More failures::{unannotated} more failed tests than GitHub shows as annotations; all are listed in the job summary"
+                "::notice title=More failures::{}; GitHub shows {MAX_ERROR_ANNOTATIONS} error annotations per step, and the job summary lists them all",
+                unshown(tests_left, shards_left)
             )?;
         }
+        let mut warnings_left = 0;
         for (shard, path, error) in &tests.problems {
+            let title = ("title", "JUnit report lost".to_string());
+            if !self.warn(&[title], &format!("shard {shard}: {path}: {error}"))? {
+                warnings_left += 1;
+            }
+        }
+        if warnings_left > 0 {
             writeln!(
                 self.out,
-                "::warning title=JUnit report lost::shard {shard}: {}: {}",
-                escape_property(path),
-                escape_data(error)
+                "::notice title=More warnings::{warnings_left} more lost JUnit reports; see the log above"
+            )?;
+        }
+        if tests.merged.is_none() && !self.files.junit.is_empty() {
+            let globs = self.files.junit.join(", ");
+            let title = ("title", "No JUnit report".to_string());
+            self.warn(
+                &[title],
+                &format!("no shard sent back a JUnit report matching {globs}"),
             )?;
         }
         let passed = summary.count(|s| *s == ShardStatus::Passed);
@@ -281,9 +373,24 @@ impl<W: Write + Send> Reporter for GithubReporter<W> {
             summary.records.len()
         )?;
         self.write_summary(summary, tests)?;
-        self.write_outputs(summary)?;
+        self.write_outputs(summary, tests)?;
         self.out.flush()
     }
+}
+
+/// "3 failed tests and 2 shards are not annotated", in words.
+fn unshown(tests: usize, shards: usize) -> String {
+    let plural =
+        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let parts: Vec<String> = [
+        (tests > 0).then(|| plural(tests, "failed test", "failed tests")),
+        (shards > 0).then(|| plural(shards, "failed shard", "failed shards")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let verb = if tests + shards == 1 { "is" } else { "are" };
+    format!("{} {verb} not annotated", parts.join(" and "))
 }
 
 fn append(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -350,6 +457,16 @@ mod tests {
             },
         )))
         .unwrap();
+        let summary = RunSummary {
+            records: vec![record(
+                1,
+                ShardStatus::Failed {
+                    exit_code: Some(2),
+                    signal: None,
+                },
+            )],
+        };
+        r.finish(&summary, &TestReport::default()).unwrap();
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("::group::❌ shard 1/2 FAILED"));
@@ -372,6 +489,7 @@ mod tests {
             step_summary: Some(dir.path().join("summary.md")),
             output: Some(dir.path().join("output")),
             report: Some(dir.path().join("junit.xml")),
+            junit: vec!["junit.xml".into()],
         };
         let mut r = GithubReporter::new(&mut out, files.clone());
         let shard = ShardId { index: 2, count: 2 };
@@ -405,12 +523,135 @@ mod tests {
         assert!(text.contains(
             "::error title=t0 (shard 2/2),file=src/a%2Cb.rs,line=0::100%25 wrong%0Asecond line"
         ));
-        assert!(text.contains("5 more failed tests"));
+        assert!(text.contains("::notice title=More failures::5 failed tests are not annotated"));
+        // Shard 2's failure is explained by its failed tests: no annotation of its own.
+        assert!(!text.contains("title=shard 2/2"));
         let summary_md = std::fs::read_to_string(files.step_summary.unwrap()).unwrap();
         assert!(summary_md.contains("| 2/2 | ❌ failed (exit 1) |"));
         assert!(summary_md.contains("Failed tests (15)"));
         let outputs = std::fs::read_to_string(files.output.unwrap()).unwrap();
         assert!(outputs.contains("result=failed\npassed=1\nfailed=1\n"));
-        assert!(outputs.contains("report="));
+        // No shard sent a report back: the output is empty, and a warning says so.
+        assert!(outputs.ends_with("report=\n"), "{outputs}");
+        assert!(text.contains(
+            "::warning title=No JUnit report::no shard sent back a JUnit report matching junit.xml"
+        ));
+    }
+
+    fn failing_shards_and_tests(shards: u32, tests: u32) -> (String, TestReport) {
+        let mut out = Vec::new();
+        let mut r = GithubReporter::new(&mut out, GithubFiles::default());
+        let count = shards + 1;
+        let mut records = Vec::new();
+        for index in 1..=shards {
+            let mut rec = record(index, ShardStatus::TimedOut);
+            rec.shard.count = count;
+            r.handle(&RunEvent::Finished(rec.clone())).unwrap();
+            records.push(rec);
+        }
+        let tested = ShardId {
+            index: count,
+            count,
+        };
+        let mut rec = record(
+            count,
+            ShardStatus::Failed {
+                exit_code: Some(1),
+                signal: None,
+            },
+        );
+        rec.shard = tested;
+        r.handle(&RunEvent::Finished(rec.clone())).unwrap();
+        records.push(rec);
+        let report = TestReport {
+            failures: (0..tests)
+                .map(|i| TestFailure {
+                    shard: tested,
+                    name: format!("test_{i}"),
+                    file: Some("tests/test_a.py".into()),
+                    line: Some(i + 1),
+                    message: "assert 1 == 2".into(),
+                })
+                .collect(),
+            ..TestReport::default()
+        };
+        r.finish(&RunSummary { records }, &report).unwrap();
+        (String::from_utf8(out).unwrap(), report)
+    }
+
+    #[test]
+    fn many_failing_shards_fold_into_one_annotation_and_leave_room_for_tests() {
+        let (text, _) = failing_shards_and_tests(12, 3);
+        let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("::error ")).collect();
+        assert_eq!(errors.len(), 4, "{text}");
+        assert!(errors[..3]
+            .iter()
+            .all(|e| e.contains("file=tests/test_a.py")));
+        assert!(errors[3].starts_with(
+            "::error title=12 shards did not pass::shard 1/13: ran out of time%0Ashard 2/13"
+        ));
+        assert!(!text.contains("::notice"));
+
+        let (text, _) = failing_shards_and_tests(12, 20);
+        let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("::error ")).collect();
+        assert_eq!(errors.len(), MAX_ERROR_ANNOTATIONS);
+        assert_eq!(errors.iter().filter(|e| e.contains("file=")).count(), 9);
+        assert!(text.contains("::notice title=More failures::11 failed tests are not annotated"));
+    }
+
+    #[test]
+    fn a_few_failing_shards_are_annotated_one_by_one() {
+        let (text, _) = failing_shards_and_tests(2, 3);
+        let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("::error ")).collect();
+        assert_eq!(errors.len(), 5, "{text}");
+        assert_eq!(
+            errors[3],
+            "::error title=shard 1/3 TIMED OUT::ran out of time"
+        );
+    }
+
+    #[test]
+    fn lost_reports_are_warnings_within_their_own_limit() {
+        let mut out = Vec::new();
+        let mut r = GithubReporter::new(&mut out, GithubFiles::default());
+        let shard = ShardId { index: 1, count: 1 };
+        let report = TestReport {
+            problems: (0..12)
+                .map(|i| (shard, format!("r{i}.xml"), "not a JUnit report".into()))
+                .collect(),
+            ..TestReport::default()
+        };
+        let summary = RunSummary {
+            records: vec![record(1, ShardStatus::Passed)],
+        };
+        r.finish(&summary, &report).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.matches("::warning ").count(), MAX_WARNING_ANNOTATIONS);
+        assert!(text.contains("2 more lost JUnit reports"));
+    }
+
+    #[test]
+    fn the_report_output_names_the_report_only_when_one_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = GithubFiles {
+            output: Some(dir.path().join("output")),
+            report: Some(dir.path().join("merged.xml")),
+            junit: vec!["junit.xml".into()],
+            ..GithubFiles::default()
+        };
+        let mut out = Vec::new();
+        let mut r = GithubReporter::new(&mut out, files.clone());
+        let report = TestReport {
+            merged: Some(quick_junit::Report::new("mvm-shard")),
+            ..TestReport::default()
+        };
+        let summary = RunSummary {
+            records: vec![record(1, ShardStatus::Passed)],
+        };
+        r.finish(&summary, &report).unwrap();
+        let outputs = std::fs::read_to_string(files.output.unwrap()).unwrap();
+        let expected = format!("report={}\n", dir.path().join("merged.xml").display());
+        assert!(outputs.ends_with(&expected), "{outputs}");
+        assert!(!String::from_utf8(out).unwrap().contains("::warning"));
     }
 }

@@ -75,6 +75,8 @@ impl TestReport {
                 any = true;
                 let counts = out.counts.entry(record.shard).or_default();
                 for mut suite in report.test_suites {
+                    // pytest names its suite "pytest"; its xunit1 `line` is 0-based.
+                    let pytest = suite.name.as_str() == "pytest";
                     for case in &suite.test_cases {
                         match &case.status {
                             TestCaseStatus::Success { .. } => counts.passed += 1,
@@ -98,7 +100,7 @@ impl TestReport {
                                         .find(|(k, _)| k.as_str() == key)
                                         .map(|(_, v)| v.to_string())
                                 };
-                                let message = message
+                                let message: String = message
                                     .as_ref()
                                     .map(|m| m.to_string())
                                     .or_else(|| {
@@ -110,11 +112,19 @@ impl TestReport {
                                         NonSuccessKind::Failure => "failed".into(),
                                         NonSuccessKind::Error => "errored".into(),
                                     });
+                                let text = [message.as_str(), description.as_deref().unwrap_or("")]
+                                    .join("\n");
+                                let (file, line) = locate(
+                                    attr("file"),
+                                    attr("line").and_then(|l| l.parse().ok()),
+                                    pytest,
+                                    &text,
+                                );
                                 out.failures.push(TestFailure {
                                     shard: record.shard,
                                     name,
-                                    file: attr("file"),
-                                    line: attr("line").and_then(|l| l.parse().ok()),
+                                    file,
+                                    line,
                                     message,
                                 });
                             }
@@ -130,6 +140,132 @@ impl TestReport {
         }
         out
     }
+}
+
+/// Where a failure happened, for an annotation: the place of the failing
+/// assertion in the failure text when the text names one (pytest's
+/// `tests/test_calc.py:14: AssertionError`, a Rust panic's `panicked at
+/// src/lib.rs:10:5`, a JavaScript stack frame, Go's `calc_test.go:14:`),
+/// preferring the test's own file; otherwise the report's `file` and `line`
+/// attributes, with pytest's 0-based xunit1 line made 1-based.
+fn locate(
+    file: Option<String>,
+    line: Option<u32>,
+    pytest: bool,
+    text: &str,
+) -> (Option<String>, Option<u32>) {
+    let file = file.map(|f| workspace_relative(&f).unwrap_or(f));
+    let places = places_in_text(text);
+    let in_test_file = file
+        .as_deref()
+        .and_then(|f| places.iter().rev().find(|p| p.file == f));
+    let chosen = in_test_file
+        .or_else(|| places.iter().find(|p| p.panic))
+        .or_else(|| places.iter().find(|p| p.stack_frame))
+        .or_else(|| places.iter().rev().find(|p| !p.stack_frame));
+    match chosen {
+        Some(place) => (Some(place.file.clone()), Some(place.line)),
+        None => {
+            let line = if pytest { line.map(|l| l + 1) } else { line };
+            (file, line)
+        }
+    }
+}
+
+/// A `path:line` the failure text names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Place {
+    file: String,
+    line: u32,
+    /// Right after `panicked at` (Rust): the failing assertion itself.
+    panic: bool,
+    /// Inside a JavaScript stack frame (`at f (path:line:col)`), innermost first.
+    stack_frame: bool,
+}
+
+/// Every place in the workspace that `text` names, in order. Places outside
+/// the workspace (the standard library, `node_modules`, `site-packages`) are
+/// left out: an annotation can only point into the repository.
+fn places_in_text(text: &str) -> Vec<Place> {
+    let mut places = Vec::new();
+    for text_line in text.lines() {
+        let trimmed = text_line.trim_start();
+        let stack_frame = trimmed.starts_with("at ");
+        let mut after_panic = false;
+        for token in trimmed.split_whitespace() {
+            if token == "at" && trimmed.contains("panicked at") {
+                after_panic = true;
+                continue;
+            }
+            let token = token.trim_matches(|c: char| matches!(c, '(' | ')' | '\'' | '"' | ','));
+            if let Some((file, line)) = path_and_line(token) {
+                places.push(Place {
+                    file,
+                    line,
+                    panic: after_panic,
+                    stack_frame,
+                });
+            }
+            after_panic = false;
+        }
+    }
+    places
+}
+
+/// `path:line`, `path:line:`, `path:line:col` or `path:line:col:`, with a
+/// path that has a file extension and lies in the workspace.
+fn path_and_line(token: &str) -> Option<(String, u32)> {
+    let token = token.strip_prefix("file://").unwrap_or(token);
+    let mut parts = token.trim_end_matches(':').split(':');
+    let path = parts.next()?;
+    let line: u32 = parts.next()?.parse().ok()?;
+    match parts.next() {
+        None => {}
+        Some(col) if col.parse::<u32>().is_ok() => {}
+        Some(_) => return None,
+    }
+    if parts.next().is_some() || line == 0 {
+        return None;
+    }
+    let name = path.rsplit('/').next()?;
+    let (stem, ext) = name.rsplit_once('.')?;
+    if stem.is_empty() || ext.is_empty() || !ext.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return None;
+    }
+    let outside = [
+        "node_modules/",
+        "site-packages/",
+        "/rustc/",
+        ".cargo/registry/",
+        "<",
+    ];
+    if outside.iter().any(|o| path.contains(o)) {
+        return None;
+    }
+    let path = if path.starts_with('/') {
+        workspace_relative(path)?
+    } else {
+        path.trim_start_matches("./").to_string()
+    };
+    Some((path, line))
+}
+
+/// A path inside a shard's workspace (`…/shard-<id>/src/<path>`), relative to
+/// the source root; `None` for any other absolute path.
+fn workspace_relative(path: &str) -> Option<String> {
+    let mut rest = path;
+    while let Some(at) = rest.find("/shard-") {
+        let after = &rest[at + "/shard-".len()..];
+        if let Some((id, tail)) = after.split_once('/') {
+            if id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit()) {
+                if let Some(relative) = tail.strip_prefix("src/") {
+                    return Some(relative.to_string());
+                }
+            }
+        }
+        rest = after;
+    }
+    None
 }
 
 /// Parses one report; a bare `<testsuite>` root is accepted as well.
@@ -208,9 +344,10 @@ at line</error></testcase></testsuite>"#;
         );
         let f = &report.failures[0];
         assert_eq!(f.name, "tests.test_math::test_sub");
+        // pytest's xunit1 `line` is 0-based: the annotation points one line further.
         assert_eq!(
             (f.file.as_deref(), f.line),
-            (Some("tests/test_math.py"), Some(7))
+            (Some("tests/test_math.py"), Some(8))
         );
         assert_eq!(f.message, "assert 1 == 2");
         assert_eq!(report.failures[1].message, "boom");
@@ -223,5 +360,78 @@ at line</error></testcase></testsuite>"#;
         let merged = report.merged.unwrap();
         assert_eq!(merged.test_suites.len(), 2);
         assert!(merged.test_suites[0].name.starts_with("shard 2/3: "));
+    }
+
+    fn failures_of(file: &str, xml: &str) -> Vec<TestFailure> {
+        let summary = summary(vec![(file, xml)]);
+        TestReport::from_summary(&summary).failures
+    }
+
+    fn places(failures: &[TestFailure]) -> Vec<(String, Option<String>, Option<u32>)> {
+        failures
+            .iter()
+            .map(|f| (f.name.clone(), f.file.clone(), f.line))
+            .collect()
+    }
+
+    // Recorded with pytest 8 (default junit_family, xunit2: no file or line attributes).
+    #[test]
+    fn pytest_failures_are_placed_at_the_failing_assertion() {
+        let xml = include_str!("../../tests/fixtures/junit/pytest-xunit2.xml");
+        let file = Some("tests/test_calc.py".to_string());
+        assert_eq!(
+            places(&failures_of("junit.xml", xml)),
+            [
+                ("tests.test_calc::test_fails".into(), file.clone(), Some(11)),
+                // The assertion that failed is in the helper the test called.
+                ("tests.test_calc::test_in_helper".into(), file, Some(2)),
+            ]
+        );
+    }
+
+    // Recorded with pytest 8 and `-o junit_family=xunit1`: 0-based `line` of the `def`.
+    #[test]
+    fn pytest_xunit1_lines_are_not_taken_for_one_based() {
+        let xml = include_str!("../../tests/fixtures/junit/pytest-xunit1.xml");
+        let failures = failures_of("junit.xml", xml);
+        assert_eq!(failures[0].line, Some(11), "the assertion, not the def");
+        let stripped = xml.replace("tests/test_calc.py:", "elsewhere:");
+        let failures = failures_of("junit.xml", &stripped);
+        // With no place in the text, the 0-based def line 8 becomes line 9, the `def`.
+        assert_eq!(failures[0].line, Some(9));
+    }
+
+    // Recorded with cargo-nextest 0.9 (JUnit from a profile's `junit.path`).
+    #[test]
+    fn rust_panics_are_placed_where_they_panicked() {
+        let xml = include_str!("../../tests/fixtures/junit/nextest.xml");
+        assert_eq!(
+            places(&failures_of("junit.xml", xml)),
+            [(
+                "nx::tests::fails".into(),
+                Some("src/lib.rs".into()),
+                Some(17)
+            )]
+        );
+    }
+
+    #[test]
+    fn stack_frames_in_the_workspace_are_made_relative_and_others_skipped() {
+        let text = "Error: expect(received).toBe(expected)\n    at Object.toBe (/tmp/x/node_modules/expect/build/index.js:9:1)\n    at Object.<anonymous> (/tmp/mvm/shard-0123456789abcdef0123456789abcdef/src/web/sum.test.js:5:17)\n    at Promise.then.completed (/tmp/x/node_modules/jest-circus/build/utils.js:298:28)";
+        assert_eq!(
+            locate(None, None, false, text),
+            (Some("web/sum.test.js".into()), Some(5))
+        );
+        let go = "    calc_test.go:14: got 2, want 3";
+        assert_eq!(
+            locate(None, None, false, go),
+            (Some("calc_test.go".into()), Some(14))
+        );
+        // Nothing in the workspace: the report's own attributes stand.
+        let outside = "at /usr/lib/python3/x.py:3: boom";
+        assert_eq!(
+            locate(Some("a.py".into()), Some(4), false, outside),
+            (Some("a.py".into()), Some(4))
+        );
     }
 }
