@@ -24,9 +24,24 @@ use crate::report::junit::TestReport;
 use crate::report::{GithubReporter, Reporter, TerminalReporter};
 use crate::source::{ArchiveServer, SourceError};
 
+/// Shown after `mvm-shard --help` and `mvm-shard run --help`.
+const EXAMPLES_AND_EXIT_CODES: &str = "\
+Examples:
+  mvm-shard run --local --shards 4 -- sh -c 'echo shard {index} of {count}'
+  mvm-shard run --function mvm-shard --region eu-west-1 --shards 32 -- \\
+      cargo nextest run --partition count:{index}/{count}
+  mvm-shard run --microvm-image my-image --shards 8 --timeout 2h -- make test-{index}
+  mvm-shard emulate --listen 127.0.0.1:9001
+
+Exit status:
+  0  every selected shard passed
+  1  a shard's command failed or timed out
+  2  bad usage or configuration, found before anything ran (the message says what to do)
+  3  a shard could not run or its result never arrived (wins over 1: the results are incomplete)";
+
 /// mvm-shard: run each test shard in its own fresh microVM on AWS Lambda.
 #[derive(Debug, Parser)]
-#[command(name = "mvm-shard", version, about)]
+#[command(name = "mvm-shard", version, about, after_help = EXAMPLES_AND_EXIT_CODES)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -38,7 +53,11 @@ pub struct Cli {
 pub enum Command {
     /// Split a command into shards and run each in a fresh environment.
     Run(RunArgs),
-    /// The in-VM agent: the bootstrap of the Lambda image (a Lambda custom runtime).
+    /// The in-VM agent: the bootstrap of the Lambda image (a Lambda custom
+    /// runtime), or with --microvm the MicroVM image's application. Hidden
+    /// from the list, since only images start it; `mvm-shard agent --help`
+    /// still documents it.
+    #[command(hide = true)]
     Agent(AgentArgs),
     /// Serve a local Lambda emulator on loopback (no Docker, no AWS).
     Emulate(EmulateArgs),
@@ -100,6 +119,7 @@ pub async fn doctor(args: DoctorArgs) -> i32 {
 
 /// `mvm-shard run`.
 #[derive(Debug, Args)]
+#[command(after_help = EXAMPLES_AND_EXIT_CODES)]
 #[command(group(ArgGroup::new("target").required(true).args(["local", "function", "microvm_image"])))]
 pub struct RunArgs {
     /// Run on an embedded local emulator, with no AWS at all.

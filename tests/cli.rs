@@ -388,3 +388,33 @@ test {index} = 1"#;
         "{merged}"
     );
 }
+
+#[test]
+fn help_shows_examples_and_exit_codes_and_hides_the_agent() {
+    let out = Command::new(common::binary())
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Examples:") && text.contains("Exit status:"),
+        "{text}"
+    );
+    assert!(text.contains("  3  a shard could not run"), "{text}");
+    assert!(
+        text.contains("emulate") && !text.contains("\n  agent "),
+        "{text}"
+    );
+    let run = Command::new(common::binary())
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&run.stdout).contains("Exit status:"));
+    let agent = Command::new(common::binary())
+        .args(["agent", "--help"])
+        .output()
+        .unwrap();
+    assert!(agent.status.success());
+    assert!(String::from_utf8_lossy(&agent.stdout).contains("--microvm"));
+}
