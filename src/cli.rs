@@ -12,7 +12,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::lambda::LambdaConfigError;
-use crate::backend::{Backend, LambdaBackend, LambdaOptions, MicrovmBackend, MicrovmOptions};
+use crate::backend::{
+    Backend, LambdaBackend, LambdaOptions, MicrovmBackend, MicrovmOptions, Released,
+};
 use crate::dispatch::{self, DispatchOptions};
 use crate::emulator::{
     EmulatorConfig, FunctionConfig, MicrovmImageConfig, RunningEmulator, DEFAULT_FUNCTION,
@@ -22,6 +24,7 @@ use crate::protocol::SourceSpec;
 use crate::report::github::GithubFiles;
 use crate::report::junit::TestReport;
 use crate::report::{GithubReporter, Reporter, TerminalReporter};
+use crate::shutdown::{Shutdown, Signal};
 use crate::source::{ArchiveServer, SourceError};
 
 /// Shown after `mvm-shard --help` and `mvm-shard run --help`.
@@ -238,6 +241,11 @@ pub struct EmulateArgs {
     /// after this many bytes (to test that clients resume).
     #[arg(long, value_name = "BYTES")]
     pub fault_cut_responses_after: Option<u64>,
+    /// Fault injection: the first answer to each `RunMicrovm` client token is
+    /// held back this long while the microVM starts anyway (a slow or lost
+    /// response), to test that clients still find and terminate it.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub fault_hold_run_answers: Option<Duration>,
 }
 
 /// Why `run` stopped before it could report shards.
@@ -430,8 +438,10 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
         human_bytes(archive.bytes.len() as u64),
     );
 
+    let shutdown = Shutdown::from_os()
+        .map_err(|e| RunError::Local(format!("cannot handle SIGINT and SIGTERM: {e}")))?;
     let cancel = CancellationToken::new();
-    let signals = tokio::spawn(watch_signals(cancel.clone()));
+    let signals = tokio::spawn(escalate(shutdown.clone(), cancel.clone(), backend.clone()));
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut reporter: Box<dyn Reporter> =
         if std::env::var("GITHUB_ACTIONS").as_deref() == Ok("true") {
@@ -480,8 +490,9 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
     )
     .await;
     // Whatever happened, nothing the run started may outlive it (MicroVMs cost money).
-    backend.shutdown().await;
+    let released = backend.shutdown().await;
     signals.abort();
+    let left_running = tell_released(&released, shutdown.last());
     let mut reporter = reporter.await.map_err(|e| RunError::Local(e.to_string()))?;
     let tests = TestReport::from_summary(&summary);
     if let Some(merged) = &tests.merged {
@@ -507,7 +518,36 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
     if let Some(server) = archive_server {
         server.shutdown().await;
     }
-    Ok(summary.exit_code())
+    Ok(if left_running {
+        summary.exit_code().max(3)
+    } else {
+        summary.exit_code()
+    })
+}
+
+/// Says what an interruption or the end of the run had to end; true when
+/// something may still be running.
+fn tell_released(released: &Released, signal: Option<Signal>) -> bool {
+    if let Some(signal) = signal {
+        eprintln!(
+            "mvm-shard: interrupted by {}; shards without a result are reported as interrupted",
+            signal.name()
+        );
+    }
+    if !released.terminated.is_empty() {
+        eprintln!(
+            "mvm-shard: terminated {} microVM(s): {}",
+            released.terminated.len(),
+            released.terminated.join(", ")
+        );
+    }
+    if !released.failed.is_empty() {
+        eprintln!(
+            "mvm-shard: MAY STILL BE RUNNING (terminate by hand): {}",
+            released.failed.join("; ")
+        );
+    }
+    !released.failed.is_empty()
 }
 
 /// Tarball links for the workflow's commit, from the variables GitHub Actions sets.
@@ -552,20 +592,35 @@ fn secret_values<'a>(
         .collect()
 }
 
-/// First SIGINT or SIGTERM: stop dispatching and abandon the shards in
-/// flight (they are reported as not run). Second: exit at once.
-async fn watch_signals(cancel: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return;
-    };
-    tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
-    eprintln!("mvm-shard: interrupted; stopping (interrupt again to abandon at once)");
+/// How the invoker answers stop requests. First SIGINT or SIGTERM: stop
+/// dispatching; the shards in flight are interrupted and what they hold is
+/// released (every microVM terminated, those still being started found by
+/// their client token). Second (a cancelled workflow sends SIGINT, then
+/// SIGTERM): nothing is skipped, termination goes on. Third: exit 130 at once,
+/// naming what may still be running.
+async fn escalate(shutdown: Shutdown, cancel: CancellationToken, backend: Arc<dyn Backend>) {
+    let first = shutdown.requested().await;
+    eprintln!(
+        "mvm-shard: {} received: stopping the shards and ending what they run",
+        first.name()
+    );
     cancel.cancel();
-    tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+    let second = shutdown.requests(2).await;
+    eprintln!(
+        "mvm-shard: {} received: still ending what the shards run (a third signal abandons it)",
+        second.name()
+    );
+    let third = shutdown.requests(3).await;
+    let left = backend.unfinished();
+    if left.is_empty() {
+        eprintln!("mvm-shard: {} received: exiting", third.name());
+    } else {
+        eprintln!(
+            "mvm-shard: {} received: abandoning; MAY STILL BE RUNNING (terminate by hand): {}",
+            third.name(),
+            left.join(", ")
+        );
+    }
     std::process::exit(130);
 }
 
@@ -622,18 +677,14 @@ pub async fn emulate(args: EmulateArgs) -> anyhow::Result<()> {
         microvm_faults: crate::emulator::MicrovmFaults {
             token_lifetime: args.fault_token_lifetime,
             cut_responses_after: args.fault_cut_responses_after,
+            hold_run_answers: args.fault_hold_run_answers,
         },
         throttle_streams: args.throttle_streams,
     })?;
+    let shutdown = Shutdown::from_os()?;
     emulator
-        .serve(listener, async {
-            use tokio::signal::unix::{signal, SignalKind};
-            if let (Ok(mut int), Ok(mut term)) = (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) {
-                tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
-            }
+        .serve(listener, async move {
+            shutdown.requested().await;
         })
         .await?;
     Ok(())

@@ -91,6 +91,13 @@ pub enum ShardStatus {
         /// What went wrong.
         reason: String,
     },
+    /// The run was interrupted (SIGINT, SIGTERM) before the shard's result
+    /// arrived: its result is unknown.
+    Interrupted {
+        /// What became of it: never started, its microVM terminated, or
+        /// its function possibly still running.
+        detail: String,
+    },
 }
 
 impl ShardStatus {
@@ -107,6 +114,7 @@ impl ShardStatus {
             ShardStatus::Failed { .. } => "failed".into(),
             ShardStatus::TimedOut => "ran out of time".into(),
             ShardStatus::InfraFailed { reason } => format!("could not run: {reason}"),
+            ShardStatus::Interrupted { detail } => format!("interrupted; {detail}"),
         }
     }
 
@@ -117,6 +125,7 @@ impl ShardStatus {
             ShardStatus::Failed { .. } => "FAILED",
             ShardStatus::TimedOut => "TIMED OUT",
             ShardStatus::InfraFailed { .. } => "NOT RUN",
+            ShardStatus::Interrupted { .. } => "INTERRUPTED",
         }
     }
 }
@@ -156,9 +165,16 @@ pub struct RunSummary {
 
 impl RunSummary {
     /// The process exit status: 0 all passed, 1 a command failed or timed
-    /// out, 3 a shard could not run (this wins: the results are incomplete).
+    /// out, 3 a shard could not run or was interrupted (this wins: the
+    /// results are incomplete).
     pub fn exit_code(&self) -> i32 {
-        if self.count(|s| matches!(s, ShardStatus::InfraFailed { .. })) > 0 {
+        let incomplete = |s: &ShardStatus| {
+            matches!(
+                s,
+                ShardStatus::InfraFailed { .. } | ShardStatus::Interrupted { .. }
+            )
+        };
+        if self.count(incomplete) > 0 {
             3
         } else if self.count(|s| *s != ShardStatus::Passed) > 0 {
             1
@@ -210,7 +226,8 @@ impl Default for DispatchOptions {
 }
 
 /// Runs every job and returns one record per job. `cancel` stops new
-/// dispatches and abandons the shards in flight, which then count as not run.
+/// dispatches and abandons the shards in flight, which then count as
+/// interrupted; the caller then has the backend release what they hold.
 pub async fn dispatch(
     backend: Arc<dyn Backend>,
     run_id: &str,
@@ -226,14 +243,22 @@ pub async fn dispatch(
             let cancel = cancel.clone();
             async move {
                 let started = Instant::now();
-                let run = run_shard(&*backend, run_id, &job, options, &events);
-                let (status, attempts, received) = tokio::select! {
-                    done = run => done,
-                    () = cancel.cancelled() => (
-                        ShardStatus::InfraFailed { reason: "cancelled before its result arrived".into() },
-                        0,
-                        Received::default(),
-                    ),
+                let interrupted = |detail: &str| {
+                    let status = ShardStatus::Interrupted {
+                        detail: detail.into(),
+                    };
+                    (status, 0, Received::default())
+                };
+                let (status, attempts, received) = if cancel.is_cancelled() {
+                    interrupted("it never started")
+                } else {
+                    let run = run_shard(&*backend, run_id, &job, options, &events);
+                    tokio::select! {
+                        // A shard whose result is in is not interrupted.
+                        biased;
+                        done = run => done,
+                        () = cancel.cancelled() => interrupted(backend.interrupted()),
+                    }
                 };
                 let record = ShardRecord {
                     shard: job.shard,

@@ -18,4 +18,5 @@ pub mod os;
 pub mod plan;
 pub mod protocol;
 pub mod report;
+pub mod shutdown;
 pub mod source;

@@ -100,6 +100,7 @@ async fn an_expired_token_is_renewed_and_the_log_goes_on() {
     let emu = microvm_emulator(MicrovmFaults {
         token_lifetime: Some(Duration::from_secs(1)),
         cut_responses_after: Some(300),
+        ..Default::default()
     })
     .await;
     let backend = microvm_backend(&emu.endpoint).await;

@@ -117,16 +117,12 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, MicrovmError> {
 }
 
 async fn termination_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+    match crate::shutdown::Shutdown::from_os() {
+        Ok(shutdown) => {
+            shutdown.requested().await;
         }
         // Without handlers the default action still ends the process.
-        _ => std::future::pending().await,
+        Err(_) => std::future::pending().await,
     }
 }
 

@@ -76,6 +76,12 @@ impl LambdaBackend {
 }
 
 impl Backend for LambdaBackend {
+    /// An invocation cannot be cancelled: dropping the stream leaves the
+    /// function running in its environment until it ends or times out.
+    fn interrupted(&self) -> &'static str {
+        "the function may still be running until its timeout"
+    }
+
     fn invoke<'a>(
         &'a self,
         invocation: &'a ShardInvocation,

@@ -4,24 +4,25 @@
 //! endpoint, resuming from the last byte on a broken connection, and every
 //! microVM started is terminated, whatever happens.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_lambdamicrovms::error::{DisplayErrorContext, SdkError};
+use aws_sdk_lambdamicrovms::operation::run_microvm::builders::RunMicrovmFluentBuilder;
 use aws_sdk_lambdamicrovms::types::PortSpecification;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 
 use super::{
-    Backend, InvokeError, InvokeErrorKind, LambdaConfigError, ShardInvocation, ShardStream,
-    StreamError,
+    Backend, InvokeError, InvokeErrorKind, LambdaConfigError, Released, ShardInvocation,
+    ShardStream, StreamError,
 };
 use crate::protocol::microvm::{
     RunPayload, RunPayloadError, DEFAULT_LOG_PORT, LOG_PATH, SHARD_PATH,
 };
-use crate::protocol::ShardRequest;
+use crate::protocol::{ShardId, ShardRequest};
 
 /// The agent's log port inside the microVM.
 const LOG_PORT: i32 = DEFAULT_LOG_PORT as i32;
@@ -58,8 +59,30 @@ pub struct MicrovmBackend {
     client: aws_sdk_lambdamicrovms::Client,
     http: reqwest::Client,
     options: MicrovmOptions,
-    /// MicroVMs started and not yet terminated.
-    running: Arc<Mutex<HashSet<String>>>,
+    /// Every microVM this backend may have started and not yet terminated.
+    tracked: Arc<Mutex<Tracked>>,
+}
+
+/// The microVMs a run is answerable for, from the moment `RunMicrovm` is
+/// sent: a call whose answer never came (interrupted, or its response
+/// lost) may still have started one.
+#[derive(Default)]
+struct Tracked {
+    /// Started and not yet terminated: microVM id to its shard.
+    running: HashMap<String, ShardId>,
+    /// Sent and unanswered: client token to its shard and the very call,
+    /// which repeated with the same token names the microVM it started
+    /// (or starts one, to be terminated at once) instead of a second one.
+    starting: HashMap<String, (ShardId, RunMicrovmFluentBuilder)>,
+}
+
+impl Tracked {
+    fn lock(tracked: &Mutex<Tracked>) -> std::sync::MutexGuard<'_, Tracked> {
+        // The maps stay consistent whatever panicked while holding them.
+        tracked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl MicrovmBackend {
@@ -81,7 +104,7 @@ impl MicrovmBackend {
             client: aws_sdk_lambdamicrovms::Client::new(&shared),
             http,
             options,
-            running: Arc::default(),
+            tracked: Arc::default(),
         })
     }
 
@@ -123,12 +146,30 @@ impl MicrovmBackend {
         if let Some(role) = &self.options.execution_role_arn {
             run = run.execution_role_arn(role);
         }
-        let vm = run.send().await.map_err(classify)?;
+        let token = Self::client_token(invocation);
+        // Recorded before sending: if this future is dropped (an interrupted
+        // run) while the call is out, shutdown still finds its microVM.
+        Tracked::lock(&self.tracked)
+            .starting
+            .insert(token.clone(), (invocation.shard, run.clone()));
+        let vm = match run.send().await {
+            Ok(vm) => vm,
+            Err(e) => {
+                // A service's answer means nothing started; anything else (a
+                // timeout, a dropped connection) may hide a started microVM,
+                // left for shutdown to find by its token.
+                if matches!(e, SdkError::ServiceError(_)) {
+                    Tracked::lock(&self.tracked).starting.remove(&token);
+                }
+                return Err(classify(e));
+            }
+        };
         let id = vm.microvm_id;
-        self.running
-            .lock()
-            .expect("lock poisoned")
-            .insert(id.clone());
+        {
+            let mut tracked = Tracked::lock(&self.tracked);
+            tracked.starting.remove(&token);
+            tracked.running.insert(id.clone(), invocation.shard);
+        }
         let endpoint = if vm.endpoint.starts_with("http://") || vm.endpoint.starts_with("https://")
         {
             vm.endpoint.trim_end_matches('/').to_string()
@@ -147,17 +188,16 @@ impl MicrovmBackend {
         };
         if post_request {
             if let Err(e) = log.post_request(invocation.payload.clone()).await {
-                self.terminate(&id).await;
+                let _ = self.terminate(&id).await;
                 return Err(InvokeError {
                     kind: InvokeErrorKind::Transient,
                     message: e,
                 });
             }
         }
-        let running = self.running.clone();
         let terminator = Terminator {
             client: self.client.clone(),
-            running,
+            tracked: self.tracked.clone(),
             id,
         };
         let stream = futures::stream::unfold(Some((log, terminator)), |state| async move {
@@ -165,11 +205,11 @@ impl MicrovmBackend {
             match log.next_chunk().await {
                 Ok(Some(chunk)) => Some((Ok(chunk), Some((log, terminator)))),
                 Ok(None) => {
-                    terminator.terminate().await;
+                    let _ = terminator.terminate().await;
                     None
                 }
                 Err(e) => {
-                    terminator.terminate().await;
+                    let _ = terminator.terminate().await;
                     Some((Err(StreamError::Transport(e)), None))
                 }
             }
@@ -177,14 +217,93 @@ impl MicrovmBackend {
         Ok(Box::pin(stream))
     }
 
-    async fn terminate(&self, id: &str) {
+    async fn terminate(&self, id: &str) -> Result<(), EndError> {
         Terminator {
             client: self.client.clone(),
-            running: self.running.clone(),
+            tracked: self.tracked.clone(),
             id: id.to_string(),
         }
         .terminate()
-        .await;
+        .await
+    }
+
+    /// The microVM a `RunMicrovm` left unanswered started, asked again with
+    /// the same client token; `None` when the service says it started none.
+    async fn recover(
+        &self,
+        token: &str,
+        call: RunMicrovmFluentBuilder,
+    ) -> Result<Option<String>, EndError> {
+        let mut last = String::new();
+        for attempt in 0..3u32 {
+            match call.clone().send().await {
+                Ok(vm) => {
+                    Tracked::lock(&self.tracked).starting.remove(token);
+                    return Ok(Some(vm.microvm_id));
+                }
+                Err(SdkError::ServiceError(e))
+                    if !e.err().is_throttling_exception()
+                        && !e.err().is_internal_server_exception() =>
+                {
+                    // Refused outright (the request itself is wrong): nothing runs.
+                    Tracked::lock(&self.tracked).starting.remove(token);
+                    return Ok(None);
+                }
+                Err(e) => {
+                    last = DisplayErrorContext(&e).to_string();
+                    tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+                }
+            }
+        }
+        Err(EndError::Recover {
+            token: token.to_string(),
+            message: last,
+        })
+    }
+
+    /// Terminates what is tracked: microVMs known by id, and those of calls
+    /// still unanswered, found by their client token first.
+    async fn release(&self) -> Released {
+        let (running, starting): (Vec<(String, ShardId)>, Vec<_>) = {
+            let tracked = Tracked::lock(&self.tracked);
+            (
+                tracked
+                    .running
+                    .iter()
+                    .map(|(id, s)| (id.clone(), *s))
+                    .collect(),
+                tracked
+                    .starting
+                    .iter()
+                    .map(|(token, (s, call))| (token.clone(), *s, call.clone()))
+                    .collect(),
+            )
+        };
+        // Every microVM at once: a cancelled CI job gives seconds, not minutes.
+        let known = running.into_iter().map(|(id, shard)| {
+            async move { (shard, self.terminate(&id).await.map(|()| Some(id))) }.boxed()
+        });
+        let found = starting.into_iter().map(|(token, shard, call)| {
+            async move {
+                let end = match self.recover(&token, call).await {
+                    Ok(Some(id)) => self.terminate(&id).await.map(|()| Some(id)),
+                    other => other,
+                };
+                (shard, end)
+            }
+            .boxed()
+        });
+        let ends = futures::future::join_all(known.chain(found)).await;
+        let mut released = Released::default();
+        for (shard, end) in ends {
+            match end {
+                Ok(Some(id)) => released.terminated.push(format!("{id} (shard {shard})")),
+                Ok(None) => {}
+                Err(e) => released.failed.push(format!("shard {shard}: {e}")),
+            }
+        }
+        released.terminated.sort();
+        released
     }
 }
 
@@ -196,30 +315,50 @@ impl Backend for MicrovmBackend {
         self.start(invocation).boxed()
     }
 
-    fn shutdown(&self) -> BoxFuture<'_, ()> {
-        async move {
-            let ids: Vec<String> = self
-                .running
-                .lock()
-                .expect("lock poisoned")
-                .iter()
-                .cloned()
-                .collect();
-            futures::future::join_all(ids.iter().map(|id| self.terminate(id))).await;
-        }
-        .boxed()
+    fn shutdown(&self) -> BoxFuture<'_, Released> {
+        self.release().boxed()
+    }
+
+    fn interrupted(&self) -> &'static str {
+        "its microVM is terminated"
+    }
+
+    fn unfinished(&self) -> Vec<String> {
+        let tracked = Tracked::lock(&self.tracked);
+        let mut left: Vec<String> = tracked
+            .running
+            .iter()
+            .map(|(id, shard)| format!("{id} (shard {shard})"))
+            .chain(tracked.starting.iter().map(|(token, (shard, _))| {
+                format!("the microVM of client token {token} (shard {shard})")
+            }))
+            .collect();
+        left.sort();
+        left
     }
 }
 
-/// Ends one microVM and forgets it.
+/// Why a microVM the run answers for may still be running.
+#[derive(Debug, thiserror::Error)]
+enum EndError {
+    /// `TerminateMicrovm` kept failing.
+    #[error("cannot terminate microVM {id}: {message}")]
+    Terminate { id: String, message: String },
+    /// Repeating an unanswered `RunMicrovm` kept failing.
+    #[error("cannot learn which microVM client token {token} started: {message}")]
+    Recover { token: String, message: String },
+}
+
+/// Ends one microVM and forgets it once it is ended.
 struct Terminator {
     client: aws_sdk_lambdamicrovms::Client,
-    running: Arc<Mutex<HashSet<String>>>,
+    tracked: Arc<Mutex<Tracked>>,
     id: String,
 }
 
 impl Terminator {
-    async fn terminate(&self) {
+    async fn terminate(&self) -> Result<(), EndError> {
+        let mut last = String::new();
         for attempt in 0..3u32 {
             match self
                 .client
@@ -228,20 +367,29 @@ impl Terminator {
                 .send()
                 .await
             {
-                Ok(_) => break,
+                Ok(_) => {
+                    Tracked::lock(&self.tracked).running.remove(&self.id);
+                    return Ok(());
+                }
                 Err(e)
                     if e.as_service_error()
                         .is_some_and(|s| s.is_resource_not_found_exception()) =>
                 {
-                    break
+                    Tracked::lock(&self.tracked).running.remove(&self.id);
+                    return Ok(());
                 }
                 Err(e) => {
-                    tracing::warn!(microvm = %self.id, error = %DisplayErrorContext(&e), "terminating failed");
+                    last = DisplayErrorContext(&e).to_string();
+                    tracing::warn!(microvm = %self.id, error = %last, "terminating failed");
                     tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
                 }
             }
         }
-        self.running.lock().expect("lock poisoned").remove(&self.id);
+        // Still tracked: shutdown tries again and names it if it fails there too.
+        Err(EndError::Terminate {
+            id: self.id.clone(),
+            message: last,
+        })
     }
 }
 

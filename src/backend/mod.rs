@@ -39,10 +39,32 @@ pub trait Backend: Send + Sync {
     ) -> BoxFuture<'a, Result<ShardStream, InvokeError>>;
 
     /// Releases everything the backend still holds (MicroVMs that must not
-    /// outlive the run); called once at the end, after a cancellation too.
-    fn shutdown(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async {})
+    /// outlive the run, started or still being started); called once at the
+    /// end, after an interruption too. Says what it ended, for the summary.
+    fn shutdown(&self) -> BoxFuture<'_, Released> {
+        Box::pin(async { Released::default() })
     }
+
+    /// What becomes of a shard interrupted while it ran here, in words that
+    /// follow "interrupted; " in the summary.
+    fn interrupted(&self) -> &'static str {
+        "its result never arrived"
+    }
+
+    /// What may still be running now (named for the user), should the
+    /// invoker have to give up before [`Backend::shutdown`] is through.
+    fn unfinished(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// What [`Backend::shutdown`] found still out there and did about it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Released {
+    /// What it ended, each named with its shard (`mvm-… (shard 2/3)`).
+    pub terminated: Vec<String>,
+    /// What it could not end, with why: these may still be running.
+    pub failed: Vec<String>,
 }
 
 /// Why an AWS client could not be configured.

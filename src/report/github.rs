@@ -240,6 +240,7 @@ impl<W: Write> GithubReporter<W> {
                 ShardStatus::Failed { .. } => "❌ failed".to_string(),
                 ShardStatus::TimedOut => "⏱️ timed out".to_string(),
                 ShardStatus::InfraFailed { .. } => "⚠️ could not run".to_string(),
+                ShardStatus::Interrupted { .. } => "⏹️ interrupted".to_string(),
             };
             let env = match &r.result {
                 Some(res) if res.fresh_environment => "fresh",

@@ -181,12 +181,16 @@ impl<W: Write> TerminalReporter<W> {
             .collect();
         writeln!(
             self.out,
-            "{} shards: {} passed, {} failed, {} timed out, {} could not run{}",
+            "{} shards: {} passed, {} failed, {} timed out, {} could not run{}{}",
             summary.records.len(),
             summary.count(|s| *s == ShardStatus::Passed),
             summary.count(|s| matches!(s, ShardStatus::Failed { .. })),
             summary.count(|s| *s == ShardStatus::TimedOut),
             summary.count(|s| matches!(s, ShardStatus::InfraFailed { .. })),
+            match summary.count(|s| matches!(s, ShardStatus::Interrupted { .. })) {
+                0 => String::new(),
+                n => format!(", {n} interrupted"),
+            },
             if failed.is_empty() {
                 String::new()
             } else {

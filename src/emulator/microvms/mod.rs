@@ -95,6 +95,10 @@ pub struct MicrovmFaults {
     pub token_lifetime: Option<std::time::Duration>,
     /// Every proxied response is broken off after this many body bytes.
     pub cut_responses_after: Option<u64>,
+    /// The first answer to each client token of `RunMicrovm` is held back
+    /// this long while the microVM starts anyway, as a slow or lost response
+    /// would: the window in which an interrupted client must still find it.
+    pub hold_run_answers: Option<std::time::Duration>,
 }
 
 /// Every microVM of an emulator, running or terminated.
@@ -157,6 +161,7 @@ impl Microvms {
         if self.closing.is_cancelled() {
             return Err(MicrovmApiError::internal("the emulator is stopping"));
         }
+        let mut first_answer = true;
         let mut outcome = match request.client_token.clone() {
             None => self.launch(image, request, maximum_duration),
             Some(token) => {
@@ -166,7 +171,10 @@ impl Microvms {
                 };
                 let mut tokens = self.client_tokens.lock().expect("lock poisoned");
                 match tokens.get(&token) {
-                    Some(started) if started.request == fingerprint => started.outcome.clone(),
+                    Some(started) if started.request == fingerprint => {
+                        first_answer = false;
+                        started.outcome.clone()
+                    }
                     Some(_) => {
                         return Err(MicrovmApiError::conflict(
                             "ClientToken",
@@ -188,6 +196,9 @@ impl Microvms {
                 }
             }
         };
+        if let (true, Some(hold)) = (first_answer, self.faults.hold_run_answers) {
+            tokio::time::sleep(hold).await;
+        }
         let known = outcome.wait_for(Option::is_some).await;
         match known.as_deref() {
             Ok(Some(outcome)) => outcome.clone(),

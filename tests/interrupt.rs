@@ -1,0 +1,218 @@
+//! Interrupting the invoker at the worst moments, through the real CLI
+//! against `mvm-shard emulate`: whatever the moment of the signal, no
+//! microVM is left running, and the summary says what was interrupted and
+//! what was terminated.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{binary, microvms_client};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// No test here may wait longer than this on a process.
+const BOUND: Duration = Duration::from_secs(90);
+
+/// `mvm-shard emulate` with `extra` flags; the process and its endpoint.
+async fn emulate(extra: &[&str]) -> (Child, String) {
+    let mut emulator = Command::new(binary())
+        .args(["emulate", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("emulator starts");
+    let mut lines = BufReader::new(emulator.stdout.take().expect("piped")).lines();
+    let endpoint = tokio::time::timeout(BOUND, lines.next_line())
+        .await
+        .expect("the emulator prints its endpoint in time")
+        .expect("stdout readable")
+        .expect("an endpoint line");
+    (emulator, endpoint.trim().to_string())
+}
+
+/// `mvm-shard run` against `endpoint` with `target` (backend flags), running
+/// `command` in `shards` shards, stdout and stderr piped.
+fn invoker(endpoint: &str, target: &[&str], shards: u32, command: &[&str]) -> Child {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let child = Command::new(binary())
+        .arg("run")
+        .args(target)
+        .args(["--endpoint-url", endpoint, "--region", "us-east-1"])
+        .args(["--shards", &shards.to_string(), "--"])
+        .args(command)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env_remove("GITHUB_ACTIONS")
+        .current_dir(dir.keep())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("invoker starts");
+    child
+}
+
+fn signal(child: &Child, signal: Signal) {
+    let pid = child.id().expect("still running") as i32;
+    kill(Pid::from_raw(pid), signal).expect("signal delivered");
+}
+
+/// Waits (bounded) for the invoker to exit; its status, stdout and stderr.
+async fn finish(child: Child) -> (Option<i32>, String, String) {
+    let out = tokio::time::timeout(BOUND, child.wait_with_output())
+        .await
+        .expect("the invoker exits in time")
+        .expect("the invoker can be waited for");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The state of every microVM the emulator knows, through the real SDK.
+async fn states(endpoint: &str) -> Vec<String> {
+    let client = microvms_client(endpoint).await;
+    let list = client.list_microvms().send().await.expect("ListMicrovms");
+    list.items()
+        .iter()
+        .map(|i| i.state().as_str().to_string())
+        .collect()
+}
+
+/// Polls ListMicrovms (bounded) until `n` microVMs exist.
+async fn until_microvms(endpoint: &str, n: usize) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        let now = states(endpoint).await;
+        if now.len() >= n {
+            return now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} microVM(s) after {BOUND:?}",
+            now.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads the invoker's stdout (bounded) until `n` lines end with `suffix`;
+/// hands the reader back so the rest can still be collected.
+async fn until_lines(child: &mut Child, n: usize, suffix: &str) -> Vec<String> {
+    let stdout = child.stdout.take().expect("piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut seen = Vec::new();
+    let mut matching = 0;
+    while matching < n {
+        let line = tokio::time::timeout(BOUND, lines.next_line())
+            .await
+            .expect("the shards print in time")
+            .expect("stdout readable")
+            .unwrap_or_else(|| panic!("stdout ended; saw {seen:?}"));
+        if line.ends_with(suffix) {
+            matching += 1;
+        }
+        seen.push(line);
+    }
+    // Keep draining, so the invoker never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    seen
+}
+
+#[tokio::test]
+async fn sigint_while_run_microvm_is_in_flight_terminates_every_microvm() {
+    // Every first RunMicrovm answer is held back for a minute while the
+    // microVMs start: the invoker is interrupted with all three calls out.
+    let (emulator, endpoint) = emulate(&["--fault-hold-run-answers", "60s"]).await;
+    let run = invoker(
+        &endpoint,
+        &["--microvm-image", "mvm-shard"],
+        3,
+        &["sleep", "60"],
+    );
+    until_microvms(&endpoint, 3).await;
+    signal(&run, Signal::SIGINT);
+    let (code, stdout, stderr) = finish(run).await;
+
+    assert_eq!(code, Some(3), "an interrupted run is incomplete\n{stderr}");
+    let states = states(&endpoint).await;
+    assert_eq!(states, vec!["TERMINATED"; 3], "{stderr}");
+    assert!(
+        stderr.contains("terminated 3 microVM(s)"),
+        "the summary names what was terminated: {stderr}"
+    );
+    assert!(stdout.contains("3 interrupted"), "{stdout}");
+    drop(emulator);
+}
+
+#[tokio::test]
+async fn sigint_then_sigterm_at_once_while_streaming_still_terminates_every_microvm() {
+    let (emulator, endpoint) = emulate(&[]).await;
+    let mut run = invoker(
+        &endpoint,
+        &["--microvm-image", "mvm-shard"],
+        2,
+        &["sh", "-c", "echo started; sleep 300"],
+    );
+    until_lines(&mut run, 2, "] started").await;
+    assert_eq!(states(&endpoint).await, vec!["RUNNING"; 2]);
+    // What a cancelled workflow sends: SIGINT, then SIGTERM.
+    signal(&run, Signal::SIGINT);
+    signal(&run, Signal::SIGTERM);
+    let (code, _, stderr) = finish(run).await;
+
+    assert_eq!(code, Some(3), "{stderr}");
+    assert_eq!(states(&endpoint).await, vec!["TERMINATED"; 2], "{stderr}");
+    assert!(stderr.contains("terminated 2 microVM(s)"), "{stderr}");
+    drop(emulator);
+}
+
+#[tokio::test]
+async fn an_interrupted_function_shard_is_said_to_maybe_still_run() {
+    let (emulator, endpoint) = emulate(&[]).await;
+    let mut run = invoker(
+        &endpoint,
+        &["--function", "mvm-shard"],
+        1,
+        &["sh", "-c", "echo started; sleep 300"],
+    );
+    let stdout = run.stdout.take().expect("piped");
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        let line = tokio::time::timeout(BOUND, lines.next_line())
+            .await
+            .expect("the shard prints in time")
+            .expect("stdout readable")
+            .expect("the shard starts");
+        if line.ends_with("] started") {
+            break;
+        }
+    }
+    signal(&run, Signal::SIGINT);
+    let mut rest = String::new();
+    while let Some(line) = tokio::time::timeout(BOUND, lines.next_line())
+        .await
+        .expect("the invoker ends in time")
+        .expect("stdout readable")
+    {
+        rest.push_str(&line);
+        rest.push('\n');
+    }
+    let (code, _, stderr) = finish(run).await;
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        rest.contains(
+            "INTERRUPTED (interrupted; the function may still be running until its timeout)"
+        ),
+        "{rest}"
+    );
+    assert!(!rest.contains("could not run:"), "{rest}");
+    drop(emulator);
+}
