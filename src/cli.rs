@@ -19,6 +19,7 @@ use crate::dispatch::{self, DispatchOptions};
 use crate::emulator::{
     EmulatorConfig, FunctionConfig, MicrovmImageConfig, RunningEmulator, DEFAULT_FUNCTION,
 };
+use crate::local_env::LocalEnvironment;
 use crate::plan::{self, human_bytes, PlanError, RunSpec};
 use crate::protocol::SourceSpec;
 use crate::report::github::GithubFiles;
@@ -380,6 +381,14 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
         let mut function =
             FunctionConfig::default_agent().map_err(|e| RunError::Local(e.to_string()))?;
         function.max_concurrency = max_parallel;
+        let inherited = LocalEnvironment::from_host(&archive.root, |n| std::env::var(n).ok());
+        for entry in &inherited.dropped_path {
+            eprintln!(
+                "mvm-shard: note: PATH entry {entry} is not passed to local shards \
+                 (inside the source or the active virtualenv; shards have neither)"
+            );
+        }
+        function.env = inherited.vars;
         let image =
             MicrovmImageConfig::default_agent().map_err(|e| RunError::Local(e.to_string()))?;
         let running = RunningEmulator::start(EmulatorConfig {

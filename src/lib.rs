@@ -14,6 +14,7 @@ pub mod dispatch;
 pub mod doctor;
 pub mod emulator;
 pub mod github;
+pub mod local_env;
 pub mod os;
 pub mod plan;
 pub mod protocol;

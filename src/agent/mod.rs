@@ -8,6 +8,7 @@
 //! shard code and the same frame stream.
 
 mod download;
+mod hint;
 pub mod microvm;
 mod replay_log;
 pub mod runtime_client;

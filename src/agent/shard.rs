@@ -9,6 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
+use super::hint;
 use super::workspace::{self, Workspace};
 use crate::os;
 use crate::protocol::{
@@ -339,10 +340,26 @@ async fn run_command(
         tokio::task::spawn_blocking(move || os::kill_marked(workspace::SANDBOX_MARKER, &marker))
             .await
             .unwrap_or(0);
+    let mut stderr_tail = Vec::new();
     for reader in readers {
         // With every writer gone the pipes are at EOF; the bound guards against
         // a descriptor passed to a process outside our tree.
-        let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+        if let Ok(Ok((OutputStream::Stderr, tail))) =
+            tokio::time::timeout(Duration::from_secs(5), reader).await
+        {
+            stderr_tail = tail;
+        }
+    }
+    if let CommandEnd::Exited(Outcome::Exited { code }) = &end {
+        if let Some(hint) = hint::for_failure(*code, &stderr_tail) {
+            let data = Bytes::from(format!("{hint}\n"));
+            let _ = frames
+                .send(Frame::Output {
+                    stream: OutputStream::Stderr,
+                    data,
+                })
+                .await;
+        }
     }
     Ok((end, stragglers))
 }
@@ -356,20 +373,28 @@ fn outcome_of(status: std::process::ExitStatus) -> Outcome {
     }
 }
 
+/// Forwards a pipe as output frames; returns the stream and its last
+/// [`hint::STDERR_TAIL`] bytes, where a missing tool is named.
 async fn forward_output(
     pipe: Option<impl AsyncRead + Unpin>,
     stream: OutputStream,
     frames: FrameSender,
-) {
-    let Some(mut pipe) = pipe else { return };
+) -> (OutputStream, Vec<u8>) {
+    let mut tail = Vec::new();
+    let Some(mut pipe) = pipe else {
+        return (stream, tail);
+    };
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
         match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return (stream, tail),
             Ok(n) => {
+                tail.extend_from_slice(&buf[n.saturating_sub(hint::STDERR_TAIL)..n]);
+                let excess = tail.len().saturating_sub(hint::STDERR_TAIL);
+                tail.drain(..excess);
                 let data = Bytes::copy_from_slice(&buf[..n]);
                 if frames.send(Frame::Output { stream, data }).await.is_err() {
-                    return;
+                    return (stream, tail);
                 }
             }
         }

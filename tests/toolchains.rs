@@ -1,0 +1,353 @@
+//! The README's usage examples and recipes, run as written through `--local`
+//! on the toy projects in `tests/fixtures/`: every test runs exactly once
+//! across the shards, and a failing test fails the run.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+/// The longest a recipe may take, its builds on the host included.
+const RECIPE_LIMIT: Duration = Duration::from_secs(240);
+
+fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn readme() -> String {
+    std::fs::read_to_string(manifest_dir().join("README.md")).unwrap()
+}
+
+/// A recipe script of `examples/recipes/`, which the README includes verbatim.
+fn recipe(name: &str) -> String {
+    let script = std::fs::read_to_string(manifest_dir().join("examples/recipes").join(name))
+        .unwrap_or_else(|e| panic!("recipe {name}: {e}"));
+    let body = script
+        .split_once("\n\n")
+        .map_or(script.as_str(), |(_, body)| body);
+    assert!(
+        readme().contains(body.trim_end()),
+        "the README must show examples/recipes/{name} as it is:\n{body}"
+    );
+    script
+}
+
+/// A copy of `tests/fixtures/NAME` as a fresh git repository (so that
+/// `.gitignore` applies as in a real project).
+fn project(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_tree(
+        &manifest_dir().join("tests/fixtures").join(name),
+        dir.path(),
+    );
+    let git = |args: &[&str]| {
+        let ok = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir.path())
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "git {args:?}");
+    };
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    dir
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        // Whatever a developer built in the fixture is not part of it.
+        if ["target", "node_modules", ".venv", "__pycache__"].contains(&name.to_str().unwrap_or(""))
+        {
+            continue;
+        }
+        let path = entry.path();
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&path, &to.join(&name));
+        } else {
+            std::fs::copy(&path, to.join(&name)).unwrap();
+        }
+    }
+}
+
+/// Outcome of a recipe or a command line.
+struct Ran {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `argv` in `dir` as a user would from a shell: `mvm-shard` on PATH,
+/// none of the variables cargo sets for this test (CARGO_TARGET_DIR...), and
+/// killed with its whole process group after [`RECIPE_LIMIT`].
+async fn run_in(dir: &Path, argv: &[&str]) -> Ran {
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_mvm-shard")).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = tokio::process::Command::new(argv[0]);
+    cmd.args(&argv[1..])
+        .current_dir(dir)
+        .env("PATH", path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("CARGO") && name != "CARGO_HOME" {
+            cmd.env_remove(name);
+        }
+    }
+    let child = cmd.spawn().unwrap();
+    let pgid = child.id().unwrap();
+    match tokio::time::timeout(RECIPE_LIMIT, child.wait_with_output()).await {
+        Ok(out) => {
+            let out = out.unwrap();
+            Ran {
+                code: out.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        }
+        Err(_) => {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("{argv:?} took longer than {RECIPE_LIMIT:?}");
+        }
+    }
+}
+
+async fn run_recipe(dir: &Path, name: &str) -> Ran {
+    let script = dir.join(".recipe.sh");
+    std::fs::write(&script, recipe(name)).unwrap();
+    run_in(dir, &["bash", script.to_str().unwrap()]).await
+}
+
+/// How often each test passed and failed, by name, from the shards' logs
+/// (`[i/n] ...` lines): `parse` reads one line's words after the prefix and
+/// returns (test, passed); a shard's lines after its `Summary` (nextest's
+/// repeat of the failures) are not counted.
+fn tally(
+    stdout: &str,
+    parse: impl Fn(&[&str]) -> Option<(String, bool)>,
+) -> BTreeMap<String, (u32, u32)> {
+    let mut seen = BTreeMap::new();
+    let mut summarised = std::collections::HashSet::new();
+    for line in stdout.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let Some((shard, rest)) = words.split_first() else {
+            continue;
+        };
+        if !shard.starts_with('[') || summarised.contains(shard) {
+            continue;
+        }
+        if rest.first() == Some(&"Summary") {
+            summarised.insert(*shard);
+            continue;
+        }
+        if let Some((name, passed)) = parse(rest) {
+            let entry = seen.entry(name).or_insert((0, 0));
+            if passed {
+                entry.0 += 1;
+            } else {
+                entry.1 += 1;
+            }
+        }
+    }
+    seen
+}
+
+/// nextest's `PASS [   0.003s] (1/2) toy tests::adds_small` (and `FAIL`).
+fn nextest_line(words: &[&str]) -> Option<(String, bool)> {
+    let passed = match *words.first()? {
+        "PASS" => true,
+        "FAIL" => false,
+        _ => return None,
+    };
+    Some((words.last()?.to_string(), passed))
+}
+
+const RUST_TESTS: &[&str] = &[
+    "tests::adds_large",
+    "tests::adds_small",
+    "tests::adds_zero",
+    "tests::associates",
+    "tests::commutes",
+    "tests::fails_on_request",
+];
+
+fn assert_each_once(
+    seen: &BTreeMap<String, (u32, u32)>,
+    expected: &[&str],
+    failed: &[&str],
+    out: &Ran,
+) {
+    let names: Vec<&str> = seen.keys().map(String::as_str).collect();
+    assert_eq!(names, expected, "{}\n{}", out.stdout, out.stderr);
+    for (name, &(passed, failed_n)) in seen {
+        let want = if failed.contains(&name.as_str()) {
+            (0, 1)
+        } else {
+            (1, 0)
+        };
+        assert_eq!((passed, failed_n), want, "{name}: {}", out.stdout);
+    }
+}
+
+/// The README's first example, exactly as written, on a Rust project: the
+/// host's rustup toolchain is found with a fresh HOME and CARGO_HOME.
+#[tokio::test]
+async fn cargo_nextest_partition_passes_locally_as_written() {
+    let readme_line =
+        "mvm-shard run --local --shards 4 -- cargo nextest run --partition count:{index}/{count}";
+    assert!(
+        readme().contains(readme_line),
+        "README must show {readme_line}"
+    );
+    let dir = project("rust");
+    let argv: Vec<&str> = readme_line.split(' ').collect();
+
+    let out = run_in(dir.path(), &argv).await;
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    assert_each_once(&tally(&out.stdout, nextest_line), RUST_TESTS, &[], &out);
+
+    std::fs::write(dir.path().join("fail-me"), "").unwrap();
+    let out = run_in(dir.path(), &argv).await;
+    assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
+    assert_each_once(
+        &tally(&out.stdout, nextest_line),
+        RUST_TESTS,
+        &["tests::fails_on_request"],
+        &out,
+    );
+}
+
+/// The Rust recipe: a nextest archive built here, run in the shards.
+#[tokio::test]
+async fn rust_recipe_runs_a_nextest_archive_in_the_shards() {
+    let dir = project("rust");
+    let out = run_recipe(dir.path(), "rust-nextest-archive.sh").await;
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    assert_each_once(&tally(&out.stdout, nextest_line), RUST_TESTS, &[], &out);
+
+    // The archive's test binary looks for fail-me in the shard's copy of the source.
+    std::fs::write(dir.path().join("fail-me"), "").unwrap();
+    let out = run_recipe(dir.path(), "rust-nextest-archive.sh").await;
+    assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
+    assert_each_once(
+        &tally(&out.stdout, nextest_line),
+        RUST_TESTS,
+        &["tests::fails_on_request"],
+        &out,
+    );
+}
+
+/// A local shard gets PATH and the toolchain locations of this machine, a
+/// fresh HOME and TMPDIR, and none of its caches, state or other variables.
+#[tokio::test]
+async fn a_local_shard_inherits_toolchain_locations_and_nothing_else() {
+    let dir = project("rust");
+    let venv = tempfile::tempdir().unwrap();
+    let venv_bin = venv.path().join("bin");
+    let in_source = dir.path().join("node_modules/.bin");
+    let path = format!(
+        "{}:{}:/usr/bin:/bin",
+        venv_bin.display(),
+        in_source.display()
+    );
+    let script = "env | sort; echo home=$HOME tmp=$TMPDIR";
+    let out = run_in(
+        dir.path(),
+        &[
+            "env",
+            &format!("PATH={path}"),
+            &format!("VIRTUAL_ENV={}", venv.path().display()),
+            "RUSTUP_HOME=/opt/rustup-here",
+            "GOROOT=/opt/go-here",
+            "CARGO_HOME=/home/me/.cargo",
+            "GOPATH=/home/me/go",
+            "NPM_CONFIG_CACHE=/home/me/.npm",
+            "HOST_ONLY_SECRET=hunter2",
+            "HOME=/home/me",
+            env!("CARGO_BIN_EXE_mvm-shard"),
+            "run",
+            "--local",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    let shard: BTreeMap<&str, &str> = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("[1/1] "))
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    assert_eq!(shard.get("PATH"), Some(&"/usr/bin:/bin"), "{}", out.stdout);
+    assert_eq!(shard.get("RUSTUP_HOME"), Some(&"/opt/rustup-here"));
+    assert_eq!(shard.get("GOROOT"), Some(&"/opt/go-here"));
+    for held in [
+        "CARGO_HOME",
+        "GOPATH",
+        "NPM_CONFIG_CACHE",
+        "HOST_ONLY_SECRET",
+        "VIRTUAL_ENV",
+    ] {
+        assert!(
+            !shard.contains_key(held),
+            "{held} reached the shard: {}",
+            out.stdout
+        );
+    }
+    let home = shard.get("HOME").unwrap();
+    assert!(*home != "/home/me" && !home.is_empty(), "{home}");
+    assert!(!out.stdout.contains("hunter2"), "{}", out.stdout);
+    for dropped in [&venv_bin, &in_source] {
+        assert!(
+            out.stderr
+                .contains(&format!("PATH entry {} is not passed", dropped.display())),
+            "{}",
+            out.stderr
+        );
+    }
+}
+
+/// A missing command says what to do about it, in the shard's log.
+#[tokio::test]
+async fn a_command_not_found_says_what_to_forward() {
+    let dir = project("rust");
+    let out = run_in(
+        dir.path(),
+        &[
+            "mvm-shard",
+            "run",
+            "--local",
+            "--",
+            "sh",
+            "-c",
+            "no-such-tool-xyz --version",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout
+            .contains("command `no-such-tool-xyz` was not found in this shard (exit 127)")
+            && out.stdout.contains("--env NAME"),
+        "{}",
+        out.stdout
+    );
+}
