@@ -207,6 +207,8 @@ pub struct EmulateArgs {
     pub listen: SocketAddr,
     /// A function to host: its bootstrap command, run with `sh -c` (repeatable).
     /// Without any, hosts `mvm-shard`, whose bootstrap is this binary's agent.
+    /// `exec` the runtime: a shell that stays keeps the function's credentials
+    /// in an environment everything below it can read.
     #[arg(long = "function", value_name = "NAME=COMMAND")]
     pub functions: Vec<String>,
     /// Put these functions in tenant isolation mode (repeatable). The default

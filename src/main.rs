@@ -8,6 +8,15 @@ use clap::Parser;
 use mvm_shard::cli::{self, Cli, Command};
 
 fn main() -> ExitCode {
+    // First, before any credential is read or any thread or child exists:
+    // the agent's commands, and with `run --local` the shards, run as this
+    // same user and must not read this process's environment or memory.
+    let hidden = mvm_shard::os::hide_from_same_user()
+        .and_then(|()| mvm_shard::os::close_inherited_descriptors_on_exec());
+    if let Err(e) = hidden {
+        eprintln!("error: cannot close this process to its children: {e}");
+        return ExitCode::from(3);
+    }
     let cli = Cli::parse();
     let default_filter = match cli.command {
         Command::Agent(_) => "info",

@@ -173,3 +173,32 @@ pub async fn end_descendants(root: u32, grace: Duration, reap: bool) -> u32 {
     }
     seen.len() as u32
 }
+
+/// Makes this process's memory, environment and open files unreadable to
+/// other processes of the same user (`/proc/PID/environ`, `mem`, `fd`, ptrace).
+/// The commands mvm-shard starts run as that user and must not reach the
+/// credentials in its environment; their own programs get the default back
+/// when they `exec`. Only root (or CAP_SYS_PTRACE) still sees through.
+pub fn hide_from_same_user() -> std::io::Result<()> {
+    nix::sys::prctl::set_dumpable(false).map_err(std::io::Error::from)
+}
+
+/// Marks every descriptor above 2 that this process inherited close-on-exec,
+/// so none reaches the commands it starts (a socket, a pipe to a parent, a
+/// jobserver). Descriptors opened from here on are close-on-exec already.
+pub fn close_inherited_descriptors_on_exec() -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let inherited: Vec<i32> = std::fs::read_dir("/proc/self/fd")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in inherited {
+        match fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)) {
+            // The listing's own descriptor is closed by now.
+            Ok(_) | Err(nix::errno::Errno::EBADF) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}

@@ -65,6 +65,26 @@ pub enum SourceError {
     /// Writing or reading the archive failed.
     #[error("source archive: {0}")]
     Archive(#[from] std::io::Error),
+    /// An archive entry would create, change or link something outside the
+    /// workspace: the archive is hostile (or broken) and is refused.
+    #[error(
+        "archive entry {entry} {reason}: refused, nothing may be unpacked outside the workspace"
+    )]
+    Escapes {
+        /// The entry's name as the archive gives it.
+        entry: String,
+        /// What it tried.
+        reason: &'static str,
+    },
+}
+
+impl SourceError {
+    fn escapes(entry: &Path, reason: &'static str) -> Self {
+        SourceError::Escapes {
+            entry: format!("{:?}", entry.display().to_string()),
+            reason,
+        }
+    }
 }
 
 /// Packs `dir` for shipping. Inside a git working tree this is the whole
@@ -249,8 +269,17 @@ fn walk_files(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
 }
 
 /// Unpacks a compressed tar stream into `dest`, dropping the first
-/// `strip_components` path components. Entries that would land outside
-/// `dest` are refused.
+/// `strip_components` path components (of entry names and hard-link targets
+/// alike).
+///
+/// The workspace is closed: nothing outside `dest` is ever created, changed or
+/// linked to. Entry names must be relative and free of `..`; no entry may go
+/// through a symbolic link (the archive's own included) or replace a folder;
+/// hard links must name an entry already unpacked inside `dest`, never a
+/// symbolic link; devices and FIFOs are refused; set-id and sticky bits are
+/// dropped. An archive that breaks any of these is refused with
+/// [`SourceError::Escapes`] at its first such entry. Symbolic links themselves
+/// may point anywhere: unpacking never follows them.
 pub fn unpack(
     archive: impl Read,
     format: ArchiveFormat,
@@ -264,49 +293,148 @@ pub fn unpack(
     };
     let mut tar = tar::Archive::new(decoder);
     tar.set_preserve_permissions(true);
+    tar.set_mask(0o7000);
     let mut count = 0;
     for entry in tar.entries()? {
         let mut entry = entry?;
+        let kind = entry.header().entry_type();
         // GitHub's tarballs start with a pax global header that carries the commit.
         if matches!(
-            entry.header().entry_type(),
+            kind,
             tar::EntryType::XGlobalHeader | tar::EntryType::XHeader
         ) {
             continue;
         }
-        let path = entry.path()?.into_owned();
-        let rel: PathBuf = path.components().skip(strip_components as usize).collect();
-        if rel.as_os_str().is_empty() {
+        let name = entry.path()?.into_owned();
+        let Some(rel) = contained(&name, strip_components)? else {
             continue;
-        }
-        if rel
-            .components()
-            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
-        {
-            return Err(escape(&rel));
+        };
+        if matches!(
+            kind,
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo
+        ) {
+            return Err(SourceError::escapes(&name, "is a device or a FIFO"));
         }
         let full = dest.join(&rel);
-        if let Some(parent) = full.parent() {
-            std::fs::create_dir_all(parent)?;
-            // A symlink unpacked earlier must not redirect later entries outside.
-            if !parent.canonicalize()?.starts_with(&dest) {
-                return Err(escape(&rel));
+        make_parents(&dest, &rel, &name)?;
+        let existing = std::fs::symlink_metadata(&full).ok();
+        if kind.is_dir() {
+            if existing.is_some_and(|m| !m.is_dir()) {
+                return Err(SourceError::escapes(
+                    &name,
+                    "is a folder where a file or symbolic link already is",
+                ));
             }
+        } else if let Some(meta) = existing {
+            if meta.is_dir() {
+                return Err(SourceError::escapes(&name, "would replace a folder"));
+            }
+            // Replaced, never written through (it may be a symbolic link).
+            std::fs::remove_file(&full)?;
         }
-        entry.unpack(&full)?;
+        if kind.is_hard_link() {
+            let target = entry
+                .link_name()?
+                .ok_or_else(|| SourceError::escapes(&name, "is a hard link without a target"))?
+                .into_owned();
+            let Some(target_rel) = contained(&target, strip_components)? else {
+                return Err(SourceError::escapes(
+                    &name,
+                    "is a hard link to the workspace itself",
+                ));
+            };
+            if through_symlink(&dest, &target_rel) {
+                return Err(SourceError::escapes(
+                    &name,
+                    "is a hard link through a symbolic link",
+                ));
+            }
+            let target_full = dest.join(&target_rel);
+            match std::fs::symlink_metadata(&target_full) {
+                Ok(meta) if meta.is_file() => {}
+                Ok(_) => {
+                    return Err(SourceError::escapes(
+                        &name,
+                        "is a hard link to something other than a regular file",
+                    ))
+                }
+                Err(_) => {
+                    return Err(SourceError::escapes(
+                        &name,
+                        "is a hard link to no entry unpacked before it",
+                    ))
+                }
+            }
+            std::fs::hard_link(&target_full, &full)?;
+        } else {
+            entry.unpack(&full)?;
+        }
         count += 1;
     }
     Ok(count)
 }
 
-fn escape(rel: &Path) -> SourceError {
-    SourceError::Archive(std::io::Error::new(
-        std::io::ErrorKind::InvalidData,
-        format!(
-            "archive entry {} points outside the workspace",
-            rel.display()
-        ),
-    ))
+/// `name` less its first `strip` components, as plain names only; `None` when
+/// nothing is left. An absolute name or one with `..` is refused.
+fn contained(name: &Path, strip: u8) -> Result<Option<PathBuf>, SourceError> {
+    let mut rel = PathBuf::new();
+    for component in name.components().skip(strip as usize) {
+        match component {
+            Component::Normal(part) => rel.push(part),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                return Err(SourceError::escapes(name, "climbs out with `..`"));
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(SourceError::escapes(name, "is an absolute path"));
+            }
+        }
+    }
+    // A stripped component may itself be absolute or `..`.
+    if name
+        .components()
+        .take(strip as usize)
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(SourceError::escapes(name, "climbs out of the workspace"));
+    }
+    Ok((!rel.as_os_str().is_empty()).then_some(rel))
+}
+
+/// Creates the folders above `rel` one at a time, refusing to go through
+/// anything that is not a real folder (a symbolic link above all).
+fn make_parents(dest: &Path, rel: &Path, name: &Path) -> Result<(), SourceError> {
+    let Some(parent) = rel.parent() else {
+        return Ok(());
+    };
+    let mut dir = dest.to_path_buf();
+    for part in parent.components() {
+        dir.push(part);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(SourceError::escapes(name, "goes through a symbolic link"));
+            }
+            Ok(_) => {
+                return Err(SourceError::escapes(name, "goes through a file"));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir(&dir)?,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Whether any folder above `rel` (inside `dest`) is not a real folder.
+fn through_symlink(dest: &Path, rel: &Path) -> bool {
+    let mut dir = dest.to_path_buf();
+    rel.parent()
+        .into_iter()
+        .flat_map(Path::components)
+        .any(|part| {
+            dir.push(part);
+            !std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir())
+        })
 }
 
 /// Serves one archive on a loopback port, so agents of a local run can fetch
@@ -437,5 +565,196 @@ mod tests {
         let dest = tempfile::tempdir().unwrap();
         unpack(&archive.bytes[..], ArchiveFormat::TarZst, dest.path(), 1).unwrap();
         assert!(dest.path().join("f").exists());
+    }
+
+    /// One entry of a hand-made archive; names are written raw, as an
+    /// attacker would, past the checks of the tar crate's path setters.
+    enum Raw<'a> {
+        File(&'a str),
+        Dir(&'a str, u32),
+        Symlink(&'a str, &'a str),
+        HardLink(&'a str, &'a str),
+    }
+
+    fn hostile(entries: &[Raw]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for entry in entries {
+            let mut header = tar::Header::new_old();
+            let (name, kind, link, mode) = match entry {
+                Raw::File(name) => (*name, tar::EntryType::Regular, "", 0o644),
+                Raw::Dir(name, mode) => (*name, tar::EntryType::Directory, "", *mode),
+                Raw::Symlink(name, to) => (*name, tar::EntryType::Symlink, *to, 0o777),
+                Raw::HardLink(name, to) => (*name, tar::EntryType::Link, *to, 0o644),
+            };
+            let old = header.as_old_mut();
+            old.name[..name.len()].copy_from_slice(name.as_bytes());
+            old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+            header.set_entry_type(kind);
+            header.set_mode(mode);
+            let data: &[u8] = if kind == tar::EntryType::Regular {
+                b"planted"
+            } else {
+                b""
+            };
+            header.set_size(data.len() as u64);
+            header.set_cksum();
+            builder.append(&header, data).unwrap();
+        }
+        zstd::encode_all(&builder.into_inner().unwrap()[..], 3).unwrap()
+    }
+
+    /// A workspace and an outside folder next to it, holding `secret`.
+    struct Scene {
+        _root: tempfile::TempDir,
+        ws: PathBuf,
+        outside: PathBuf,
+    }
+
+    fn scene() -> Scene {
+        let root = tempfile::tempdir().unwrap();
+        let ws = root.path().join("ws");
+        let outside = root.path().join("outside");
+        std::fs::create_dir(&ws).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), "outside").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o700)).unwrap();
+        Scene {
+            _root: root,
+            ws,
+            outside,
+        }
+    }
+
+    impl Scene {
+        /// Unpacks `entries`, expects a refusal, and checks the outside
+        /// folder still holds exactly `secret`, unchanged.
+        fn refuses(&self, entries: &[Raw]) -> String {
+            let archive = hostile(entries);
+            let err = unpack(&archive[..], ArchiveFormat::TarZst, &self.ws, 0)
+                .expect_err("a hostile archive is refused");
+            assert!(matches!(err, SourceError::Escapes { .. }), "{err:?}");
+            let left: Vec<_> = std::fs::read_dir(&self.outside)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(left, ["secret"], "something was created outside");
+            let secret = std::fs::symlink_metadata(self.outside.join("secret")).unwrap();
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!(secret.nlink(), 1, "the outside file was hard-linked");
+            assert_eq!(
+                std::fs::read_to_string(self.outside.join("secret")).unwrap(),
+                "outside"
+            );
+            assert_eq!(secret.mode() & 0o7777, 0o644);
+            assert_eq!(
+                std::fs::metadata(&self.outside).unwrap().mode() & 0o7777,
+                0o700,
+                "the outside folder's mode changed"
+            );
+            err.to_string()
+        }
+
+        fn outside(&self, rest: &str) -> String {
+            format!("{}{rest}", self.outside.display())
+        }
+    }
+
+    #[test]
+    fn unpack_refuses_parent_components() {
+        let s = scene();
+        let reason = s.refuses(&[Raw::File("../outside/planted")]);
+        assert!(reason.contains("`..`"), "{reason}");
+        s.refuses(&[Raw::File("a/../../outside/planted")]);
+    }
+
+    #[test]
+    fn unpack_refuses_absolute_paths() {
+        let s = scene();
+        let name = s.outside("/planted");
+        let reason = s.refuses(&[Raw::File(&name)]);
+        assert!(reason.contains("absolute"), "{reason}");
+    }
+
+    #[test]
+    fn unpack_refuses_a_file_through_its_own_symlink() {
+        let s = scene();
+        let to = s.outside("");
+        let reason = s.refuses(&[Raw::Symlink("lnk", &to), Raw::File("lnk/planted")]);
+        assert!(reason.contains("symbolic link"), "{reason}");
+        // A relative link climbing out is the same.
+        let s = scene();
+        s.refuses(&[Raw::Symlink("up", "../outside"), Raw::File("up/planted")]);
+    }
+
+    #[test]
+    fn unpack_creates_no_folder_through_a_symlink() {
+        let s = scene();
+        let to = s.outside("");
+        s.refuses(&[
+            Raw::Symlink("lnk", &to),
+            Raw::File("lnk/newdir/sub/planted"),
+        ]);
+        let s = scene();
+        s.refuses(&[Raw::Symlink("lnk", &to), Raw::Dir("lnk/newdir", 0o755)]);
+    }
+
+    #[test]
+    fn unpack_changes_no_mode_through_a_symlink() {
+        for name in ["lnk", "lnk/", "lnk/."] {
+            let s = scene();
+            let to = s.outside("");
+            s.refuses(&[Raw::Symlink("lnk", &to), Raw::Dir(name, 0o777)]);
+        }
+    }
+
+    #[test]
+    fn unpack_refuses_hard_links_outside() {
+        let s = scene();
+        let abs = s.outside("/secret");
+        s.refuses(&[Raw::HardLink("h", &abs)]);
+        let s = scene();
+        s.refuses(&[Raw::HardLink("h", "../outside/secret")]);
+    }
+
+    #[test]
+    fn unpack_refuses_hard_links_through_or_to_a_symlink() {
+        let s = scene();
+        let to = s.outside("");
+        let reason = s.refuses(&[Raw::Symlink("lnk", &to), Raw::HardLink("h", "lnk/secret")]);
+        assert!(reason.contains("symbolic link"), "{reason}");
+        let s = scene();
+        let to = s.outside("/secret");
+        s.refuses(&[Raw::Symlink("lnk", &to), Raw::HardLink("h", "lnk")]);
+    }
+
+    #[test]
+    fn unpack_keeps_links_that_stay_inside() {
+        let s = scene();
+        let to = s.outside("/secret");
+        let archive = hostile(&[
+            Raw::File("dir/a"),
+            Raw::HardLink("dir/b", "dir/a"),
+            // A link may point anywhere; unpacking never follows it.
+            Raw::Symlink("abs", &to),
+            // A later file replaces the link instead of writing through it.
+            Raw::File("abs"),
+        ]);
+        assert_eq!(
+            unpack(&archive[..], ArchiveFormat::TarZst, &s.ws, 0).unwrap(),
+            4
+        );
+        assert_eq!(
+            std::fs::read_to_string(s.ws.join("dir/b")).unwrap(),
+            "planted"
+        );
+        assert_eq!(
+            std::fs::read_to_string(s.ws.join("abs")).unwrap(),
+            "planted"
+        );
+        assert_eq!(
+            std::fs::read_to_string(s.outside.join("secret")).unwrap(),
+            "outside"
+        );
     }
 }

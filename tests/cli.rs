@@ -418,3 +418,22 @@ fn help_shows_examples_and_exit_codes_and_hides_the_agent() {
     assert!(agent.status.success());
     assert!(String::from_utf8_lossy(&agent.stdout).contains("--microvm"));
 }
+
+#[test]
+fn a_command_that_does_not_exist_is_a_failed_shard_with_the_shells_127() {
+    let dir = plain_dir();
+    let (code, stdout, stderr) = cli(dir.path(), &["run", "--local", "--", "/no/such/prog"]);
+    assert_eq!(
+        code, 1,
+        "the user's test failed to start\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("[1/1] mvm-shard: /no/such/prog: command not found (PATH="),
+        "{stdout}"
+    );
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("1/1 "))
+        .expect("a summary row");
+    assert!(row.contains("FAILED") && row.contains("127"), "{row}");
+}

@@ -95,10 +95,10 @@ pub async fn run(
     if let (Ok(()), Some(overlay)) = (&prepared, &req.overlay) {
         prepared = unpack_inline(overlay, &ws.src)
             .await
-            .map_err(|e| format!("cannot lay the included files over the source: {e}"));
+            .map_err(|e| e.context("cannot lay the included files over the source"));
     }
-    if let Err(reason) = prepared {
-        result.outcome = setup_failed(reason);
+    if let Err(refused) = prepared {
+        result.outcome = refused.into_outcome();
         result.setup_ms = elapsed_ms(setup_started);
         ws.remove().await;
         return result;
@@ -222,23 +222,58 @@ fn effective_timeout(timeout_ms: u64, invocation_deadline: SystemTime) -> (Durat
     }
 }
 
+/// Why the workspace could not be prepared: a hostile archive is the
+/// request's fault (rejected), anything else is the set-up's.
+#[derive(Debug)]
+enum PrepareError {
+    /// An archive tried to reach outside the workspace.
+    Refused(String),
+    /// The source could not be fetched or unpacked.
+    Failed(String),
+}
+
+impl PrepareError {
+    fn unpacking(context: &str, e: crate::source::SourceError) -> Self {
+        match e {
+            crate::source::SourceError::Escapes { .. } => {
+                PrepareError::Refused(format!("{context}: {e}"))
+            }
+            e => PrepareError::Failed(format!("{context}: {e}")),
+        }
+    }
+
+    fn context(self, context: &str) -> Self {
+        match self {
+            PrepareError::Refused(r) => PrepareError::Refused(format!("{context}: {r}")),
+            PrepareError::Failed(r) => PrepareError::Failed(format!("{context}: {r}")),
+        }
+    }
+
+    fn into_outcome(self) -> Outcome {
+        match self {
+            PrepareError::Refused(reason) => Outcome::Rejected { reason },
+            PrepareError::Failed(reason) => setup_failed(reason),
+        }
+    }
+}
+
 /// Unpacks a base64 tar.zst carried in the request into `dest`.
-async fn unpack_inline(archive: &str, dest: &std::path::Path) -> Result<(), String> {
+async fn unpack_inline(archive: &str, dest: &std::path::Path) -> Result<(), PrepareError> {
     use base64::Engine as _;
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(archive)
-        .map_err(|e| format!("inline archive is not valid base64: {e}"))?;
+        .map_err(|e| PrepareError::Failed(format!("inline archive is not valid base64: {e}")))?;
     let dest = dest.to_path_buf();
     tokio::task::spawn_blocking(move || {
         crate::source::unpack(&bytes[..], ArchiveFormat::TarZst, &dest, 0)
     })
     .await
-    .map_err(|e| format!("unpacking panicked: {e}"))?
+    .map_err(|e| PrepareError::Failed(format!("unpacking panicked: {e}")))?
     .map(|_| ())
-    .map_err(|e| format!("cannot unpack the source: {e}"))
+    .map_err(|e| PrepareError::unpacking("cannot unpack the source", e))
 }
 
-async fn fetch_source(source: &SourceSpec, ws: &Workspace) -> Result<(), String> {
+async fn fetch_source(source: &SourceSpec, ws: &Workspace) -> Result<(), PrepareError> {
     let dest = ws.src.clone();
     match source {
         SourceSpec::Empty => Ok(()),
@@ -249,18 +284,26 @@ async fn fetch_source(source: &SourceSpec, ws: &Workspace) -> Result<(), String>
             strip_components,
         } => {
             let file = ws.dir.join("source.archive");
-            super::download::to_file(url, &file).await?;
+            super::download::to_file(url, &file)
+                .await
+                .map_err(PrepareError::Failed)?;
             let (format, strip) = (*format, *strip_components);
             let result = tokio::task::spawn_blocking(move || {
-                let reader = std::io::BufReader::new(std::fs::File::open(&file)?);
-                let n = crate::source::unpack(reader, format, &dest, strip);
+                let n = std::fs::File::open(&file)
+                    .map_err(crate::source::SourceError::from)
+                    .and_then(|f| {
+                        crate::source::unpack(std::io::BufReader::new(f), format, &dest, strip)
+                    });
                 let _ = std::fs::remove_file(&file);
-                n.map_err(std::io::Error::other)
+                n
             })
             .await
-            .map_err(|e| format!("unpacking the source panicked: {e}"))?;
+            .map_err(|e| PrepareError::Failed(format!("unpacking the source panicked: {e}")))?;
             result.map(|_| ()).map_err(|e| {
-                format!("cannot unpack the source downloaded from the source link: {e}")
+                PrepareError::unpacking(
+                    "cannot unpack the source downloaded from the source link",
+                    e,
+                )
             })
         }
     }
@@ -304,9 +347,10 @@ async fn run_command(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start {:?}: {e}", req.command[0]))?;
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => return not_started(req, &e, frames).await,
+    };
     let pgid = child.id();
     let readers = [
         tokio::spawn(forward_output(
@@ -362,6 +406,40 @@ async fn run_command(
         }
     }
     Ok((end, stragglers))
+}
+
+/// A command that cannot be started is the user's test failing to start, as
+/// in a shell: 127 when it is not found, 126 when it cannot be executed, with
+/// the reason (and the PATH it was looked up in) in the shard's output. Any
+/// other spawn failure is the agent's.
+async fn not_started(
+    req: &ShardRequest,
+    e: &std::io::Error,
+    frames: &FrameSender,
+) -> Result<(CommandEnd, u32), String> {
+    let program = &req.command[0];
+    let (code, what) = match e.kind() {
+        std::io::ErrorKind::NotFound => (127, "command not found"),
+        std::io::ErrorKind::PermissionDenied => (126, "permission denied"),
+        _ if e.raw_os_error() == Some(nix::errno::Errno::ENOEXEC as i32) => {
+            (126, "cannot execute: not a program this system can run")
+        }
+        _ => return Err(format!("cannot start {program:?}: {e}")),
+    };
+    let path = req
+        .env
+        .get("PATH")
+        .cloned()
+        .or_else(|| std::env::var("PATH").ok())
+        .unwrap_or_default();
+    let line = format!("mvm-shard: {program}: {what} (PATH={path})\n");
+    let _ = frames
+        .send(Frame::Output {
+            stream: OutputStream::Stderr,
+            data: Bytes::from(line),
+        })
+        .await;
+    Ok((CommandEnd::Exited(Outcome::Exited { code }), 0))
 }
 
 fn outcome_of(status: std::process::ExitStatus) -> Outcome {
