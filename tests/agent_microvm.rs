@@ -274,6 +274,19 @@ async fn a_request_sent_on_the_log_port_runs_and_a_reader_waiting_before_it_gets
 }
 
 #[tokio::test]
+async fn an_empty_run_payload_means_the_request_comes_on_the_log_port() {
+    // RunMicrovm without runHookPayload, as the API allows, calls `run` with nothing.
+    let agent = Agent::start().await;
+    assert_eq!(agent.hook("run", Vec::new()).await.0, StatusCode::OK);
+    let request = common::request("echo after an empty payload", 1, 1, Duration::from_secs(30));
+    let body = request.encode().expect("request encodes");
+    assert_eq!(agent.post_shard(body).await.0, StatusCode::ACCEPTED);
+    let frames = frames(&agent.read_log(0).await);
+    assert_eq!(stdout_of(&frames), "after an empty payload\n");
+    assert_eq!(result_of(&frames).outcome, Outcome::Exited { code: 0 });
+}
+
+#[tokio::test]
 async fn an_invalid_request_on_the_log_port_is_400_and_ends_the_log_rejected() {
     let agent = Agent::start().await;
     assert_eq!(agent.run(RunPayload::ViaLogPort).await.0, StatusCode::OK);

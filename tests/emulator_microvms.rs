@@ -3,6 +3,8 @@
 //! endpoint, and end with everything they started. The image here is a small
 //! stand-in written in Python (`tests/clients/fake_microvm.py`).
 
+mod common;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -139,6 +141,21 @@ async fn state_of(client: &Client, id: &str) -> MicrovmState {
         .clone()
 }
 
+/// Waits (bounded) until microVM `id` reaches `state`, as a client of the
+/// service must after `RunMicrovm` answered `PENDING`.
+async fn until_state(client: &Client, id: &str, state: MicrovmState) {
+    eventually(
+        &format!("microVM {id} is {}", state.as_str()),
+        Duration::from_secs(30),
+        || {
+            let (client, id, state) = (client.clone(), id.to_string(), state.clone());
+            async move { state_of(&client, &id).await == state }
+        },
+    )
+    .await;
+}
+
+/// Runs a fake microVM with `payload` and waits until it is RUNNING.
 async fn run(client: &Client, payload: &str) -> String {
     let out = client
         .run_microvm()
@@ -148,7 +165,9 @@ async fn run(client: &Client, payload: &str) -> String {
         .send()
         .await
         .expect("RunMicrovm succeeds");
-    out.microvm_id().to_string()
+    let id = out.microvm_id().to_string();
+    until_state(client, &id, MicrovmState::Running).await;
+    id
 }
 
 async fn token(client: &Client, id: &str, ports: PortSpecification) -> String {
@@ -183,7 +202,8 @@ async fn a_microvm_runs_and_its_endpoint_reaches_it_with_a_token() {
         .send()
         .await
         .unwrap();
-    assert_eq!(out.state(), &MicrovmState::Running);
+    // As on the service, the answer comes at once, before provisioning ends.
+    assert_eq!(out.state(), &MicrovmState::Pending);
     assert!(
         out.endpoint().starts_with("http://127.0.0.1:"),
         "{}",
@@ -196,6 +216,7 @@ async fn a_microvm_runs_and_its_endpoint_reaches_it_with_a_token() {
     assert_eq!(out.maximum_duration_in_seconds(), 300);
     assert!(out.started_at().secs() > 1_700_000_000);
     let id = out.microvm_id().to_string();
+    until_state(&s.client, &id, MicrovmState::Running).await;
 
     let got = s
         .client
@@ -425,6 +446,16 @@ async fn the_maximum_duration_is_enforced() {
         .await
         .unwrap();
     let id = out.microvm_id().to_string();
+    let records = s.records.path().to_path_buf();
+    eventually(
+        "the microVM recorded its pids",
+        Duration::from_secs(15),
+        || {
+            let records = records.clone();
+            async move { recorded_pids(&records).len() == 2 }
+        },
+    )
+    .await;
     let pids = recorded_pids(s.records.path());
     let client = s.client.clone();
     eventually("the microVM is terminated", Duration::from_secs(15), || {
@@ -471,7 +502,7 @@ async fn an_unknown_image_is_resource_not_found() {
         .unwrap()
         .microvm_id()
         .to_string();
-    assert_eq!(state_of(&s.client, &id).await, MicrovmState::Running);
+    until_state(&s.client, &id, MicrovmState::Running).await;
     s.emu.shutdown().await.unwrap();
 }
 
@@ -589,6 +620,7 @@ async fn a_retried_client_token_gets_the_same_microvm_and_a_reused_one_a_conflic
     let (first, second) = tokio::join!(call("same"), call("same"));
     let first = first.unwrap().microvm_id().to_string();
     assert_eq!(second.unwrap().microvm_id(), first);
+    until_state(&s.client, &first, MicrovmState::Running).await;
     assert_eq!(
         recorded_pids(s.records.path()).len(),
         2,
@@ -601,7 +633,7 @@ async fn a_retried_client_token_gets_the_same_microvm_and_a_reused_one_a_conflic
 }
 
 #[tokio::test]
-async fn an_image_that_exits_at_start_fails_the_run_and_is_terminated() {
+async fn an_image_that_exits_at_start_ends_terminated_with_its_reason() {
     let emu = emulator(vec![MicrovmImageConfig::new(
         "broken",
         vec![
@@ -612,29 +644,55 @@ async fn an_image_that_exits_at_start_fails_the_run_and_is_terminated() {
     )])
     .await;
     let client = client(&emu.endpoint).await;
-    let err = client
+    // The call succeeds, as on the service: the start fails later.
+    let out = client
         .run_microvm()
         .image_identifier("broken")
         .client_token("broken-1")
         .send()
         .await
-        .unwrap_err()
-        .into_service_error();
-    assert!(err.is_internal_server_exception(), "{err:?}");
-    let message = err.to_string();
-    assert!(message.contains("cannot boot"), "{message}");
+        .expect("a failing start does not fail RunMicrovm");
+    let id = out.microvm_id().to_string();
+    until_state(&client, &id, MicrovmState::Terminated).await;
 
     let items = client.list_microvms().send().await.unwrap();
-    assert_eq!(items.items().len(), 1, "retries reuse the first outcome");
-    let id = items.items()[0].microvm_id();
+    assert_eq!(items.items().len(), 1);
+    assert_eq!(items.items()[0].state(), &MicrovmState::Terminated);
     let got = client
         .get_microvm()
-        .microvm_identifier(id)
+        .microvm_identifier(&id)
         .send()
         .await
         .unwrap();
-    assert_eq!(got.state(), &MicrovmState::Terminated);
-    assert!(got.state_reason().unwrap().contains("exit status: 3"));
+    let reason = got.state_reason().unwrap();
+    assert!(reason.contains("exit status: 3"), "{reason}");
+    assert!(reason.contains("cannot boot"), "{reason}");
+    emu.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_run_hook_ends_the_microvm_with_the_hook_s_answer() {
+    let emu = emulator(vec![common::refusing_image("refuses")]).await;
+    let client = client(&emu.endpoint).await;
+    let id = client
+        .run_microvm()
+        .image_identifier("refuses")
+        .run_hook_payload("{}")
+        .send()
+        .await
+        .expect("a refused run hook does not fail RunMicrovm")
+        .microvm_id()
+        .to_string();
+    until_state(&client, &id, MicrovmState::Terminated).await;
+    let got = client
+        .get_microvm()
+        .microvm_identifier(&id)
+        .send()
+        .await
+        .unwrap();
+    let reason = got.state_reason().unwrap();
+    assert!(reason.contains("run hook answered 400"), "{reason}");
+    assert!(reason.contains("no such request here"), "{reason}");
     emu.shutdown().await.unwrap();
 }
 
@@ -746,7 +804,9 @@ async fn boto3_drives_the_microvm_control_plane() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["run_state"], "RUNNING");
+    assert_eq!(report["run_state"], "PENDING");
+    assert_eq!(report["state_after_polling"], "RUNNING");
+    assert_eq!(report["no_payload_state"], "RUNNING");
     assert_eq!(report["echo_run"], "from boto3");
     assert_eq!(report["proxy_headers_seen"], 0);
     assert_eq!(report["terminated_state"], "TERMINATED");

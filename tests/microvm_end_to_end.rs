@@ -241,3 +241,39 @@ async fn the_same_command_and_summary_work_on_every_backend() {
     sigterm(&emulator);
     assert!(emulator.wait().unwrap().success());
 }
+
+#[tokio::test]
+async fn a_microvm_whose_run_hook_refuses_is_not_run_with_the_reason_and_not_retried() {
+    // RunMicrovm answers PENDING; the backend must wait for the microVM to
+    // settle and read why it ended, not take PENDING for a start.
+    let emu = start_emulator(mvm_shard::emulator::EmulatorConfig {
+        functions: Vec::new(),
+        region: "us-east-1".into(),
+        microvm_images: vec![refusing_image("img")],
+        microvm_faults: MicrovmFaults::default(),
+        throttle_streams: false,
+    })
+    .await;
+    let backend = microvm_backend(&emu.endpoint).await;
+    let done = run(
+        backend,
+        vec![request("echo never", 1, 1, Duration::from_secs(30))],
+        1,
+    )
+    .await;
+    let record = &done.summary.records[0];
+    match &record.status {
+        ShardStatus::InfraFailed { reason } => {
+            assert!(reason.contains("run hook answered 400"), "{reason}");
+            assert!(reason.contains("TERMINATED"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(record.attempts, 1, "a refused request is not retried");
+    assert_eq!(
+        microvm_states(&emu.endpoint).await,
+        vec!["TERMINATED"],
+        "nothing is left running"
+    );
+    emu.shutdown().await.unwrap();
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_lambdamicrovms::error::{DisplayErrorContext, SdkError};
 use aws_sdk_lambdamicrovms::operation::run_microvm::builders::RunMicrovmFluentBuilder;
-use aws_sdk_lambdamicrovms::types::PortSpecification;
+use aws_sdk_lambdamicrovms::types::{MicrovmState, PortSpecification};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
@@ -34,6 +34,10 @@ const TOKEN_RENEW_AFTER: Duration = Duration::from_secs(45 * 60);
 const DURATION_MARGIN_S: u64 = 300;
 /// Longest a microVM may live.
 const MAX_DURATION_S: u64 = 28_800;
+/// Longest wait for a microVM to turn RUNNING after `RunMicrovm` answered.
+const START_LIMIT: Duration = Duration::from_secs(300);
+/// Longest pause between two `GetMicrovm` polls while it starts.
+const START_POLL_MAX: Duration = Duration::from_secs(2);
 /// Reconnections in a row, without a byte received, before the log counts as lost.
 const MAX_RECONNECTS: u32 = 8;
 
@@ -170,11 +174,20 @@ impl MicrovmBackend {
             tracked.starting.remove(&token);
             tracked.running.insert(id.clone(), invocation.shard);
         }
-        let endpoint = if vm.endpoint.starts_with("http://") || vm.endpoint.starts_with("https://")
-        {
-            vm.endpoint.trim_end_matches('/').to_string()
+        let endpoint = match vm.state {
+            MicrovmState::Running => vm.endpoint,
+            _ => match self.until_running(&id).await {
+                Ok(endpoint) => endpoint,
+                Err(e) => {
+                    let _ = self.terminate(&id).await;
+                    return Err(e);
+                }
+            },
+        };
+        let endpoint = if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+            endpoint.trim_end_matches('/').to_string()
         } else {
-            format!("https://{}", vm.endpoint.trim_end_matches('/'))
+            format!("https://{}", endpoint.trim_end_matches('/'))
         };
         let mut log = LogReader {
             client: self.client.clone(),
@@ -215,6 +228,67 @@ impl MicrovmBackend {
             }
         });
         Ok(Box::pin(stream))
+    }
+
+    /// Waits until microVM `id` is RUNNING, as a client of the service must
+    /// (`RunMicrovm` answers PENDING): `GetMicrovm` with backoff, bounded by
+    /// [`START_LIMIT`]; its endpoint then.
+    async fn until_running(&self, id: &str) -> Result<String, InvokeError> {
+        let deadline = Instant::now() + START_LIMIT;
+        let mut pause = Duration::from_millis(25);
+        loop {
+            match self
+                .client
+                .get_microvm()
+                .microvm_identifier(id)
+                .send()
+                .await
+            {
+                Ok(vm) => match vm.state() {
+                    MicrovmState::Running => return Ok(vm.endpoint().to_string()),
+                    MicrovmState::Pending => {}
+                    state => {
+                        let reason = vm.state_reason().unwrap_or("no reason given");
+                        // The image refused this very request: another microVM would too.
+                        let kind = if reason.contains("run hook answered 4") {
+                            InvokeErrorKind::Fatal
+                        } else {
+                            InvokeErrorKind::Transient
+                        };
+                        return Err(InvokeError {
+                            kind,
+                            message: format!(
+                                "microVM {id} did not start: it is {} ({reason})",
+                                state.as_str()
+                            ),
+                        });
+                    }
+                },
+                Err(e) if matches!(e, SdkError::ServiceError(_)) => {
+                    let e = super::classify_sdk_error(
+                        &e,
+                        &["ThrottlingException"],
+                        &["InternalServerException"],
+                    );
+                    if e.kind == InvokeErrorKind::Fatal {
+                        return Err(e);
+                    }
+                }
+                // A dropped connection: ask again.
+                Err(_) => {}
+            }
+            if Instant::now() + pause > deadline {
+                return Err(InvokeError {
+                    kind: InvokeErrorKind::Transient,
+                    message: format!(
+                        "microVM {id} was not RUNNING within {} s",
+                        START_LIMIT.as_secs()
+                    ),
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(START_POLL_MAX);
+        }
     }
 
     async fn terminate(&self, id: &str) -> Result<(), EndError> {

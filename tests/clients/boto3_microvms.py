@@ -7,6 +7,7 @@ usage: boto3_microvms.py ENDPOINT IMAGE
 """
 import json
 import sys
+import time
 import urllib.request
 
 import boto3
@@ -35,11 +36,27 @@ def error_code(call):
     return None
 
 
+def until_settled(vm_id):
+    """Polls GetMicrovm, as a client must after RunMicrovm answered PENDING."""
+    delay = 0.02
+    for _ in range(200):
+        got = client.get_microvm(microvmIdentifier=vm_id)
+        if got["state"] != "PENDING":
+            return got
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
+    raise SystemExit(f"microVM {vm_id} still PENDING")
+
+
 run = client.run_microvm(
     imageIdentifier=image, runHookPayload="from boto3", maximumDurationInSeconds=120
 )
 vm_id = run["microvmId"]
-got = client.get_microvm(microvmIdentifier=vm_id)
+got = until_settled(vm_id)
+# The payload is optional in the API: a microVM starts without one too.
+no_payload = client.run_microvm(imageIdentifier=image, maximumDurationInSeconds=120)
+no_payload_state = until_settled(no_payload["microvmId"])["state"]
+client.terminate_microvm(microvmIdentifier=no_payload["microvmId"])
 token = client.create_microvm_auth_token(
     microvmIdentifier=vm_id, expirationInMinutes=5, allowedPorts=[{"port": 8080}]
 )["authToken"]
@@ -53,6 +70,8 @@ listed = client.list_microvms()["items"]
 
 report = {
     "run_state": run["state"],
+    "state_after_polling": got["state"],
+    "no_payload_state": no_payload_state,
     "started_at_is_datetime": hasattr(run["startedAt"], "year"),
     "echo_run": echo["run"],
     "proxy_headers_seen": sum(

@@ -278,3 +278,23 @@ pub fn sigterm(child: &std::process::Child) {
     )
     .unwrap();
 }
+
+/// An image whose `ready` hook answers 200 and whose `run` hook refuses
+/// every payload with 400 `no such request here`.
+pub fn refusing_image(name: &str) -> mvm_shard::emulator::MicrovmImageConfig {
+    let script = concat!(
+        "import http.server, os\n",
+        "class H(http.server.BaseHTTPRequestHandler):\n",
+        "    def log_message(self, *args): pass\n",
+        "    def do_POST(self):\n",
+        "        code = 400 if self.path.endswith('/run') else 200\n",
+        "        self.send_response(code); self.end_headers()\n",
+        "        self.wfile.write(b'no such request here')\n",
+        "addr = (os.environ['MVM_SHARD_BIND_IP'], int(os.environ['MVM_SHARD_HOOKS_PORT']))\n",
+        "http.server.HTTPServer(addr, H).serve_forever()\n",
+    );
+    mvm_shard::emulator::MicrovmImageConfig::new(
+        name,
+        vec!["python3".into(), "-c".into(), script.into()],
+    )
+}

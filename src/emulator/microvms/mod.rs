@@ -152,9 +152,10 @@ impl Microvms {
         })
     }
 
-    /// `RunMicrovm`: checks the request, then starts a microVM and waits until
-    /// it is through `run`, or answers as the first call with the same
-    /// client token did.
+    /// `RunMicrovm`: checks the request, then starts a microVM and answers at
+    /// once with it `PENDING`, as the service does (provisioning goes on in
+    /// the background), or answers as the first call with the same client
+    /// token did.
     pub async fn run(self: &Arc<Self>, request: RunMicrovmRequest) -> Outcome {
         let maximum_duration = request.validate()?;
         let image = self.image(request.image_identifier.as_deref().unwrap_or_default())?;
@@ -226,7 +227,7 @@ impl Microvms {
     }
 
     async fn start(
-        &self,
+        self: &Arc<Self>,
         image: Arc<Image>,
         request: RunMicrovmRequest,
         maximum_duration: u32,
@@ -259,16 +260,17 @@ impl Microvms {
         if self.closing.is_cancelled() {
             vm.terminate("the emulator stopped");
         }
-        match vm.boot(&self.hooks, payload).await {
-            Ok(()) => Ok(vm),
-            Err(reason) => {
-                let _ = tokio::time::timeout(TERMINATE_WAIT, vm.exited.cancelled()).await;
-                Err(MicrovmApiError::internal(format!(
-                    "microVM {} did not start: {reason}",
-                    vm.id
-                )))
+        // PENDING until `ready` and `run` went through, then RUNNING; a start
+        // that fails (the image exits, a hook refuses) does not fail the call
+        // but ends the microVM TERMINATED, with the reason in `stateReason`.
+        let booting = vm.clone();
+        let hooks = self.hooks.clone();
+        tokio::spawn(async move {
+            if let Err(reason) = booting.boot(&hooks, payload).await {
+                tracing::debug!(microvm = %booting.id, %reason, "microVM did not start");
             }
-        }
+        });
+        Ok(vm)
     }
 
     /// The microVM `identifier` (its id, or anything ending in `/ID` or `:ID`).
