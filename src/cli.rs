@@ -162,6 +162,11 @@ pub struct RunArgs {
     /// Pass NAME from this environment, or set NAME=VALUE, in every shard.
     #[arg(long = "env", value_name = "NAME[=VALUE]")]
     pub env: Vec<String>,
+    /// In GitHub Actions, mask the value of this `--env` variable in the log
+    /// (repeatable). Values from `secrets.*` are masked by GitHub already;
+    /// nothing else is masked unless named here.
+    #[arg(long = "mask", value_name = "NAME")]
+    pub mask: Vec<String>,
     /// Directory to ship (default: the git working tree of the current directory).
     #[arg(long, value_name = "DIR", conflicts_with = "source_from")]
     pub source: Option<PathBuf>,
@@ -295,6 +300,9 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
         .map(|o| plan::parse_only(o, args.shards))
         .transpose()?;
     let env = plan::resolve_env(&args.env, |name| std::env::var(name).ok())?;
+    if let Some(name) = args.mask.iter().find(|name| !env.contains_key(*name)) {
+        return Err(PlanError::MaskNotForwarded(name.clone()).into());
+    }
     let mut links_to_mask = Vec::new();
     let github = match args.source_from {
         SourceFrom::Github => {
@@ -463,7 +471,8 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
             }
             let mut github = GithubReporter::new(std::io::stdout(), files);
             let links = links_to_mask.iter().map(String::as_str);
-            for value in secret_values(&args.env, &spec.env).into_iter().chain(links) {
+            let named = args.mask.iter().filter_map(|name| spec.env.get(name));
+            for value in named.map(String::as_str).chain(links) {
                 let _ = github.mask(value);
             }
             Box::new(github)
@@ -572,35 +581,6 @@ fn github_links() -> Result<crate::github::TarballLinks, RunError> {
         &var("GITHUB_SHA"),
     )
     .map_err(|e| RunError::Github(e.to_string()))
-}
-
-/// Values to mask in a CI log: everything forwarded from this environment
-/// (`--env NAME`), and explicit values whose name says they are secret.
-fn secret_values<'a>(
-    args: &[String],
-    env: &'a std::collections::BTreeMap<String, String>,
-) -> Vec<&'a str> {
-    let secret_name = |n: &str| {
-        let n = n.to_ascii_uppercase();
-        [
-            "TOKEN",
-            "SECRET",
-            "PASSWORD",
-            "PASSWD",
-            "KEY",
-            "CREDENTIAL",
-            "AUTH",
-        ]
-        .iter()
-        .any(|w| n.contains(w))
-    };
-    env.iter()
-        .filter(|(name, value)| {
-            let forwarded = args.iter().any(|a| a == *name);
-            (forwarded || secret_name(name)) && value.len() >= 4
-        })
-        .map(|(_, v)| v.as_str())
-        .collect()
 }
 
 /// How the invoker answers stop requests. First SIGINT or SIGTERM: stop

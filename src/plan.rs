@@ -33,6 +33,9 @@ pub enum PlanError {
     /// `--env NAME` of a variable that is not set here.
     #[error("--env {0}: {0} is not set in this environment; set it, or pass --env {0}=VALUE")]
     EnvUnset(String),
+    /// `--mask NAME` of a variable not passed with `--env`.
+    #[error("--mask {0}: {0} is not passed to the shards; add --env {0} (or --env {0}=VALUE), or drop --mask {0}")]
+    MaskNotForwarded(String),
     /// `--env` with a bad name.
     #[error("--env {0:?}: not a valid environment variable name (letters, digits and _, not starting with a digit)")]
     EnvName(String),

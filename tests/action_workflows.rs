@@ -535,3 +535,81 @@ async fn each_matrix_job_runs_only_its_shard() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_pytest_project_is_annotated_at_its_failing_assertion_and_masks_nothing_it_should_not() {
+    let run = run_workflow("pytest-project.yml").await;
+    let ctx = run.context();
+    assert!(!run.status.success(), "the jobs fail\n{ctx}");
+    let job: Vec<&Value> = run
+        .records
+        .iter()
+        .filter(|r| r["jobID"] == "shards" || r["job"] == "shards")
+        .collect();
+
+    let outputs = run.results("shards");
+    assert_eq!(
+        outputs.get("result").map(String::as_str),
+        Some("failed"),
+        "{ctx}"
+    );
+    assert_eq!(
+        outputs.get("failed").map(String::as_str),
+        Some("13"),
+        "{ctx}"
+    );
+    assert!(
+        outputs
+            .get("report")
+            .is_some_and(|r| r.ends_with("junit.xml")),
+        "{ctx}"
+    );
+
+    // The failed test first, at the line of its assertion; the 12 shards that
+    // failed without a report folded into one annotation after it.
+    let errors = commands(&job, "error");
+    assert_eq!(errors.len(), 2, "{ctx}");
+    assert_eq!(errors[0]["kvPairs"]["file"], "tests/test_calc.py", "{ctx}");
+    assert_eq!(errors[0]["kvPairs"]["line"], "11", "{ctx}");
+    assert!(
+        errors[0]["kvPairs"]["title"]
+            .as_str()
+            .is_some_and(|t| t.contains("test_adds_wrong")),
+        "{ctx}"
+    );
+    assert_eq!(
+        errors[1]["kvPairs"]["title"], "12 shards did not pass",
+        "{ctx}"
+    );
+
+    // Forwarded values that are no secrets are not masked.
+    let lines = raw_lines(&job);
+    assert!(lines.contains(&"format shard parallelism false"), "{ctx}");
+    assert!(!lines.iter().any(|l| l.contains("***")), "{ctx}");
+
+    // A usage mistake is annotated, and the outputs say what happened.
+    let usage = run.results("usage");
+    assert_eq!(
+        usage.get("result").map(String::as_str),
+        Some("usage-error"),
+        "{ctx}"
+    );
+    assert_eq!(usage.get("passed").map(String::as_str), Some("0"), "{ctx}");
+    assert_eq!(
+        usage.get("outcome").map(String::as_str),
+        Some("failure"),
+        "{ctx}"
+    );
+    let usage_job: Vec<&Value> = run
+        .records
+        .iter()
+        .filter(|r| r["jobID"] == "usage-error" || r["job"] == "usage-error")
+        .collect();
+    let usage_errors = commands(&usage_job, "error");
+    assert!(
+        usage_errors.iter().any(|e| e["arg"]
+            .as_str()
+            .is_some_and(|a| a.contains("'function' input is required"))),
+        "{ctx}"
+    );
+}

@@ -349,7 +349,15 @@ test {index} = 1"#;
             "--report",
         ])
         .arg(&report)
-        .args(["--env", "API_TOKEN", "--", "sh", "-c", script])
+        .args([
+            "--env",
+            "API_TOKEN",
+            "--mask",
+            "API_TOKEN",
+            "--env",
+            "LOG_FORMAT=shard",
+        ])
+        .args(["--", "sh", "-c", script])
         .env("GITHUB_ACTIONS", "true")
         .env("GITHUB_STEP_SUMMARY", &summary)
         .env("GITHUB_OUTPUT", &output)
@@ -364,6 +372,8 @@ test {index} = 1"#;
         .find("::add-mask::s3cr3t-value")
         .expect("secret masked");
     assert!(mask < stdout.find("::group::").unwrap());
+    // Only what was asked to be masked is.
+    assert_eq!(stdout.matches("::add-mask::").count(), 1, "{stdout}");
     assert!(stdout.contains("::group::✅ shard 1/2 passed"), "{stdout}");
     assert!(stdout.contains("::group::❌ shard 2/2 FAILED"), "{stdout}");
     assert!(
@@ -436,4 +446,22 @@ fn a_command_that_does_not_exist_is_a_failed_shard_with_the_shells_127() {
         .find(|l| l.starts_with("1/1 "))
         .expect("a summary row");
     assert!(row.contains("FAILED") && row.contains("127"), "{row}");
+}
+
+#[test]
+fn masking_a_variable_that_is_not_passed_is_a_usage_error() {
+    let dir = plain_dir();
+    let out = Command::new(binary())
+        .args(["run", "--local", "--mask", "API_TOKEN", "--", "true"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "--mask API_TOKEN: API_TOKEN is not passed to the shards; add --env API_TOKEN"
+        ),
+        "{stderr}"
+    );
 }

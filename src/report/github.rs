@@ -71,10 +71,19 @@ impl<W: Write> GithubReporter<W> {
         }
     }
 
-    /// Masks secret values in the log from here on (`::add-mask::`), one line at a time.
+    /// Masks a secret in the log from here on (`::add-mask::`), one line at
+    /// a time. A line that could not be a secret (see [`maskable`]) is left
+    /// alone, with a warning: masking "false" would hide every "false" in
+    /// the rest of the job.
     pub fn mask(&mut self, secret: &str) -> std::io::Result<()> {
         for line in secret.lines().filter(|l| !l.trim().is_empty()) {
-            writeln!(self.out, "::add-mask::{}", escape_data(line))?;
+            if maskable(line) {
+                writeln!(self.out, "::add-mask::{}", escape_data(line))?;
+            } else {
+                let title = ("title", "Not masked".to_string());
+                let why = "a value asked to be masked is too short or too common to mask without hiding ordinary log text (fewer than 6 characters, a number, a yes/no word, or one word of letters)";
+                self.warn(&[title], why)?;
+            }
         }
         Ok(())
     }
@@ -379,6 +388,25 @@ impl<W: Write + Send> Reporter for GithubReporter<W> {
     }
 }
 
+/// Whether a value can be masked without hiding ordinary log text: not
+/// shorter than 6 characters, not a number, not a yes/no word, and not a
+/// single word of letters (`shard`, `production`). Real secrets (tokens,
+/// passwords, keys) mix digits, cases or symbols.
+pub fn maskable(value: &str) -> bool {
+    let v = value.trim();
+    let yes_no = [
+        "true", "false", "yes", "no", "on", "off", "enabled", "disabled", "null", "none",
+    ];
+    let one_word = v.chars().all(|c| c.is_ascii_alphabetic())
+        && (v.chars().all(|c| c.is_ascii_lowercase())
+            || v.chars().all(|c| c.is_ascii_uppercase())
+            || v[1..].chars().all(|c| c.is_ascii_lowercase()));
+    v.chars().count() >= 6
+        && v.parse::<f64>().is_err()
+        && !yes_no.iter().any(|w| v.eq_ignore_ascii_case(w))
+        && !one_word
+}
+
 /// "3 failed tests and 2 shards are not annotated", in words.
 fn unshown(tests: usize, shards: usize) -> String {
     let plural =
@@ -654,5 +682,41 @@ mod tests {
         let expected = format!("report={}\n", dir.path().join("merged.xml").display());
         assert!(outputs.ends_with(&expected), "{outputs}");
         assert!(!String::from_utf8(out).unwrap().contains("::warning"));
+    }
+
+    #[test]
+    fn only_values_that_could_be_secrets_are_masked() {
+        for plain in [
+            "false",
+            "TRUE",
+            "shard",
+            "production",
+            "Production",
+            "12345678",
+            "3.14159",
+            "abc",
+            "disabled",
+        ] {
+            assert!(!maskable(plain), "{plain}");
+        }
+        for secret in [
+            "hunter2!",
+            "ghp_0123456789abcdef",
+            "s3cr3t-pw",
+            "dGhpcyBpcyBh",
+            "CamelCaseKey",
+        ] {
+            assert!(maskable(secret), "{secret}");
+        }
+        let mut out = Vec::new();
+        let mut r = GithubReporter::new(&mut out, GithubFiles::default());
+        r.mask("ghp_0123456789abcdef\nfalse").unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with("::add-mask::ghp_0123456789abcdef\n"),
+            "{text}"
+        );
+        assert!(!text.contains("::add-mask::false"), "{text}");
+        assert!(text.contains("::warning title=Not masked::"), "{text}");
     }
 }
