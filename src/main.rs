@@ -8,16 +8,31 @@ use clap::Parser;
 use mvm_shard::cli::{self, Cli, Command};
 
 fn main() -> ExitCode {
-    // First, before any credential is read or any thread or child exists:
-    // the agent's commands, and with `run --local` the shards, run as this
-    // same user and must not read this process's environment or memory.
+    // Any process on the machine can read a command line, and with `run
+    // --local` the shards run on this one: `--env NAME=VALUE` values leave
+    // it, once copied for parsing. This needs /proc/self/mem, which closes below.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let has_env_value = args
+        .iter()
+        .any(|a| a.as_encoded_bytes().starts_with(b"--env"));
+    let masked = if has_env_value {
+        mvm_shard::os::rewrite_command_line(mask_env_values)
+    } else {
+        Ok(())
+    };
+    // Then, before any credential is read or any thread or child exists: the
+    // agent's commands, and with `run --local` the shards, run as this same
+    // user and must not read this process's environment or memory.
     let hidden = mvm_shard::os::hide_from_same_user()
         .and_then(|()| mvm_shard::os::close_inherited_descriptors_on_exec());
     if let Err(e) = hidden {
         eprintln!("error: cannot close this process to its children: {e}");
         return ExitCode::from(3);
     }
-    let cli = Cli::parse();
+    if let Err(e) = masked {
+        eprintln!("mvm-shard: warning: cannot hide --env values from the process list: {e}");
+    }
+    let cli = Cli::parse_from(args);
     let default_filter = match cli.command {
         Command::Agent(_) => "info",
         // A GitHub Actions re-run "with debug logging" sets RUNNER_DEBUG=1.
@@ -74,4 +89,45 @@ fn main() -> ExitCode {
     // Detached tasks (idle connections) must not hold the exit up.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     ExitCode::from(code as u8)
+}
+
+/// Overwrites with `*` the value of every `--env NAME=VALUE` (or
+/// `--env=NAME=VALUE`) before the `--` that starts the command, in a
+/// NUL-separated command line, keeping its length.
+fn mask_env_values(cmdline: &mut [u8]) {
+    let mut value_follows = false;
+    for arg in cmdline.split_mut(|b| *b == 0) {
+        if arg == b"--" {
+            break;
+        }
+        let skip = if value_follows {
+            Some(0)
+        } else {
+            arg.strip_prefix(b"--env=").map(|_| b"--env=".len())
+        };
+        value_follows = arg == b"--env";
+        if let Some(skip) = skip {
+            if let Some(eq) = arg[skip..].iter().position(|b| *b == b'=') {
+                arg[skip + eq + 1..].fill(b'*');
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mask_env_values;
+
+    #[test]
+    fn env_values_are_masked_up_to_the_command() {
+        let mut line =
+            b"mvm-shard\0run\0--env\0A=secret\0--env=B=x=y\0--env\0PASSED\0--\0--env\0C=shown\0"
+                .to_vec();
+        mask_env_values(&mut line);
+        assert_eq!(
+            line,
+            b"mvm-shard\0run\0--env\0A=******\0--env=B=***\0--env\0PASSED\0--\0--env\0C=shown\0"
+                .to_vec()
+        );
+    }
 }

@@ -202,3 +202,39 @@ pub fn close_inherited_descriptors_on_exec() -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Rewrites this process's command line in place, as `/proc/PID/cmdline`
+/// shows it to every process on the machine; `edit` gets the NUL-separated
+/// arguments and must keep their length. Call it only after the arguments
+/// have been parsed: `std::env::args` reads the same memory.
+pub fn rewrite_command_line(edit: impl FnOnce(&mut [u8])) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let malformed = || std::io::Error::other("unexpected /proc/self/stat");
+    // Fields resume after the command name's last ')' at field 3; arg_start is field 48.
+    let fields: Vec<u64> = stat[stat.rfind(')').ok_or_else(malformed)? + 1..]
+        .split_whitespace()
+        .skip(45)
+        .take(2)
+        .map(|f| f.parse().map_err(|_| malformed()))
+        .collect::<Result<_, _>>()?;
+    let [start, end] = fields[..] else {
+        return Err(malformed());
+    };
+    let mut mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/proc/self/mem")?;
+    let mut args = vec![0; end.saturating_sub(start) as usize];
+    mem.seek(SeekFrom::Start(start))?;
+    mem.read_exact(&mut args)?;
+    let before = args.len();
+    edit(&mut args);
+    if args.len() != before {
+        return Err(std::io::Error::other(
+            "a rewritten command line must keep its length",
+        ));
+    }
+    mem.seek(SeekFrom::Start(start))?;
+    mem.write_all(&args)
+}
