@@ -100,20 +100,30 @@ fn assert_no_secret(walk: &str, secrets: &[&str]) {
     }
 }
 
-/// `mvm-shard emulate` as an unprivileged user, with fake credentials of its own.
-fn unprivileged_emulate(env: &[(&str, &str)]) -> (std::process::Child, String) {
-    use std::io::{BufRead, BufReader};
-    let mut emulate = Command::new("setpriv")
+/// `setpriv` to the unprivileged user, started with descriptor 7 open on a
+/// file and not close-on-exec, as a careless parent would leave it (`sh`
+/// opens it, then execs: no wrapper stays above).
+fn unprivileged(leaked: &std::path::Path) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "exec 7<\"$0\"; exec setpriv \"$@\""])
+        .arg(leaked)
         .args([
             &format!("--reuid={UNPRIVILEGED}"),
             &format!("--regid={UNPRIVILEGED}"),
             "--clear-groups",
             "--",
-            binary(),
-            "emulate",
-            "--listen",
-            "127.0.0.1:0",
-        ])
+        ]);
+    cmd
+}
+
+/// `mvm-shard emulate` as an unprivileged user, with fake credentials of its own.
+fn unprivileged_emulate(
+    env: &[(&str, &str)],
+    leaked: &std::path::Path,
+) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut emulate = unprivileged(leaked)
+        .args([binary(), "emulate", "--listen", "127.0.0.1:0"])
         .current_dir("/")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -134,11 +144,15 @@ async fn a_shard_reads_no_credential_and_no_runtime_api_from_any_ancestor() {
     const HOST_SECRET: &str = "HostSecretOfTheEmulator0xC0FFEE";
     const HOST_KEY: &str = "AKIAHOSTKEYOFEMULATOR";
     const HOST_TOKEN: &str = "ghp_HostTokenOfTheEmulatorDEADBEEF";
-    let (mut emulate, endpoint) = unprivileged_emulate(&[
-        ("AWS_ACCESS_KEY_ID", HOST_KEY),
-        ("AWS_SECRET_ACCESS_KEY", HOST_SECRET),
-        ("GITHUB_TOKEN", HOST_TOKEN),
-    ]);
+    let leaked = tempfile::NamedTempFile::new().unwrap();
+    let (mut emulate, endpoint) = unprivileged_emulate(
+        &[
+            ("AWS_ACCESS_KEY_ID", HOST_KEY),
+            ("AWS_SECRET_ACCESS_KEY", HOST_SECRET),
+            ("GITHUB_TOKEN", HOST_TOKEN),
+        ],
+        leaked.path(),
+    );
     let done = bounded(MINUTE, async {
         let backend = backend(&endpoint, mvm_shard::emulator::DEFAULT_FUNCTION, true).await;
         run(backend, vec![request(WALK, 1, 1, MINUTE)], 1).await
@@ -174,12 +188,9 @@ fn a_local_shard_reads_nothing_of_the_invokers_environment() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::write(dir.path().join("data.txt"), "payload\n").unwrap();
     // setpriv execs the invoker: no wrapper above it holds its command line.
-    let invoker = Command::new("setpriv")
+    let leaked = tempfile::NamedTempFile::new().unwrap();
+    let invoker = unprivileged(leaked.path())
         .args([
-            &format!("--reuid={UNPRIVILEGED}"),
-            &format!("--regid={UNPRIVILEGED}"),
-            "--clear-groups",
-            "--",
             binary(),
             "run",
             "--local",
