@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use mvm_shard::backend::{Backend, LambdaBackend, LambdaOptions};
 use mvm_shard::dispatch::{self, DispatchOptions, RunEvent, ShardJob};
 use mvm_shard::emulator::{EmulatorConfig, FunctionConfig, RunningEmulator};
@@ -31,7 +30,7 @@ fn job(script: &str, index: u32, count: u32) -> ShardJob {
     );
     ShardJob {
         shard: request.shard,
-        payload: Bytes::from(request.encode().unwrap()),
+        request,
     }
 }
 

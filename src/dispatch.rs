@@ -192,10 +192,10 @@ impl RunSummary {
 /// One shard to run.
 #[derive(Debug, Clone)]
 pub struct ShardJob {
-    /// Which shard.
+    /// Which shard (also in the request; kept here for ordering and events).
     pub shard: ShardId,
-    /// Its encoded request.
-    pub payload: Bytes,
+    /// What the shard gets, as the plan decided it; the backend encodes it.
+    pub request: ShardRequest,
 }
 
 /// Limits of a dispatch.
@@ -288,10 +288,10 @@ async fn run_shard(
 ) -> (ShardStatus, u32, Received) {
     let mut attempt = 1;
     loop {
-        let payload = match &options.source {
-            None => job.payload.clone(),
-            Some(resolver) => match with_resolved_source(&job.payload, &**resolver, events).await {
-                Ok(payload) => payload,
+        let request = match &options.source {
+            None => job.request.clone(),
+            Some(resolver) => match with_resolved_source(&job.request, &**resolver, events).await {
+                Ok(request) => request,
                 Err(reason) => {
                     let reason = format!("cannot get the shard's source: {reason}");
                     return (
@@ -306,7 +306,7 @@ async fn run_shard(
             shard: job.shard,
             attempt,
             run_id: run_id.to_string(),
-            payload,
+            request,
         };
         let _ = events.send(RunEvent::Started {
             shard: job.shard,
@@ -347,17 +347,18 @@ async fn run_shard(
 
 /// The job's request with the source the resolver hands out now.
 async fn with_resolved_source(
-    payload: &Bytes,
+    request: &ShardRequest,
     resolver: &dyn SourceResolver,
     events: &mpsc::UnboundedSender<RunEvent>,
-) -> Result<Bytes, String> {
+) -> Result<ShardRequest, String> {
     let resolved = resolver.resolve().await?;
     if let Some(secret) = resolved.secret {
         let _ = events.send(RunEvent::Secret(secret));
     }
-    let mut request = ShardRequest::decode(payload).map_err(|e| e.to_string())?;
-    request.source = resolved.spec;
-    request.encode().map(Bytes::from).map_err(|e| e.to_string())
+    Ok(ShardRequest {
+        source: resolved.spec,
+        ..request.clone()
+    })
 }
 
 /// Whether to retry a failed start, and after how long: exponential backoff

@@ -5,7 +5,6 @@
 use std::time::{Duration, Instant};
 
 use aws_sdk_lambda::error::DisplayErrorContext;
-use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::backend::{Backend, LambdaBackend, ShardInvocation};
@@ -153,7 +152,7 @@ async fn round_trip(backend: &LambdaBackend) -> Check {
         shard: request.shard,
         attempt: 1,
         run_id: format!("doctor-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
-        payload: Bytes::from(request.encode().expect("a fixed request encodes")),
+        request,
     };
     let mut latencies = Vec::new();
     for _ in 0..2 {

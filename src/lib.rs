@@ -1,9 +1,10 @@
 //! mvm-shard: run every test shard in its own fresh, disposable microVM on AWS
 //! Lambda, stream each shard's log back live, and fail when any shard fails.
 //!
-//! The modules are the stages of a run: [`plan`] turns the command line into
-//! one [`protocol::ShardRequest`] per shard, [`dispatch`] sends them through a
-//! [`backend`] and turns the answers into events, [`report`] shows them. The
+//! The modules are the stages of a run, which [`run`] drives: [`plan`] turns
+//! the command line into one typed [`protocol::ShardRequest`] per shard,
+//! [`dispatch`] sends them through a [`backend`] (which encodes them) and
+//! turns the answers into events, [`report`] shows them. The
 //! [`agent`] runs inside each VM, and the [`emulator`] is a local Lambda.
 #![warn(missing_docs)]
 
@@ -19,5 +20,6 @@ pub mod os;
 pub mod plan;
 pub mod protocol;
 pub mod report;
+pub mod run;
 pub mod shutdown;
 pub mod source;

@@ -1,14 +1,18 @@
-//! Turning what the user asked for into one request per selected shard:
-//! shard selection, `{index}`/`{count}` substitution, environment, source.
+//! Turning what the user asked for into one typed [`ShardRequest`] per
+//! selected shard: shard selection, `{index}`/`{count}` substitution,
+//! environment, overlay, and where the source travels. Every decision about
+//! what a shard gets is made here; the requests are encoded only by the
+//! backend that sends them.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bytes::Bytes;
+use base64::Engine as _;
 
 use crate::dispatch::ShardJob;
 use crate::protocol::{
-    RequestError, ShardId, ShardRequest, SourceSpec, MAX_REQUEST_BYTES, PROTOCOL_VERSION,
+    ArchiveFormat, RequestError, ShardId, ShardRequest, SourceSpec, MAX_REQUEST_BYTES,
+    PROTOCOL_VERSION,
 };
 
 /// A problem with the user's input, found before anything ran (exit 2).
@@ -158,7 +162,67 @@ pub fn inline_budget(spec: &RunSpec, run_id: &str) -> Result<usize, PlanError> {
     Ok(MAX_REQUEST_BYTES.saturating_sub(overhead) / 4 * 3)
 }
 
-/// Builds the jobs: one encoded request per selected shard.
+/// The `--include` files' archive as a request carries it (base64), if it fits.
+pub fn overlay(archive: &[u8]) -> Result<String, PlanError> {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(archive);
+    if encoded.len() > MAX_REQUEST_BYTES - 64 * 1024 {
+        return Err(PlanError::IncludeTooLarge {
+            size: human_bytes(archive.len() as u64),
+        });
+    }
+    Ok(encoded)
+}
+
+/// Where the shards' source tree travels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// In every request as it is (inline, or nothing: each VM fetches the
+    /// commit from GitHub with a link resolved at dispatch time).
+    Ready(SourceSpec),
+    /// Too large for a request: serve the archive and use [`served`]'s link.
+    Serve,
+}
+
+/// Decides where the source goes: from GitHub when `from_github`; inline when
+/// the archive fits next to the rest of the request; served over loopback
+/// when `can_serve` (the local emulator); otherwise it is too large (exit 2).
+pub fn place_source(
+    spec: &RunSpec,
+    run_id: &str,
+    archive: &[u8],
+    from_github: bool,
+    can_serve: bool,
+) -> Result<Placement, PlanError> {
+    if from_github {
+        return Ok(Placement::Ready(SourceSpec::Empty));
+    }
+    let budget = inline_budget(spec, run_id)?;
+    if archive.len() <= budget {
+        Ok(Placement::Ready(SourceSpec::Inline {
+            archive: base64::engine::general_purpose::STANDARD.encode(archive),
+        }))
+    } else if can_serve {
+        Ok(Placement::Serve)
+    } else {
+        Err(PlanError::SourceTooLarge {
+            size: human_bytes(archive.len() as u64),
+            limit: human_bytes(budget as u64),
+        })
+    }
+}
+
+/// The source of a [`Placement::Serve`]: the archive's link, as packed here.
+pub fn served(url: String) -> SourceSpec {
+    SourceSpec::Url {
+        url,
+        format: ArchiveFormat::TarZst,
+        strip_components: 0,
+    }
+}
+
+/// Builds the jobs: one request per selected shard, checked against the
+/// bounds the agent enforces so that bad input stops the run before anything
+/// starts.
 pub fn jobs(spec: &RunSpec, run_id: &str, source: &SourceSpec) -> Result<Vec<ShardJob>, PlanError> {
     if spec.shards == 0 || spec.shards > 10_000 {
         return Err(PlanError::ShardCount(spec.shards));
@@ -174,11 +238,9 @@ pub fn jobs(spec: &RunSpec, run_id: &str, source: &SourceSpec) -> Result<Vec<Sha
                 index,
                 count: spec.shards,
             };
-            let payload = request(spec, run_id, shard, source.clone()).encode()?;
-            Ok(ShardJob {
-                shard,
-                payload: Bytes::from(payload),
-            })
+            let request = request(spec, run_id, shard, source.clone());
+            request.encode()?;
+            Ok(ShardJob { shard, request })
         })
         .collect()
 }
@@ -264,7 +326,7 @@ mod tests {
         };
         let jobs = jobs(&spec, "run", &SourceSpec::Empty).unwrap();
         assert_eq!(jobs.len(), 1);
-        let req = ShardRequest::decode(&jobs[0].payload).unwrap();
+        let req = &jobs[0].request;
         assert_eq!(req.command, vec!["echo", "2/3"]);
         assert_eq!(req.shard, ShardId { index: 2, count: 3 });
     }

@@ -4,10 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::*;
-use mvm_shard::dispatch::{ShardJob, ShardStatus};
-use mvm_shard::protocol::{Outcome, ShardId};
+use mvm_shard::dispatch::ShardStatus;
+use mvm_shard::protocol::{Frame, FrameCodec, Outcome};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -162,31 +161,67 @@ async fn an_agent_killed_mid_stream_is_an_infrastructure_failure() {
 #[tokio::test]
 async fn a_malformed_request_gets_a_clear_refusal_not_a_crash() {
     let emu = emulator(vec![agent_function("f", true)]).await;
-    let backend = backend(&emu.endpoint, "f", true).await;
-    let shard = ShardId { index: 1, count: 1 };
-    let jobs = vec![
-        ShardJob { shard, payload: Bytes::from_static(b"{\"version\":1,\"command\":") },
-        ShardJob {
-            shard: ShardId { index: 2, count: 2 },
-            payload: Bytes::from_static(b"{\"version\":1,\"run_id\":\"r\",\"shard\":{\"index\":9,\"count\":2},\"command\":[\"true\"],\"timeout_ms\":1000,\"source\":{\"kind\":\"empty\"}}"),
-        },
+    let client = sdk_client(&emu.endpoint).await;
+    // What no planner would send: cut-off JSON, and a shard index past its count.
+    let payloads: [&[u8]; 2] = [
+        b"{\"version\":1,\"command\":",
+        b"{\"version\":1,\"run_id\":\"r\",\"shard\":{\"index\":9,\"count\":2},\"command\":[\"true\"],\"timeout_ms\":1000,\"source\":{\"kind\":\"empty\"}}",
     ];
-    let done = run_jobs(backend.clone(), jobs, 2).await;
-    for rec in &done.summary.records {
-        let outcome = &rec
-            .result
-            .as_ref()
-            .expect("the agent still answers with a result")
-            .outcome;
-        assert!(matches!(outcome, Outcome::Rejected { .. }), "{outcome:?}");
+    for (i, payload) in payloads.into_iter().enumerate() {
+        let result = final_result(&client, "f", &format!("malformed-{i}"), payload).await;
         assert!(
-            matches!(&rec.status, ShardStatus::InfraFailed { reason } if reason.contains("refused"))
+            matches!(result.outcome, Outcome::Rejected { .. }),
+            "{result:?}"
+        );
+        let status = mvm_shard::dispatch::status_of(Some(&result), None);
+        assert!(
+            matches!(&status, ShardStatus::InfraFailed { reason } if reason.contains("refused")),
+            "{status:?}"
         );
     }
     // The same environment-serving agent is still healthy afterwards.
+    let backend = backend(&emu.endpoint, "f", true).await;
     let done = run(backend, vec![request("echo fine", 1, 1, MINUTE)], 1).await;
     assert_eq!(done.summary.exit_code(), 0);
     emu.shutdown().await.unwrap();
+}
+
+/// Sends `payload` as it is with the real SDK client and returns the agent's
+/// final result frame (the agent still answers with one).
+async fn final_result(
+    client: &aws_sdk_lambda::Client,
+    function: &str,
+    tenant: &str,
+    payload: &[u8],
+) -> mvm_shard::protocol::ShardResult {
+    use aws_sdk_lambda::types::InvokeWithResponseStreamResponseEvent as E;
+    use tokio_util::codec::Decoder;
+    let mut streamed = client
+        .invoke_with_response_stream()
+        .function_name(function)
+        .tenant_id(tenant)
+        .payload(aws_sdk_lambda::primitives::Blob::new(payload.to_vec()))
+        .send()
+        .await
+        .expect("streaming invoke starts");
+    let mut buf = bytes::BytesMut::new();
+    while let Some(event) = streamed
+        .event_stream
+        .recv()
+        .await
+        .expect("stream is intact")
+    {
+        if let E::PayloadChunk(c) = event {
+            buf.extend_from_slice(c.payload().expect("chunk has a payload").as_ref());
+        }
+    }
+    let mut codec = FrameCodec::new();
+    while let Some(frame) = codec.decode(&mut buf).expect("frames are well formed") {
+        if let Frame::Result(result) = frame {
+            return result;
+        }
+    }
+    panic!("the stream ended without a final result");
 }
 
 #[tokio::test]

@@ -400,7 +400,7 @@ async fn dispatch_as(
     drop(rx);
     let jobs = vec![ShardJob {
         shard: req.shard,
-        payload: Bytes::from(req.encode().unwrap()),
+        request: req.clone(),
     }];
     let summary = dispatch::dispatch(
         backend,

@@ -87,11 +87,15 @@ impl Backend for LambdaBackend {
         invocation: &'a ShardInvocation,
     ) -> BoxFuture<'a, Result<ShardStream, InvokeError>> {
         async move {
+            let payload = invocation.request.encode().map_err(|e| InvokeError {
+                kind: super::InvokeErrorKind::Fatal,
+                message: e.to_string(),
+            })?;
             let mut request = self
                 .client
                 .invoke_with_response_stream()
                 .function_name(&self.function)
-                .payload(Blob::new(invocation.payload.to_vec()));
+                .payload(Blob::new(payload));
             if self.tenant_isolation {
                 request = request.tenant_id(Self::tenant_id(invocation));
             }

@@ -22,7 +22,7 @@ use super::{
 use crate::protocol::microvm::{
     RunPayload, RunPayloadError, DEFAULT_LOG_PORT, LOG_PATH, SHARD_PATH,
 };
-use crate::protocol::{ShardId, ShardRequest};
+use crate::protocol::ShardId;
 
 /// The agent's log port inside the microVM.
 const LOG_PORT: i32 = DEFAULT_LOG_PORT as i32;
@@ -121,18 +121,19 @@ impl MicrovmBackend {
     }
 
     async fn start(&self, invocation: &ShardInvocation) -> Result<ShardStream, InvokeError> {
-        let request =
-            ShardRequest::decode(&invocation.payload).map_err(|e| fatal(e.to_string()))?;
+        let request = &invocation.request;
         let max_duration =
             (request.timeout_ms / 1000 + DURATION_MARGIN_S).min(MAX_DURATION_S) as i32;
         // A request too large for the run hook goes to the agent's log port instead.
         let (hook_payload, post_request) = match RunPayload::Inline(request.clone()).encode() {
-            Ok(payload) => (payload, false),
+            Ok(payload) => (payload, None),
             Err(RunPayloadError::TooLarge { .. }) => (
                 RunPayload::ViaLogPort
                     .encode()
                     .map_err(|e| fatal(e.to_string()))?,
-                true,
+                Some(Bytes::from(
+                    request.encode().map_err(|e| fatal(e.to_string()))?,
+                )),
             ),
             Err(e) => return Err(fatal(e.to_string())),
         };
@@ -199,8 +200,8 @@ impl MicrovmBackend {
             failures: 0,
             body: None,
         };
-        if post_request {
-            if let Err(e) = log.post_request(invocation.payload.clone()).await {
+        if let Some(payload) = post_request {
+            if let Err(e) = log.post_request(payload).await {
                 let _ = self.terminate(&id).await;
                 return Err(InvokeError {
                     kind: InvokeErrorKind::Transient,

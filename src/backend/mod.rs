@@ -1,5 +1,5 @@
-//! Backends: where a shard runs. Each turns one encoded
-//! [`ShardRequest`](crate::protocol::ShardRequest) into the shard's framed
+//! Backends: where a shard runs. Each encodes one
+//! [`ShardRequest`] in its own wire form and turns it into the shard's framed
 //! byte stream; decoding and accounting are shared in [`crate::dispatch`].
 
 pub mod lambda;
@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
-use crate::protocol::ShardId;
+use crate::protocol::{ShardId, ShardRequest};
 
 pub use lambda::{LambdaBackend, LambdaOptions};
 pub use microvm::{MicrovmBackend, MicrovmOptions};
@@ -23,8 +23,8 @@ pub struct ShardInvocation {
     pub attempt: u32,
     /// The run this shard belongs to.
     pub run_id: String,
-    /// The encoded request.
-    pub payload: Bytes,
+    /// The request, encoded only by the backend (the edge), in its own wire form.
+    pub request: ShardRequest,
 }
 
 /// The shard's response: chunks of the frame stream, in order.

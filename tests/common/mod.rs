@@ -7,7 +7,6 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use mvm_shard::backend::{Backend, LambdaBackend, LambdaOptions};
 use mvm_shard::dispatch::{self, DispatchOptions, RunEvent, RunSummary, ShardJob};
 use mvm_shard::emulator::{EmulatorConfig, FunctionConfig, RunningEmulator};
@@ -129,21 +128,12 @@ pub async fn run(
     max_parallel: usize,
 ) -> Finished {
     let jobs = requests
-        .iter()
-        .map(|r| ShardJob {
-            shard: r.shard,
-            payload: Bytes::from(r.encode().expect("request encodes")),
+        .into_iter()
+        .map(|request| ShardJob {
+            shard: request.shard,
+            request,
         })
         .collect();
-    run_jobs(backend, jobs, max_parallel).await
-}
-
-/// Runs pre-encoded jobs (to send what no planner would).
-pub async fn run_jobs(
-    backend: Arc<dyn Backend>,
-    jobs: Vec<ShardJob>,
-    max_parallel: usize,
-) -> Finished {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let options = DispatchOptions {
         max_parallel,

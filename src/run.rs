@@ -1,0 +1,454 @@
+//! One `mvm-shard run`, stage by stage: plan (what each shard gets), connect
+//! (the backend, and the local emulator with `--local`), dispatch (with the
+//! reporter consuming its events), report (the merged JUnit and the summary).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::lambda::LambdaConfigError;
+use crate::backend::{
+    Backend, LambdaBackend, LambdaOptions, MicrovmBackend, MicrovmOptions, Released,
+};
+use crate::cli::{RunArgs, SourceFrom};
+use crate::dispatch::{self, DispatchOptions, RunEvent, RunSummary, ShardJob};
+use crate::emulator::{
+    EmulatorConfig, FunctionConfig, MicrovmImageConfig, RunningEmulator, DEFAULT_FUNCTION,
+};
+use crate::github::TarballLinks;
+use crate::local_env::LocalEnvironment;
+use crate::plan::{self, human_bytes, Placement, PlanError, RunSpec};
+use crate::report::github::GithubFiles;
+use crate::report::junit::TestReport;
+use crate::report::{GithubReporter, Reporter, TerminalReporter};
+use crate::shutdown::{Shutdown, Signal};
+use crate::source::{ArchiveServer, SourceArchive, SourceError};
+
+/// Why `run` stopped before it could report shards.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Bad input (exit 2).
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// Bad AWS configuration (exit 2).
+    #[error(transparent)]
+    Config(#[from] LambdaConfigError),
+    /// The source could not be packed (exit 2).
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The GitHub source is misconfigured (exit 2).
+    #[error("--source-from github: {0}")]
+    Github(String),
+    /// Something local failed (exit 3).
+    #[error("{0}")]
+    Local(String),
+}
+
+impl RunError {
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Local(_) => 3,
+            _ => 2,
+        }
+    }
+}
+
+/// `mvm-shard run`: returns the exit status (0, 1 or 3).
+pub async fn run(args: RunArgs) -> Result<i32, RunError> {
+    let mut planned = plan_run(&args).await?;
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let max_parallel = args
+        .max_parallel
+        .unwrap_or(if args.local { cpus.max(2) } else { 64 });
+    let target = connect(&args, &planned.archive.root, max_parallel).await?;
+    eprintln!(
+        "mvm-shard: run {}: {} of {} shards on {}, source {} ({} files, {})",
+        planned.run_id,
+        planned.jobs.len(),
+        args.shards,
+        match (&args.microvm_image, &args.function) {
+            _ if args.local => "the local emulator".to_string(),
+            (Some(image), _) => format!("MicroVMs of image {image}"),
+            (None, function) => format!("function {}", function.as_deref().unwrap_or("")),
+        },
+        planned.archive.root.display(),
+        planned.archive.entries,
+        human_bytes(planned.archive.bytes.len() as u64),
+    );
+    let jobs = std::mem::take(&mut planned.jobs);
+    let summary = dispatch_and_report(&args, &planned, jobs, &target, max_parallel).await;
+    if let Some(emulator) = target.emulator {
+        let _ = emulator.shutdown().await;
+    }
+    if let Some(server) = planned.archive_server {
+        server.shutdown().await;
+    }
+    let (summary, left_running) = summary?;
+    Ok(if left_running {
+        summary.exit_code().max(3)
+    } else {
+        summary.exit_code()
+    })
+}
+
+/// What the plan stage produced: the jobs, and what must live while they run.
+struct PlannedRun {
+    run_id: String,
+    /// One per selected shard, taken out when dispatched.
+    jobs: Vec<ShardJob>,
+    /// The packed source (for the banner; empty with `--source-from github`).
+    archive: SourceArchive,
+    /// Serves the source when it is too large for a request (`--local`).
+    archive_server: Option<ArchiveServer>,
+    /// Hands out a fresh tarball link per attempt (`--source-from github`).
+    github: Option<Arc<TarballLinks>>,
+    /// The environment the shards get, for masking.
+    env: std::collections::BTreeMap<String, String>,
+    /// Links already handed out, for masking.
+    links_to_mask: Vec<String>,
+}
+
+/// Checks the input, packs the source and the overlay, and plans the jobs.
+async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
+    if args.shards == 0 || args.shards > 10_000 {
+        return Err(PlanError::ShardCount(args.shards).into());
+    }
+    if args.max_parallel == Some(0) {
+        return Err(PlanError::MaxParallel.into());
+    }
+    let only = args
+        .only
+        .as_deref()
+        .map(|o| plan::parse_only(o, args.shards))
+        .transpose()?;
+    let env = plan::resolve_env(&args.env, |name| std::env::var(name).ok())?;
+    if let Some(name) = args.mask.iter().find(|name| !env.contains_key(*name)) {
+        return Err(PlanError::MaskNotForwarded(name.clone()).into());
+    }
+    let mut links_to_mask = Vec::new();
+    let github = match args.source_from {
+        SourceFrom::Github => {
+            let links = github_links()?;
+            // Fail before anything runs when GitHub refuses; the link is cached for the first shards.
+            let first = dispatch::SourceResolver::resolve(&links)
+                .await
+                .map_err(RunError::Github)?;
+            links_to_mask.extend(first.secret);
+            Some(Arc::new(links))
+        }
+        SourceFrom::Tree => None,
+    };
+    let source_dir = match &args.source {
+        Some(dir) => dir.clone(),
+        None => std::env::current_dir().map_err(|e| RunError::Local(e.to_string()))?,
+    };
+    let archive = match &github {
+        // The commit's tree comes from GitHub; only the working directory is needed here.
+        Some(_) => SourceArchive::nothing(&source_dir),
+        None => tokio::task::spawn_blocking(move || crate::source::pack(&source_dir))
+            .await
+            .map_err(|e| RunError::Local(e.to_string()))??,
+    };
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let mut spec = RunSpec {
+        shards: args.shards,
+        only,
+        command: args.command.clone(),
+        env,
+        timeout: args.timeout,
+        workdir: archive.workdir.clone(),
+        collect: args.junit.clone(),
+        overlay: None,
+    };
+    if !args.include.is_empty() {
+        let cwd = std::env::current_dir().map_err(|e| RunError::Local(e.to_string()))?;
+        let include = args.include.clone();
+        let extra = tokio::task::spawn_blocking(move || crate::source::pack_extra(&cwd, &include))
+            .await
+            .map_err(|e| RunError::Local(e.to_string()))??;
+        spec.overlay = Some(plan::overlay(&extra.bytes)?);
+    }
+    let mut archive_server = None;
+    let source =
+        match plan::place_source(&spec, &run_id, &archive.bytes, github.is_some(), args.local)? {
+            Placement::Ready(source) => source,
+            Placement::Serve => {
+                let server = ArchiveServer::start(archive.bytes.clone().into())
+                    .await
+                    .map_err(|e| {
+                        RunError::Local(format!("cannot serve the source archive: {e}"))
+                    })?;
+                let source = plan::served(server.url.clone());
+                archive_server = Some(server);
+                source
+            }
+        };
+    let jobs = plan::jobs(&spec, &run_id, &source)?;
+    Ok(PlannedRun {
+        run_id,
+        jobs,
+        archive,
+        archive_server,
+        github,
+        env: spec.env,
+        links_to_mask,
+    })
+}
+
+/// Where the shards run: the backend, and the emulator behind it with `--local`.
+struct Target {
+    backend: Arc<dyn Backend>,
+    emulator: Option<RunningEmulator>,
+}
+
+/// Starts the local emulator (with `--local`) and connects the backend.
+async fn connect(
+    args: &RunArgs,
+    source_root: &std::path::Path,
+    max_parallel: usize,
+) -> Result<Target, RunError> {
+    let mut emulator = None;
+    let options = if args.local {
+        let mut function =
+            FunctionConfig::default_agent().map_err(|e| RunError::Local(e.to_string()))?;
+        function.max_concurrency = max_parallel;
+        let inherited = LocalEnvironment::from_host(source_root, |n| std::env::var(n).ok());
+        for entry in &inherited.dropped_path {
+            eprintln!(
+                "mvm-shard: note: PATH entry {entry} is not passed to local shards \
+                 (inside the source or the active virtualenv; shards have neither)"
+            );
+        }
+        function.env = inherited.vars;
+        let image =
+            MicrovmImageConfig::default_agent().map_err(|e| RunError::Local(e.to_string()))?;
+        let running = RunningEmulator::start(EmulatorConfig {
+            functions: vec![function],
+            region: "us-east-1".into(),
+            microvm_images: vec![image],
+            microvm_faults: Default::default(),
+            throttle_streams: false,
+        })
+        .await
+        .map_err(|e| RunError::Local(format!("cannot start the local emulator: {e}")))?;
+        let options = LambdaOptions {
+            function: DEFAULT_FUNCTION.into(),
+            endpoint_url: Some(running.endpoint.clone()),
+            region: None,
+            tenant_isolation: true,
+            local_credentials: true,
+        };
+        emulator = Some(running);
+        options
+    } else {
+        LambdaOptions {
+            function: args.function.clone().unwrap_or_default(),
+            endpoint_url: args.endpoint_url.clone(),
+            region: args.region.clone(),
+            tenant_isolation: !args.no_tenant_isolation,
+            local_credentials: false,
+        }
+    };
+    let backend: Result<Arc<dyn Backend>, LambdaConfigError> = match &args.microvm_image {
+        Some(image) => MicrovmBackend::connect(MicrovmOptions {
+            image: image.clone(),
+            image_version: args.image_version.clone(),
+            execution_role_arn: args.execution_role_arn.clone(),
+            endpoint_url: args.endpoint_url.clone(),
+            region: args.region.clone(),
+            local_credentials: false,
+        })
+        .await
+        .map(|b| Arc::new(b) as Arc<dyn Backend>),
+        None => LambdaBackend::connect(options)
+            .await
+            .map(|b| Arc::new(b) as Arc<dyn Backend>),
+    };
+    match backend {
+        Ok(backend) => Ok(Target { backend, emulator }),
+        Err(e) => {
+            if let Some(emulator) = emulator {
+                let _ = emulator.shutdown().await;
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Runs the jobs with the reporter consuming the events, releases what the
+/// backend holds, then writes the merged JUnit report and the summary; true
+/// with the summary when something may still be running.
+async fn dispatch_and_report(
+    args: &RunArgs,
+    planned: &PlannedRun,
+    jobs: Vec<ShardJob>,
+    target: &Target,
+    max_parallel: usize,
+) -> Result<(RunSummary, bool), RunError> {
+    let shutdown = Shutdown::from_os()
+        .map_err(|e| RunError::Local(format!("cannot handle SIGINT and SIGTERM: {e}")))?;
+    let cancel = CancellationToken::new();
+    let signals = tokio::spawn(escalate(
+        shutdown.clone(),
+        cancel.clone(),
+        target.backend.clone(),
+    ));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let reporter = tokio::spawn(consume_events(reporter(args, planned, jobs.len()), rx));
+    let dispatch_options = DispatchOptions {
+        max_parallel,
+        source: planned
+            .github
+            .clone()
+            .map(|g| g as Arc<dyn dispatch::SourceResolver>),
+        ..DispatchOptions::default()
+    };
+    let summary = dispatch::dispatch(
+        target.backend.clone(),
+        &planned.run_id,
+        jobs,
+        &dispatch_options,
+        tx,
+        cancel,
+    )
+    .await;
+    // Whatever happened, nothing the run started may outlive it (MicroVMs cost money).
+    let released = target.backend.shutdown().await;
+    signals.abort();
+    let left_running = tell_released(&released, shutdown.last());
+    let mut reporter = reporter.await.map_err(|e| RunError::Local(e.to_string()))?;
+    let tests = TestReport::from_summary(&summary);
+    if let Some(merged) = &tests.merged {
+        let written = std::fs::File::create(&args.report)
+            .map_err(|e| e.to_string())
+            .and_then(|f| merged.serialize(f).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            eprintln!(
+                "mvm-shard: cannot write the merged JUnit report {}: {e}",
+                args.report.display()
+            );
+        }
+    } else if !args.junit.is_empty() {
+        eprintln!(
+            "mvm-shard: no shard sent back a JUnit report matching {}",
+            args.junit.join(", ")
+        );
+    }
+    let _ = reporter.finish(&summary, &tests);
+    Ok((summary, left_running))
+}
+
+/// The reporter for where the run is shown: GitHub Actions (with the
+/// secrets masked), a terminal with a progress bar, or plain output.
+fn reporter(args: &RunArgs, planned: &PlannedRun, shards: usize) -> Box<dyn Reporter> {
+    if std::env::var("GITHUB_ACTIONS").as_deref() == Ok("true") {
+        let mut files = GithubFiles::from_env();
+        if !args.junit.is_empty() {
+            files.report = Some(args.report.clone());
+            files.junit = args.junit.clone();
+        }
+        let mut github = GithubReporter::new(std::io::stdout(), files);
+        let links = planned.links_to_mask.iter().map(String::as_str);
+        let named = args.mask.iter().filter_map(|name| planned.env.get(name));
+        for value in named.map(String::as_str).chain(links) {
+            let _ = github.mask(value);
+        }
+        Box::new(github)
+    } else {
+        let terminal = TerminalReporter::new(std::io::stdout());
+        use std::io::IsTerminal;
+        if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(shards as u64);
+            bar.enable_steady_tick(Duration::from_millis(200));
+            Box::new(terminal.with_progress(bar))
+        } else {
+            Box::new(terminal)
+        }
+    }
+}
+
+/// Hands every event to the reporter until the dispatcher is done.
+async fn consume_events(
+    mut reporter: Box<dyn Reporter>,
+    mut rx: mpsc::UnboundedReceiver<RunEvent>,
+) -> Box<dyn Reporter> {
+    while let Some(event) = rx.recv().await {
+        if reporter.handle(&event).is_err() {
+            break;
+        }
+    }
+    reporter
+}
+
+/// Says what an interruption or the end of the run had to end; true when
+/// something may still be running.
+fn tell_released(released: &Released, signal: Option<Signal>) -> bool {
+    if let Some(signal) = signal {
+        eprintln!(
+            "mvm-shard: interrupted by {}; shards without a result are reported as interrupted",
+            signal.name()
+        );
+    }
+    if !released.terminated.is_empty() {
+        eprintln!(
+            "mvm-shard: terminated {} microVM(s): {}",
+            released.terminated.len(),
+            released.terminated.join(", ")
+        );
+    }
+    if !released.failed.is_empty() {
+        eprintln!(
+            "mvm-shard: MAY STILL BE RUNNING (terminate by hand): {}",
+            released.failed.join("; ")
+        );
+    }
+    !released.failed.is_empty()
+}
+
+/// Tarball links for the workflow's commit, from the variables GitHub Actions sets.
+fn github_links() -> Result<TarballLinks, RunError> {
+    let var = |name: &str| std::env::var(name).unwrap_or_default();
+    let api = std::env::var("GITHUB_API_URL").unwrap_or_else(|_| "https://api.github.com".into());
+    TarballLinks::new(
+        &api,
+        &var("GITHUB_TOKEN"),
+        &var("GITHUB_REPOSITORY"),
+        &var("GITHUB_SHA"),
+    )
+    .map_err(|e| RunError::Github(e.to_string()))
+}
+
+/// How the invoker answers stop requests. First SIGINT or SIGTERM: stop
+/// dispatching; the shards in flight are interrupted and what they hold is
+/// released (every microVM terminated, those still being started found by
+/// their client token). Second (a cancelled workflow sends SIGINT, then
+/// SIGTERM): nothing is skipped, termination goes on. Third: exit 130 at once,
+/// naming what may still be running.
+async fn escalate(shutdown: Shutdown, cancel: CancellationToken, backend: Arc<dyn Backend>) {
+    let first = shutdown.requested().await;
+    eprintln!(
+        "mvm-shard: {} received: stopping the shards and ending what they run",
+        first.name()
+    );
+    cancel.cancel();
+    let second = shutdown.requests(2).await;
+    eprintln!(
+        "mvm-shard: {} received: still ending what the shards run (a third signal abandons it)",
+        second.name()
+    );
+    let third = shutdown.requests(3).await;
+    let left = backend.unfinished();
+    if left.is_empty() {
+        eprintln!("mvm-shard: {} received: exiting", third.name());
+    } else {
+        eprintln!(
+            "mvm-shard: {} received: abandoning; MAY STILL BE RUNNING (terminate by hand): {}",
+            third.name(),
+            left.join(", ")
+        );
+    }
+    std::process::exit(130);
+}
