@@ -15,6 +15,7 @@ pub mod dispatch;
 pub mod doctor;
 pub mod emulator;
 pub mod github;
+pub mod lambda_fit;
 pub mod local_env;
 pub mod os;
 pub mod plan;

@@ -18,6 +18,7 @@ use crate::emulator::{
     EmulatorConfig, FunctionConfig, MicrovmImageConfig, RunningEmulator, DEFAULT_FUNCTION,
 };
 use crate::github::TarballLinks;
+use crate::lambda_fit;
 use crate::local_env::LocalEnvironment;
 use crate::plan::{self, human_bytes, Placement, PlanError, RunSpec};
 use crate::report::github::GithubFiles;
@@ -170,6 +171,14 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
             .await
             .map_err(|e| RunError::Local(e.to_string()))??;
         spec.overlay = Some(plan::overlay(&extra.bytes)?);
+    }
+    if args.local {
+        let cwd = std::env::current_dir().map_err(|e| RunError::Local(e.to_string()))?;
+        let size = archive.bytes.len() as u64;
+        let budget = plan::inline_budget(&spec, &run_id)? as u64;
+        for concern in lambda_fit::concerns(&args.command, &cwd, &archive.root, size, budget) {
+            eprintln!("mvm-shard: warning: {concern}");
+        }
     }
     let mut archive_server = None;
     let source =

@@ -265,6 +265,10 @@ fn a_local_run_ships_a_large_source_over_loopback() {
     );
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert_eq!(stdout.matches("8388608").count(), 2, "{stdout}");
+    assert!(
+        stderr.contains("warning: the source is") && stderr.contains("refused on Lambda"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -351,3 +351,32 @@ async fn a_command_not_found_says_what_to_forward() {
         out.stdout
     );
 }
+
+/// A local run warns of what would not hold on Lambda, and still runs.
+#[tokio::test]
+async fn a_local_run_warns_of_what_lambda_would_not_have() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = project("rust");
+    let outside = tempfile::tempdir().unwrap();
+    let tool = outside.path().join("helper.sh");
+    std::fs::write(&tool, "#!/bin/sh\necho helped\n").unwrap();
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = format!("{} && whoami", tool.display());
+    let out = run_in(
+        dir.path(),
+        &["mvm-shard", "run", "--local", "--", "sh", "-c", &script],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("helped"), "{}", out.stdout);
+    for warning in [
+        "warning: `whoami` is not a command of the default Lambda image".to_string(),
+        format!(
+            "warning: the command uses {}, a file of this machine outside the source",
+            tool.display()
+        ),
+    ] {
+        assert!(out.stderr.contains(&warning), "{warning}:\n{}", out.stderr);
+    }
+    assert!(!out.stderr.contains("`sh`"), "{}", out.stderr);
+}
