@@ -65,19 +65,34 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
         .max_parallel
         .unwrap_or(if args.local { cpus.max(2) } else { 64 });
     let target = connect(&args, &planned.archive.root, max_parallel).await?;
+    let source = match &planned.github {
+        // Nothing was packed here: each shard fetches the commit itself.
+        Some(_) => {
+            let var = |name: &str| std::env::var(name).unwrap_or_default();
+            let sha = var("GITHUB_SHA");
+            let short = sha.get(..7).unwrap_or(&sha);
+            format!(
+                "{}@{short} (a GitHub tarball each shard fetches)",
+                var("GITHUB_REPOSITORY")
+            )
+        }
+        None => format!(
+            "{} ({}, {})",
+            planned.archive.root.display(),
+            crate::report::plural(planned.archive.entries, "file"),
+            human_bytes(planned.archive.bytes.len() as u64),
+        ),
+    };
     eprintln!(
-        "mvm-shard: run {}: {} of {} shards on {}, source {} ({} files, {})",
+        "mvm-shard: run {}: {} of {} on {}, source {source}",
         planned.run_id,
         planned.jobs.len(),
-        args.shards,
+        crate::report::plural(args.shards as usize, "shard"),
         match (&args.microvm_image, &args.function) {
             _ if args.local => "the local emulator".to_string(),
             (Some(image), _) => format!("MicroVMs of image {image}"),
             (None, function) => format!("function {}", function.as_deref().unwrap_or("")),
         },
-        planned.archive.root.display(),
-        planned.archive.entries,
-        human_bytes(planned.archive.bytes.len() as u64),
     );
     let jobs = std::mem::take(&mut planned.jobs);
     let summary = dispatch_and_report(&args, &planned, jobs, &target, max_parallel).await;

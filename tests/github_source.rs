@@ -197,6 +197,12 @@ async fn shards_fetch_the_commit_themselves_and_the_link_is_masked() {
         "each shard downloads the archive itself"
     );
     assert!(!stderr.contains(TOKEN) && !stdout.contains(TOKEN));
+    // The banner names the commit each shard fetches, not an empty local archive.
+    let banner = format!(
+        "source octo/app@{} (a GitHub tarball each shard fetches)",
+        &SHA[..7]
+    );
+    assert!(stderr.contains(&banner), "{stderr}");
 
     // A bad token fails before anything runs.
     let base = gh.base.clone();

@@ -407,13 +407,11 @@ pub fn maskable(value: &str) -> bool {
         && !one_word
 }
 
-/// "3 failed tests and 2 shards are not annotated", in words.
+/// "3 failed tests and 2 failed shards are not annotated", in words.
 fn unshown(tests: usize, shards: usize) -> String {
-    let plural =
-        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     let parts: Vec<String> = [
-        (tests > 0).then(|| plural(tests, "failed test", "failed tests")),
-        (shards > 0).then(|| plural(shards, "failed shard", "failed shards")),
+        (tests > 0).then(|| super::plural(tests, "failed test")),
+        (shards > 0).then(|| super::plural(shards, "failed shard")),
     ]
     .into_iter()
     .flatten()

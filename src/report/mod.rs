@@ -20,3 +20,12 @@ pub trait Reporter: Send {
     /// Shows the end of the run: summary, annotations, outputs.
     fn finish(&mut self, summary: &RunSummary, tests: &junit::TestReport) -> std::io::Result<()>;
 }
+
+/// "1 shard", "3 shards": counts in words, for every renderer.
+pub fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
