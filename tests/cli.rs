@@ -445,6 +445,10 @@ fn a_command_that_does_not_exist_is_a_failed_shard_with_the_shells_127() {
         stdout.contains("[1/1] mvm-shard: /no/such/prog: command not found (PATH="),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("command `/no/such/prog` was not found in this shard"),
+        "{stdout}"
+    );
     let row = stdout
         .lines()
         .find(|l| l.starts_with("1/1 "))

@@ -432,7 +432,10 @@ async fn not_started(
         .cloned()
         .or_else(|| std::env::var("PATH").ok())
         .unwrap_or_default();
-    let line = format!("mvm-shard: {program}: {what} (PATH={path})\n");
+    let mut line = format!("mvm-shard: {program}: {what} (PATH={path})\n");
+    if let Some(hint) = hint::for_failure(code, format!("{program}: {what}").as_bytes()) {
+        line.push_str(&format!("{hint}\n"));
+    }
     let _ = frames
         .send(Frame::Output {
             stream: OutputStream::Stderr,
