@@ -40,7 +40,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Split a command into shards and run each in a fresh environment.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// The in-VM agent: the bootstrap of the Lambda image (a Lambda custom
     /// runtime), or with --microvm the MicroVM image's application. Hidden
     /// from the list, since only images start it; `mvm-shard agent --help`
@@ -174,6 +174,27 @@ pub struct RunArgs {
     /// Where the merged JUnit report goes (with --junit).
     #[arg(long, value_name = "PATH", default_value = "mvm-shard-junit.xml")]
     pub report: PathBuf,
+    /// Know the tests: list them with this runner's listing, split them into
+    /// the shards by learned duration, and put each shard's tests in the
+    /// command's `{tests}` (the command must contain it).
+    #[arg(long, value_enum, value_name = "NAME")]
+    pub runner: Option<crate::runner::RunnerKind>,
+    /// The test files for `--runner files` (a glob relative to the working
+    /// directory; `**` crosses folders).
+    #[arg(long, value_name = "GLOB", requires = "runner")]
+    pub files: Option<String>,
+    /// List the tests with this shell command instead of the runner's own
+    /// (its output is read as the runner's listing).
+    #[arg(long, value_name = "CMD", requires = "runner")]
+    pub list_command: Option<String>,
+    /// List the tests on this machine, in the working directory, instead of
+    /// in a fresh environment of the backend.
+    #[arg(long, requires = "runner")]
+    pub list_local: bool,
+    /// Learned test durations, read to plan and updated after the run
+    /// (default: mvm-shard/timings.json in the repository's git directory).
+    #[arg(long, value_name = "PATH", requires = "runner")]
+    pub timings: Option<PathBuf>,
     /// The command each shard runs; `{index}` and `{count}` are replaced.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,

@@ -22,5 +22,6 @@ pub mod plan;
 pub mod protocol;
 pub mod report;
 pub mod run;
+pub mod runner;
 pub mod shutdown;
 pub mod source;

@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         }
     };
     let code = match cli.command {
-        Command::Run(args) => match runtime.block_on(cli::run(args)) {
+        Command::Run(args) => match runtime.block_on(cli::run(*args)) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e}");

@@ -81,6 +81,49 @@ pub struct RunSpec {
     pub collect: Vec<String>,
     /// Extra files laid over the source (`--include`), base64 tar.zst.
     pub overlay: Option<String>,
+    /// With `--runner`: each shard's tests (`{tests}`), by shard index - 1.
+    pub shares: Option<Vec<Share>>,
+}
+
+/// One shard's part of a listed suite.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Share {
+    /// The test ids it runs, sorted.
+    pub tests: Vec<String>,
+    /// How long they are expected to take, in seconds.
+    pub expected: f64,
+}
+
+/// Splits `tests` (with their `expected` seconds) into `shards` parts:
+/// longest first, each into the part with the least expected time so far
+/// (fewest tests, then lowest index, on ties). Deterministic for the same
+/// inputs; no part is empty while there are at least as many tests as parts.
+pub fn balance(tests: &[String], expected: &[f64], shards: u32) -> Vec<Share> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    // Whole microseconds: exact, ordered comparisons, the same on every machine.
+    let micros = |s: f64| (s.max(0.0) * 1e6).round() as u64;
+    let mut order: Vec<usize> = (0..tests.len()).collect();
+    order.sort_by(|&a, &b| {
+        micros(expected[b])
+            .cmp(&micros(expected[a]))
+            .then_with(|| tests[a].cmp(&tests[b]))
+    });
+    let mut shares = vec![Share::default(); shards as usize];
+    let mut loads: BinaryHeap<Reverse<(u64, usize, usize)>> =
+        (0..shards as usize).map(|i| Reverse((0, 0, i))).collect();
+    for i in order {
+        let Some(Reverse((load, count, shard))) = loads.pop() else {
+            break;
+        };
+        shares[shard].tests.push(tests[i].clone());
+        shares[shard].expected += expected[i];
+        loads.push(Reverse((load + micros(expected[i]), count + 1, shard)));
+    }
+    for share in &mut shares {
+        share.tests.sort();
+    }
+    shares
 }
 
 /// Parses `--only`: a comma-separated list of shard numbers and ranges (`1,3,5-7`).
@@ -220,6 +263,33 @@ pub fn served(url: String) -> SourceSpec {
     }
 }
 
+/// The job that lists the tests: shard 1 of 1 in a fresh environment with
+/// the same source, environment and working directory, printing that
+/// directory first (the root of the paths some runners print).
+pub fn listing_job(
+    spec: &RunSpec,
+    run_id: &str,
+    source: &SourceSpec,
+    list_command: &str,
+) -> Result<ShardJob, PlanError> {
+    let listing = RunSpec {
+        shards: 1,
+        only: None,
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            format!("pwd && {{\n{list_command}\n}}"),
+        ],
+        collect: Vec::new(),
+        shares: None,
+        ..spec.clone()
+    };
+    let shard = ShardId { index: 1, count: 1 };
+    let request = request(&listing, run_id, shard, source.clone());
+    request.encode()?;
+    Ok(ShardJob { shard, request })
+}
+
 /// Builds the jobs: one request per selected shard, checked against the
 /// bounds the agent enforces so that bad input stops the run before anything
 /// starts.
@@ -227,10 +297,17 @@ pub fn jobs(spec: &RunSpec, run_id: &str, source: &SourceSpec) -> Result<Vec<Sha
     if spec.shards == 0 || spec.shards > 10_000 {
         return Err(PlanError::ShardCount(spec.shards));
     }
-    let selected: Vec<u32> = match &spec.only {
+    let mut selected: Vec<u32> = match &spec.only {
         Some(only) => only.clone(),
         None => (1..=spec.shards).collect(),
     };
+    if let Some(shares) = &spec.shares {
+        // A part with no tests has nothing to run (fewer tests than shards).
+        selected.retain(|i| !shares[*i as usize - 1].tests.is_empty());
+        // The longest expected first, so late work evens out across slots.
+        let expected = |i: &u32| shares[*i as usize - 1].expected;
+        selected.sort_by(|a, b| expected(b).total_cmp(&expected(a)).then(a.cmp(b)));
+    }
     selected
         .into_iter()
         .map(|index| {
@@ -246,11 +323,20 @@ pub fn jobs(spec: &RunSpec, run_id: &str, source: &SourceSpec) -> Result<Vec<Sha
 }
 
 fn request(spec: &RunSpec, run_id: &str, shard: ShardId, source: SourceSpec) -> ShardRequest {
+    let command = match &spec.shares {
+        Some(shares) => {
+            let tests = shares
+                .get(shard.index as usize - 1)
+                .map_or(&[][..], |s| &s.tests[..]);
+            crate::runner::select(&spec.command, tests)
+        }
+        None => spec.command.clone(),
+    };
     ShardRequest {
         version: PROTOCOL_VERSION,
         run_id: run_id.to_string(),
         shard,
-        command: spec.command.iter().map(|a| substitute(a, shard)).collect(),
+        command: command.iter().map(|a| substitute(a, shard)).collect(),
         env: spec.env.clone(),
         timeout_ms: spec.timeout.as_millis().min(u64::MAX as u128) as u64,
         workdir: spec.workdir.clone(),
@@ -323,11 +409,69 @@ mod tests {
             workdir: String::new(),
             collect: Vec::new(),
             overlay: None,
+            shares: None,
         };
         let jobs = jobs(&spec, "run", &SourceSpec::Empty).unwrap();
         assert_eq!(jobs.len(), 1);
         let req = &jobs[0].request;
         assert_eq!(req.command, vec!["echo", "2/3"]);
         assert_eq!(req.shard, ShardId { index: 2, count: 3 });
+    }
+
+    fn ids(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("t{i:03}")).collect()
+    }
+
+    #[test]
+    fn balance_puts_the_longest_test_alone_and_evens_out_the_rest() {
+        let tests = ids(41);
+        let mut expected = vec![0.05; 41];
+        expected[7] = 3.0;
+        let shares = balance(&tests, &expected, 4);
+        let longest = shares.iter().find(|s| s.tests.contains(&tests[7])).unwrap();
+        assert_eq!(longest.tests.len(), 1, "the 3 s test runs alone");
+        let others: Vec<f64> = shares
+            .iter()
+            .filter(|s| s.tests.len() > 1)
+            .map(|s| s.expected)
+            .collect();
+        assert_eq!(others.len(), 3);
+        for o in &others {
+            assert!((o - 40.0 * 0.05 / 3.0).abs() < 0.051, "{others:?}");
+        }
+        // A partition: every test exactly once.
+        let mut all: Vec<String> = shares.iter().flat_map(|s| s.tests.clone()).collect();
+        all.sort();
+        assert_eq!(all, tests);
+        assert_eq!(balance(&tests, &expected, 4), shares, "deterministic");
+    }
+
+    #[test]
+    fn balance_leaves_no_part_empty_while_tests_remain() {
+        let shares = balance(&ids(3), &[0.0, 0.0, 5.0], 3);
+        assert!(shares.iter().all(|s| s.tests.len() == 1), "{shares:?}");
+        let shares = balance(&ids(2), &[1.0, 1.0], 3);
+        assert_eq!(shares.iter().filter(|s| s.tests.is_empty()).count(), 1);
+    }
+
+    #[test]
+    fn runner_jobs_skip_empty_parts_and_start_with_the_longest() {
+        let spec = RunSpec {
+            shards: 3,
+            only: None,
+            command: vec!["pytest".into(), "{tests}".into()],
+            env: BTreeMap::new(),
+            timeout: Duration::from_secs(60),
+            workdir: String::new(),
+            collect: Vec::new(),
+            overlay: None,
+            shares: Some(balance(&ids(2), &[1.0, 4.0], 3)),
+        };
+        let jobs = jobs(&spec, "run", &SourceSpec::Empty).unwrap();
+        let commands: Vec<_> = jobs.iter().map(|j| j.request.command.clone()).collect();
+        assert_eq!(
+            commands,
+            vec![vec!["pytest", "t001"], vec!["pytest", "t000"]]
+        );
     }
 }

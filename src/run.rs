@@ -1,7 +1,10 @@
 //! One `mvm-shard run`, stage by stage: plan (what each shard gets), connect
-//! (the backend, and the local emulator with `--local`), dispatch (with the
-//! reporter consuming its events), report (the merged JUnit and the summary).
+//! (the backend, and the local emulator with `--local`), list (with
+//! `--runner`: the tests, then their split by learned duration), dispatch
+//! (with the reporter consuming its events), report (the merged JUnit and the
+//! summary), learn (with `--runner`: the tests' durations).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,17 +16,20 @@ use crate::backend::{
     Backend, LambdaBackend, LambdaOptions, MicrovmBackend, MicrovmOptions, Released,
 };
 use crate::cli::{RunArgs, SourceFrom};
-use crate::dispatch::{self, DispatchOptions, RunEvent, RunSummary, ShardJob};
+use crate::dispatch::{self, DispatchOptions, RunEvent, RunSummary, ShardJob, ShardStatus};
 use crate::emulator::{
     EmulatorConfig, FunctionConfig, MicrovmImageConfig, RunningEmulator, DEFAULT_FUNCTION,
 };
 use crate::github::TarballLinks;
 use crate::lambda_fit;
 use crate::local_env::LocalEnvironment;
-use crate::plan::{self, human_bytes, Placement, PlanError, RunSpec};
+use crate::plan::{self, human_bytes, Placement, PlanError, RunSpec, Share};
+use crate::protocol::{OutputStream, SourceSpec};
 use crate::report::github::GithubFiles;
 use crate::report::junit::TestReport;
 use crate::report::{GithubReporter, Reporter, TerminalReporter};
+use crate::runner::timings::TimingsError;
+use crate::runner::{Adapter, RunnerError, Timings, JUNIT_PATH};
 use crate::shutdown::{Shutdown, Signal};
 use crate::source::{ArchiveServer, SourceArchive, SourceError};
 
@@ -39,6 +45,15 @@ pub enum RunError {
     /// The source could not be packed (exit 2).
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// The runner is misconfigured or its listing failed (exit 2).
+    #[error(transparent)]
+    Runner(#[from] RunnerError),
+    /// The timings file cannot be read (exit 2).
+    #[error(transparent)]
+    Timings(#[from] TimingsError),
+    /// The tests could not be listed for a reason of the backend (exit 3).
+    #[error("listing the tests: {0}")]
+    ListingNotRun(String),
     /// The GitHub source is misconfigured (exit 2).
     #[error("--source-from github: {0}")]
     Github(String),
@@ -51,7 +66,7 @@ impl RunError {
     /// The process exit status for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            RunError::Local(_) => 3,
+            RunError::Local(_) | RunError::ListingNotRun(_) => 3,
             _ => 2,
         }
     }
@@ -65,6 +80,41 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
         .max_parallel
         .unwrap_or(if args.local { cpus.max(2) } else { 64 });
     let target = connect(&args, &planned.archive.root, max_parallel).await?;
+    let outcome = run_on(&args, &mut planned, &target, max_parallel).await;
+    if outcome.is_err() {
+        // The listing may have started something; nothing may outlive the run.
+        tell_released(&target.backend.shutdown().await, None);
+    }
+    if let Some(emulator) = target.emulator {
+        let _ = emulator.shutdown().await;
+    }
+    if let Some(server) = planned.archive_server {
+        server.shutdown().await;
+    }
+    let (summary, left_running) = outcome?;
+    Ok(if left_running {
+        summary.exit_code().max(3)
+    } else {
+        summary.exit_code()
+    })
+}
+
+/// The stages that need the backend: list and plan the tests (with
+/// `--runner`), dispatch and report, learn.
+async fn run_on(
+    args: &RunArgs,
+    planned: &mut PlannedRun,
+    target: &Target,
+    max_parallel: usize,
+) -> Result<(RunSummary, bool), RunError> {
+    let shares = match &planned.suite {
+        Some(suite) => {
+            let tests = list_tests(args, planned, suite, target).await?;
+            let shares = plan_suite(planned, &tests)?;
+            Some((tests, shares))
+        }
+        None => None,
+    };
     let source = match &planned.github {
         // Nothing was packed here: each shard fetches the commit itself.
         Some(_) => {
@@ -95,34 +145,33 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
         },
     );
     let jobs = std::mem::take(&mut planned.jobs);
-    let summary = dispatch_and_report(&args, &planned, jobs, &target, max_parallel).await;
-    if let Some(emulator) = target.emulator {
-        let _ = emulator.shutdown().await;
+    let (summary, left_running) =
+        dispatch_and_report(args, planned, jobs, target, max_parallel).await?;
+    if let (Some(suite), Some((tests, shares))) = (&mut planned.suite, &shares) {
+        tell_balance(shares, &summary);
+        suite.learn(tests, shares, &summary);
     }
-    if let Some(server) = planned.archive_server {
-        server.shutdown().await;
-    }
-    let (summary, left_running) = summary?;
-    Ok(if left_running {
-        summary.exit_code().max(3)
-    } else {
-        summary.exit_code()
-    })
+    Ok((summary, left_running))
 }
 
 /// What the plan stage produced: the jobs, and what must live while they run.
 struct PlannedRun {
     run_id: String,
-    /// One per selected shard, taken out when dispatched.
+    /// One per selected shard (with `--runner`, once the tests are
+    /// listed), taken out when dispatched.
     jobs: Vec<ShardJob>,
+    /// What each shard gets, but the tests.
+    spec: RunSpec,
+    /// Where the source travels.
+    source: SourceSpec,
+    /// With `--runner`: how to list the tests and what was learned of them.
+    suite: Option<Suite>,
     /// The packed source (for the banner; empty with `--source-from github`).
     archive: SourceArchive,
     /// Serves the source when it is too large for a request (`--local`).
     archive_server: Option<ArchiveServer>,
     /// Hands out a fresh tarball link per attempt (`--source-from github`).
     github: Option<Arc<TarballLinks>>,
-    /// The environment the shards get, for masking.
-    env: std::collections::BTreeMap<String, String>,
     /// Links already handed out, for masking.
     links_to_mask: Vec<String>,
 }
@@ -178,6 +227,27 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
         workdir: archive.workdir.clone(),
         collect: args.junit.clone(),
         overlay: None,
+        shares: None,
+    };
+    let suite = match args.runner {
+        Some(kind) => {
+            crate::runner::check_command(&args.command)?;
+            let adapter = Adapter::new(kind, args.list_command.clone(), args.files.as_deref())?;
+            let timings_path = args
+                .timings
+                .clone()
+                .or_else(|| crate::runner::timings::default_path(&archive.root));
+            let timings = match &timings_path {
+                Some(path) => Timings::load(path)?,
+                None => Timings::default(),
+            };
+            Some(Suite {
+                adapter,
+                timings_path,
+                timings,
+            })
+        }
+        None => None,
     };
     if !args.include.is_empty() {
         let cwd = std::env::current_dir().map_err(|e| RunError::Local(e.to_string()))?;
@@ -210,14 +280,20 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
                 source
             }
         };
-    let jobs = plan::jobs(&spec, &run_id, &source)?;
+    let jobs = match suite {
+        // The tests are listed where they run, once the backend is connected.
+        Some(_) => Vec::new(),
+        None => plan::jobs(&spec, &run_id, &source)?,
+    };
     Ok(PlannedRun {
         run_id,
         jobs,
+        spec,
+        source,
+        suite,
         archive,
         archive_server,
         github,
-        env: spec.env,
         links_to_mask,
     })
 }
@@ -376,7 +452,10 @@ fn reporter(args: &RunArgs, planned: &PlannedRun, shards: usize) -> Box<dyn Repo
         }
         let mut github = GithubReporter::new(std::io::stdout(), files);
         let links = planned.links_to_mask.iter().map(String::as_str);
-        let named = args.mask.iter().filter_map(|name| planned.env.get(name));
+        let named = args
+            .mask
+            .iter()
+            .filter_map(|name| planned.spec.env.get(name));
         for value in named.map(String::as_str).chain(links) {
             let _ = github.mask(value);
         }
@@ -405,6 +484,202 @@ async fn consume_events(
         }
     }
     reporter
+}
+
+/// A listed suite: the runner's adapter and the learned timings.
+struct Suite {
+    adapter: Adapter,
+    /// Where the timings are kept; `None` outside a git repository without `--timings`.
+    timings_path: Option<std::path::PathBuf>,
+    timings: Timings,
+}
+
+impl Suite {
+    /// Learns the durations the shards reported and saves them.
+    fn learn(&mut self, tests: &[String], shares: &[Share], summary: &RunSummary) {
+        let mut observed = BTreeMap::new();
+        for record in &summary.records {
+            let Some(result) = record
+                .result
+                .as_ref()
+                .filter(|_| command_ran(&record.status))
+            else {
+                continue;
+            };
+            if self.adapter.junit_env().is_some() {
+                for file in record.files.iter().filter(|f| f.path == JUNIT_PATH) {
+                    if let Ok(report) = crate::report::junit::parse(&file.data) {
+                        observed.extend(self.adapter.durations(&report));
+                    }
+                }
+            } else if let Some(share) = shares.get(record.shard.index as usize - 1) {
+                // No per-test report: the command's time, shared as expected.
+                let took = Duration::from_millis(result.duration_ms);
+                let expected = self.timings.expected(&share.tests);
+                let total: f64 = expected.iter().sum();
+                for (test, e) in share.tests.iter().zip(expected) {
+                    let part = if total > 0.0 { e / total } else { 0.0 };
+                    observed.insert(test.clone(), took.mul_f64(part));
+                }
+            }
+        }
+        self.timings.learn(tests, &observed);
+        if let Some(path) = &self.timings_path {
+            if let Err(e) = self.timings.save(path) {
+                eprintln!("mvm-shard: warning: cannot save the learned timings: {e}");
+            }
+        }
+    }
+}
+
+/// Lists the tests: in a fresh environment of the backend, with the same
+/// source, or here with `--list-local`.
+async fn list_tests(
+    args: &RunArgs,
+    planned: &PlannedRun,
+    suite: &Suite,
+    target: &Target,
+) -> Result<Vec<String>, RunError> {
+    let command = &suite.adapter.list_command;
+    let (ok, status, stdout, stderr) = if args.list_local {
+        let dir = planned.archive.root.join(&planned.spec.workdir);
+        let output = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("pwd && {{\n{command}\n}}"))
+            .current_dir(&dir)
+            .envs(&planned.spec.env)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(planned.spec.timeout, output).await {
+            Ok(Ok(out)) => (
+                out.status.success(),
+                out.status.to_string(),
+                out.stdout,
+                out.stderr,
+            ),
+            Ok(Err(e)) => return Err(RunError::Local(format!("cannot run sh: {e}"))),
+            Err(_) => (false, "ran out of time".into(), Vec::new(), Vec::new()),
+        }
+    } else {
+        let job = plan::listing_job(&planned.spec, &planned.run_id, &planned.source, command)?;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let options = DispatchOptions {
+            max_parallel: 1,
+            source: planned
+                .github
+                .clone()
+                .map(|g| g as Arc<dyn dispatch::SourceResolver>),
+            ..DispatchOptions::default()
+        };
+        let run_id = format!("{}-list", planned.run_id);
+        let summary = dispatch::dispatch(
+            target.backend.clone(),
+            &run_id,
+            vec![job],
+            &options,
+            tx,
+            CancellationToken::new(),
+        )
+        .await;
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        while let Some(event) = rx.recv().await {
+            match event {
+                RunEvent::Output {
+                    stream: OutputStream::Stdout,
+                    data,
+                    ..
+                } => stdout.extend_from_slice(&data),
+                RunEvent::Output { data, .. } => stderr.extend_from_slice(&data),
+                _ => {}
+            }
+        }
+        let Some(record) = summary.records.first() else {
+            return Err(RunError::ListingNotRun("no result".into()));
+        };
+        if !command_ran(&record.status) {
+            return Err(RunError::ListingNotRun(record.status.describe()));
+        }
+        let ok = record.status == ShardStatus::Passed;
+        (ok, record.status.describe(), stdout, stderr)
+    };
+    let stdout = String::from_utf8_lossy(&stdout);
+    let (root, listing) = stdout.split_once('\n').unwrap_or((&stdout, ""));
+    let output = || format!("{listing}{}", String::from_utf8_lossy(&stderr));
+    if !ok {
+        return Err(RunnerError::ListingFailed {
+            command: command.clone(),
+            status,
+            output: output(),
+        }
+        .into());
+    }
+    let tests = suite.adapter.parse_listing(listing, root);
+    if tests.is_empty() {
+        return Err(RunnerError::NoTests {
+            command: command.clone(),
+            output: output(),
+        }
+        .into());
+    }
+    Ok(tests)
+}
+
+/// Splits the listed tests into the shards by learned duration, asks the
+/// runner for its per-test report, and plans the jobs.
+fn plan_suite(planned: &mut PlannedRun, tests: &[String]) -> Result<Vec<Share>, RunError> {
+    let Some(suite) = &planned.suite else {
+        return Ok(Vec::new());
+    };
+    let expected = suite.timings.expected(tests);
+    let shares = plan::balance(tests, &expected, planned.spec.shards);
+    if let Some((name, value)) = suite.adapter.junit_env() {
+        let value = match planned.spec.env.get(&name) {
+            Some(theirs) => format!("{theirs} {value}"),
+            None => value,
+        };
+        planned.spec.env.insert(name, value);
+        planned.spec.collect.push(JUNIT_PATH.into());
+    }
+    planned.spec.shares = Some(shares.clone());
+    planned.jobs = plan::jobs(&planned.spec, &planned.run_id, &planned.source)?;
+    eprintln!(
+        "mvm-shard: {} tests listed, {} with learned durations",
+        tests.len(),
+        tests
+            .iter()
+            .filter(|t| suite.timings.tests.contains_key(*t))
+            .count()
+    );
+    Ok(shares)
+}
+
+/// Whether the shard's command ran to an end (its output and reports count).
+fn command_ran(status: &ShardStatus) -> bool {
+    matches!(
+        status,
+        ShardStatus::Passed | ShardStatus::Failed { .. } | ShardStatus::TimedOut
+    )
+}
+
+/// Shows each shard's expected and actual duration (the command's time, and
+/// the wall time with start-up as this side saw it).
+fn tell_balance(shares: &[Share], summary: &RunSummary) {
+    for record in &summary.records {
+        let Some(share) = shares.get(record.shard.index as usize - 1) else {
+            continue;
+        };
+        let took = record.result.as_ref().map_or("-".to_string(), |r| {
+            format!("{:.2}s", r.duration_ms as f64 / 1000.0)
+        });
+        eprintln!(
+            "mvm-shard: shard {}: {} tests, expected {:.2}s, took {took} (wall {:.2}s)",
+            record.shard,
+            share.tests.len(),
+            share.expected,
+            record.duration.as_secs_f64(),
+        );
+    }
 }
 
 /// Says what an interruption or the end of the run had to end; true when

@@ -269,7 +269,7 @@ fn workspace_relative(path: &str) -> Option<String> {
 }
 
 /// Parses one report; a bare `<testsuite>` root is accepted as well.
-fn parse(data: &[u8]) -> Result<Report, String> {
+pub(crate) fn parse(data: &[u8]) -> Result<Report, String> {
     let text = std::str::from_utf8(data).map_err(|e| format!("not UTF-8: {e}"))?;
     match Report::deserialize_from_str(text) {
         Ok(report) => Ok(report),

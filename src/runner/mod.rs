@@ -1,0 +1,311 @@
+//! Test runner adapters (`--runner NAME`): how to list a runner's tests, how
+//! the command selects a subset (`{tests}`), and how each test's duration
+//! comes back (a JUnit report the runner is asked to write).
+
+pub mod timings;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use quick_junit::Report;
+
+pub use timings::Timings;
+
+/// Where an adapter asks the runner to write its JUnit report, relative to
+/// the shard's working directory; sent back with the `collect` mechanism.
+pub const JUNIT_PATH: &str = ".mvm-shard-junit.xml";
+
+/// The test runners mvm-shard knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunnerKind {
+    /// pytest: node ids from `pytest --collect-only -q`, JUnit through `PYTEST_ADDOPTS`.
+    Pytest,
+    /// Files matching `--files GLOB`, split by file.
+    Files,
+    /// cargo-nextest: `binary test` ids from `cargo nextest list`.
+    CargoNextest,
+    /// Go: packages from `go list ./...`.
+    Go,
+    /// Jest: test files from `jest --listTests`.
+    Jest,
+    /// Vitest: test files from `vitest list --filesOnly`.
+    Vitest,
+}
+
+/// A problem with the runner's configuration or its listing (exit 2).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RunnerError {
+    /// `--runner files` without a glob.
+    #[error("--runner files needs --files GLOB (the test files to split, e.g. 'tests/*.sh')")]
+    NoGlob,
+    /// The command has no placeholder to put the selected tests in.
+    #[error("with --runner, the command must contain {{tests}} (the selected test ids) or {{tests_file}}; e.g. -- pytest {{tests}}")]
+    NoPlaceholder,
+    /// `{tests_file}` is not supported yet.
+    #[error("{{tests_file}} is not supported yet; use {{tests}}")]
+    TestsFile,
+    /// The listing command failed.
+    #[error("listing the tests failed ({status}): `{command}`\n{output}")]
+    ListingFailed {
+        /// The listing command.
+        command: String,
+        /// How it ended.
+        status: String,
+        /// What it printed.
+        output: String,
+    },
+    /// The listing found no tests.
+    #[error("listing the tests with `{command}` found none; its output:\n{output}")]
+    NoTests {
+        /// The listing command.
+        command: String,
+        /// What it printed.
+        output: String,
+    },
+}
+
+/// A runner adapter as configured for one run.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    /// Which runner.
+    pub kind: RunnerKind,
+    /// The shell command that lists the tests, one way or another.
+    pub list_command: String,
+}
+
+impl Adapter {
+    /// The adapter for `kind`, listing with `list_command` when given, else
+    /// with the runner's own listing command (`files` needs `glob`).
+    pub fn new(
+        kind: RunnerKind,
+        list_command: Option<String>,
+        glob: Option<&str>,
+    ) -> Result<Self, RunnerError> {
+        let list_command = match (list_command, kind) {
+            (Some(command), _) => command,
+            (None, RunnerKind::Files) => {
+                let glob = glob.ok_or(RunnerError::NoGlob)?;
+                // bash expands ** with globstar; nullglob: no match lists nothing.
+                format!(
+                    "exec bash -O globstar -O nullglob -c 'for f in {glob}; do [ -f \"$f\" ] && printf \"%s\\n\" \"$f\"; done; true'"
+                )
+            }
+            (None, RunnerKind::Pytest) => "python3 -m pytest --collect-only -q".into(),
+            (None, RunnerKind::CargoNextest) => {
+                "cargo nextest list --message-format oneline".into()
+            }
+            (None, RunnerKind::Go) => "go list ./...".into(),
+            (None, RunnerKind::Jest) => "npx jest --listTests".into(),
+            (None, RunnerKind::Vitest) => "npx vitest list --filesOnly".into(),
+        };
+        Ok(Adapter { kind, list_command })
+    }
+
+    /// The test ids in the listing command's output, sorted and without
+    /// duplicates, relative to `root` where the runner prints absolute paths.
+    pub fn parse_listing(&self, output: &str, root: &str) -> Vec<String> {
+        let lines = output.lines().map(str::trim).filter(|l| !l.is_empty());
+        let mut ids: Vec<String> = match self.kind {
+            // Node ids until the summary ("3 tests collected in 0.01s").
+            RunnerKind::Pytest => lines
+                .take_while(|l| !l.starts_with('='))
+                .filter(|l| l.contains("::") && !l.contains(' '))
+                .map(str::to_string)
+                .collect(),
+            // `binary-id test-name`: the binary id has no space.
+            RunnerKind::CargoNextest => lines
+                .filter(|l| l.split_whitespace().count() == 2)
+                .map(str::to_string)
+                .collect(),
+            RunnerKind::Go => lines
+                .filter(|l| !l.contains(' ') && !l.starts_with("go:"))
+                .map(str::to_string)
+                .collect(),
+            // One path a line (spaces and all).
+            RunnerKind::Jest | RunnerKind::Vitest | RunnerKind::Files => {
+                lines.map(|l| relative(l, root)).collect()
+            }
+        };
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Environment that makes the runner write a JUnit report at
+    /// [`JUNIT_PATH`], for the runners that can be asked that way.
+    pub fn junit_env(&self) -> Option<(String, String)> {
+        match self.kind {
+            // xunit1 keeps the `file` attribute, which maps a case back to its node id.
+            RunnerKind::Pytest => Some((
+                "PYTEST_ADDOPTS".into(),
+                format!("--junitxml={JUNIT_PATH} -o junit_family=xunit1"),
+            )),
+            _ => None,
+        }
+    }
+
+    /// Each listed test's duration in a JUnit report the runner wrote, by id.
+    pub fn durations(&self, report: &Report) -> BTreeMap<String, Duration> {
+        let mut out = BTreeMap::new();
+        for suite in &report.test_suites {
+            for case in &suite.test_cases {
+                let Some(time) = case.time else { continue };
+                let id = match self.kind {
+                    RunnerKind::Pytest => pytest_id(
+                        case.classname.as_deref().unwrap_or(""),
+                        case.name.as_str(),
+                        case.extra
+                            .iter()
+                            .find(|(k, _)| k.as_str() == "file")
+                            .map(|(_, v)| v.as_str()),
+                    ),
+                    _ => continue,
+                };
+                if let Some(id) = id {
+                    *out.entry(id).or_default() += time;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A pytest node id from a JUnit case (xunit1: `file` is the module's path,
+/// `classname` the module's dotted path, then the classes).
+fn pytest_id(classname: &str, name: &str, file: Option<&str>) -> Option<String> {
+    let file = file?;
+    let module = file.trim_end_matches(".py").replace('/', ".");
+    let classes = classname
+        .strip_prefix(module.as_str())
+        .unwrap_or("")
+        .trim_start_matches('.');
+    let mut id = file.to_string();
+    for class in classes.split('.').filter(|c| !c.is_empty()) {
+        id.push_str("::");
+        id.push_str(class);
+    }
+    id.push_str("::");
+    id.push_str(name);
+    Some(id)
+}
+
+fn relative(path: &str, root: &str) -> String {
+    let root = root.trim_end_matches('/');
+    match path.strip_prefix(root) {
+        Some(rest) if !root.is_empty() && rest.starts_with('/') => rest[1..].to_string(),
+        _ => path.trim_start_matches("./").to_string(),
+    }
+}
+
+/// Puts the selected tests in the command: an argument that is exactly
+/// `{tests}` becomes one argument per test; inside a longer argument (such
+/// as a `sh -c` script) it becomes the ids, shell-quoted, space-separated.
+pub fn select(command: &[String], tests: &[String]) -> Vec<String> {
+    let quoted = || {
+        tests
+            .iter()
+            .map(|t| shlex::try_quote(t).map_or_else(|_| t.clone(), |q| q.into_owned()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut out = Vec::new();
+    for arg in command {
+        if arg == "{tests}" {
+            out.extend(tests.iter().cloned());
+        } else if arg.contains("{tests}") {
+            out.push(arg.replace("{tests}", &quoted()));
+        } else {
+            out.push(arg.clone());
+        }
+    }
+    out
+}
+
+/// Checks that the command can receive the selected tests.
+pub fn check_command(command: &[String]) -> Result<(), RunnerError> {
+    if command.iter().any(|a| a.contains("{tests_file}")) {
+        return Err(RunnerError::TestsFile);
+    }
+    if !command.iter().any(|a| a.contains("{tests}")) {
+        return Err(RunnerError::NoPlaceholder);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adapter(kind: RunnerKind) -> Adapter {
+        Adapter::new(kind, None, Some("t/*.sh")).unwrap()
+    }
+
+    #[test]
+    fn pytest_listing_is_node_ids_until_the_summary() {
+        let out = "tests/test_a.py::test_one\ntests/test_a.py::TestK::test_two[1-x]\n\n3 tests collected in 0.02s\n";
+        assert_eq!(
+            adapter(RunnerKind::Pytest).parse_listing(out, "/src"),
+            vec![
+                "tests/test_a.py::TestK::test_two[1-x]",
+                "tests/test_a.py::test_one"
+            ]
+        );
+    }
+
+    #[test]
+    fn nextest_go_and_jest_listings() {
+        let nextest = "mvm-shard::cli a_test\nmvm-shard plan::tests::b\n";
+        assert_eq!(
+            adapter(RunnerKind::CargoNextest).parse_listing(nextest, "/src"),
+            vec!["mvm-shard plan::tests::b", "mvm-shard::cli a_test"]
+        );
+        let go = "example.com/m/a\nexample.com/m/b\n";
+        assert_eq!(
+            adapter(RunnerKind::Go).parse_listing(go, "/src"),
+            vec!["example.com/m/a", "example.com/m/b"]
+        );
+        let jest = "/src/app/b.test.js\n/src/app/a.test.js\n";
+        assert_eq!(
+            adapter(RunnerKind::Jest).parse_listing(jest, "/src/"),
+            vec!["app/a.test.js", "app/b.test.js"]
+        );
+    }
+
+    #[test]
+    fn files_needs_a_glob() {
+        assert_eq!(
+            Adapter::new(RunnerKind::Files, None, None).unwrap_err(),
+            RunnerError::NoGlob
+        );
+    }
+
+    #[test]
+    fn tests_expand_to_arguments_or_quoted_words() {
+        let tests = vec!["a.py::t[x y]".to_string(), "b.py::u".to_string()];
+        let cmd = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            select(&cmd(&["pytest", "{tests}"]), &tests),
+            cmd(&["pytest", "a.py::t[x y]", "b.py::u"])
+        );
+        assert_eq!(
+            select(&cmd(&["sh", "-c", "pytest {tests}"]), &tests),
+            cmd(&["sh", "-c", "pytest 'a.py::t[x y]' b.py::u"])
+        );
+        assert_eq!(
+            check_command(&cmd(&["pytest"])),
+            Err(RunnerError::NoPlaceholder)
+        );
+    }
+
+    #[test]
+    fn pytest_cases_map_back_to_node_ids() {
+        assert_eq!(
+            pytest_id("tests.test_a.TestK", "test_two[1]", Some("tests/test_a.py")).unwrap(),
+            "tests/test_a.py::TestK::test_two[1]"
+        );
+        assert_eq!(
+            pytest_id("test_b", "test_one", Some("test_b.py")).unwrap(),
+            "test_b.py::test_one"
+        );
+    }
+}

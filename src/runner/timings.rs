@@ -1,0 +1,170 @@
+//! Learned test durations (`--timings PATH`): what the planner expects each
+//! test to take, updated from what every run reported.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Weight of the newest observation in the moving average: recent runs weigh more.
+const NEWEST_WEIGHT: f64 = 0.5;
+
+/// Expected seconds per test id.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Seconds per test id, an exponential moving average of the runs seen.
+    pub tests: BTreeMap<String, f64>,
+}
+
+/// Why the timings file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum TimingsError {
+    /// Reading or writing the file failed.
+    #[error("timings file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a timings file.
+    #[error("timings file {path} is not valid: {source}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Timings {
+    /// Reads `path`; a file that does not exist yet is empty timings.
+    pub fn load(path: &Path) -> Result<Self, TimingsError> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| TimingsError::Format {
+                path: path.to_path_buf(),
+                source,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Timings::default()),
+            Err(source) => Err(TimingsError::Io {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    /// Writes `path` (its folder created), replacing it whole.
+    pub fn save(&self, path: &Path) -> Result<(), TimingsError> {
+        let io = |source| TimingsError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        let json = serde_json::to_vec_pretty(self).map_err(|source| TimingsError::Format {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        std::fs::write(&tmp, json).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// Expected seconds for each of `tests`: what was learned, else the
+    /// median of what was learned, else one second (all equal).
+    pub fn expected(&self, tests: &[String]) -> Vec<f64> {
+        let median = self.median().unwrap_or(1.0);
+        tests
+            .iter()
+            .map(|t| self.tests.get(t).copied().unwrap_or(median))
+            .collect()
+    }
+
+    fn median(&self) -> Option<f64> {
+        let mut all: Vec<f64> = self.tests.values().copied().collect();
+        if all.is_empty() {
+            return None;
+        }
+        all.sort_by(f64::total_cmp);
+        Some(all[all.len() / 2])
+    }
+
+    /// Learns from one run: `listed` is every test the run knew of (others
+    /// vanished and are dropped); `observed` what the shards reported.
+    pub fn learn(&mut self, listed: &[String], observed: &BTreeMap<String, Duration>) {
+        self.tests.retain(|t, _| listed.binary_search(t).is_ok());
+        for (test, took) in observed {
+            if listed.binary_search(test).is_err() {
+                continue;
+            }
+            let took = took.as_secs_f64();
+            let entry = self.tests.entry(test.clone()).or_insert(took);
+            *entry = NEWEST_WEIGHT * took + (1.0 - NEWEST_WEIGHT) * *entry;
+        }
+    }
+}
+
+/// The default timings file: under the repository's git directory (shared
+/// by its worktrees), so a laptop learns without touching the work tree.
+pub fn default_path(dir: &Path) -> Option<PathBuf> {
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "--path-format=absolute", "--git-common-dir"])
+        .current_dir(dir)
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let git_dir = String::from_utf8(out.stdout).ok()?;
+    Some(PathBuf::from(git_dir.trim()).join("mvm-shard/timings.json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn learning_weighs_recent_runs_and_drops_vanished_tests() {
+        let mut t = Timings::default();
+        let listed = ids(&["a", "b", "c"]);
+        let obs = |v: &[(&str, f64)]| {
+            v.iter()
+                .map(|(k, s)| (k.to_string(), Duration::from_secs_f64(*s)))
+                .collect::<BTreeMap<_, _>>()
+        };
+        t.learn(&listed, &obs(&[("a", 4.0), ("b", 1.0), ("zz", 9.0)]));
+        assert_eq!(t.tests["a"], 4.0);
+        assert!(
+            !t.tests.contains_key("zz"),
+            "unlisted tests are not learned"
+        );
+        t.learn(&listed, &obs(&[("a", 2.0)]));
+        assert_eq!(t.tests["a"], 3.0);
+        // c was never seen: it gets the median of the known ones.
+        assert_eq!(t.expected(&ids(&["a", "c"])), vec![3.0, 3.0]);
+        t.learn(&ids(&["b"]), &BTreeMap::new());
+        assert_eq!(t.tests.keys().collect::<Vec<_>>(), vec!["b"]);
+    }
+
+    #[test]
+    fn a_missing_file_is_empty_and_a_saved_one_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x/timings.json");
+        assert_eq!(Timings::load(&path).unwrap(), Timings::default());
+        let mut t = Timings::default();
+        t.tests.insert("a".into(), 1.5);
+        t.save(&path).unwrap();
+        assert_eq!(Timings::load(&path).unwrap(), t);
+        std::fs::write(&path, "nope").unwrap();
+        assert!(Timings::load(&path).is_err());
+    }
+}

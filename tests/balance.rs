@@ -1,0 +1,224 @@
+//! Test-aware runs (`--runner`): listing where the tests run, learned
+//! durations, balanced shards, every test exactly once.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::cli;
+
+/// One shard's line of the balance table: (tests, expected s, took s).
+fn shard_lines(stderr: &str) -> BTreeMap<u32, (usize, f64, f64)> {
+    let mut out = BTreeMap::new();
+    for line in stderr.lines() {
+        let Some(rest) = line.strip_prefix("mvm-shard: shard ") else {
+            continue;
+        };
+        let words: Vec<&str> = rest.split([' ', ',', '/']).collect();
+        let index: u32 = words[0].parse().unwrap();
+        let tests: usize = words[2].parse().unwrap();
+        let number = |after: &str| -> f64 {
+            let i = words.iter().position(|w| *w == after).unwrap();
+            words[i + 1].trim_end_matches('s').parse().unwrap()
+        };
+        out.insert(index, (tests, number("expected"), number("took")));
+    }
+    out
+}
+
+/// Test case names in a JUnit report, with how often each appears.
+fn cases(report: &Path) -> BTreeMap<String, usize> {
+    let text = std::fs::read_to_string(report).unwrap();
+    let mut out = BTreeMap::new();
+    for part in text.split("<testcase ").skip(1) {
+        let name = part.split("name=\"").nth(1).unwrap().split('"').next();
+        *out.entry(name.unwrap().to_string()).or_default() += 1;
+    }
+    out
+}
+
+/// A pytest suite of skewed durations: one test of 3 s, forty of 0.05 s.
+fn skewed_suite(dir: &Path) {
+    std::fs::write(
+        dir.join("test_skew.py"),
+        "import time, pytest\n\
+         def test_slow():\n    time.sleep(3)\n\
+         @pytest.mark.parametrize('i', range(40))\n\
+         def test_fast(i):\n    time.sleep(0.05)\n",
+    )
+    .unwrap();
+}
+
+fn run_pytest(dir: &Path, timings: &Path, report: &Path) -> (i32, String, String) {
+    cli(
+        dir,
+        &[
+            "run",
+            "--local",
+            "--shards",
+            "4",
+            "--source",
+            ".",
+            "--runner",
+            "pytest",
+            "--timings",
+            timings.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+            "--",
+            "python3",
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "{tests}",
+        ],
+    )
+}
+
+#[test]
+fn a_skewed_suite_is_learned_then_balanced_and_every_test_runs_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    skewed_suite(dir.path());
+    let timings = state.path().join("timings.json");
+    let report = state.path().join("junit.xml");
+
+    let (code, stdout, stderr) = run_pytest(dir.path(), &timings, &report);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("41 tests listed, 0 with learned"),
+        "{stderr}"
+    );
+    let learned: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&timings).unwrap()).unwrap();
+    let learned = learned["tests"].as_object().unwrap();
+    assert_eq!(learned.len(), 41, "{learned:?}");
+    let slow = learned["test_skew.py::test_slow"].as_f64().unwrap();
+    assert!(slow >= 2.9, "the first run learned the slow test: {slow}");
+
+    let (code, stdout, stderr) = run_pytest(dir.path(), &timings, &report);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("41 tests listed, 41 with learned"),
+        "{stderr}"
+    );
+    let seen = cases(&report);
+    assert_eq!(seen.len(), 41, "{seen:?}");
+    assert!(seen.values().all(|n| *n == 1), "each test once: {seen:?}");
+
+    // The slowest shard against the best possible: max(total/N, longest),
+    // plus the start-up each shard pays (pytest's own), as the run reports it.
+    let shards = shard_lines(&stderr);
+    assert_eq!(shards.len(), 4, "{stderr}");
+    let total: f64 = learned.values().map(|v| v.as_f64().unwrap()).sum();
+    let longest = learned
+        .values()
+        .map(|v| v.as_f64().unwrap())
+        .fold(0.0, f64::max);
+    let bound = (total / 4.0).max(longest);
+    let startup = shards
+        .values()
+        .map(|(_, expected, took)| took - expected)
+        .fold(0.0, f64::max);
+    let slowest = shards.values().map(|s| s.2).fold(0.0, f64::max);
+    assert!(
+        slowest <= 1.15 * bound + startup,
+        "slowest {slowest} s, bound {bound} s, start-up {startup} s: {stderr}"
+    );
+    let with_slow = shards
+        .values()
+        .find(|s| s.1 >= 2.5)
+        .unwrap_or_else(|| panic!("no shard expects the slow test: {stderr}"));
+    assert_eq!(
+        with_slow.0, 1,
+        "the 3 s test has a shard of its own: {stderr}"
+    );
+}
+
+#[test]
+fn files_are_split_by_file_and_each_runs_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("t/sub")).unwrap();
+    let names = ["t/a.sh", "t/b.sh", "t/c d.sh", "t/sub/e.sh", "t/sub/f.sh"];
+    for name in names {
+        std::fs::write(dir.path().join(name), format!("echo ran {name}\n")).unwrap();
+    }
+    let (code, stdout, stderr) = cli(
+        dir.path(),
+        &[
+            "run",
+            "--local",
+            "--shards",
+            "2",
+            "--source",
+            ".",
+            "--runner",
+            "files",
+            "--files",
+            "t/**/*.sh",
+            "--timings",
+            dir.path().join(".timings.json").to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "for f in {tests}; do sh \"$f\"; done",
+        ],
+    );
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    for name in names {
+        let line = format!("ran {name}\n");
+        assert_eq!(stdout.matches(&line).count(), 1, "{name}: {stdout}");
+    }
+    let shards = shard_lines(&stderr);
+    assert_eq!(
+        shards.values().map(|s| s.0).collect::<Vec<_>>(),
+        vec![3, 2],
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_failing_listing_exits_2_and_shows_its_output() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x"), "").unwrap();
+    for local in [false, true] {
+        let mut args = vec![
+            "run",
+            "--local",
+            "--source",
+            ".",
+            "--runner",
+            "pytest",
+            "--list-command",
+            "echo no such suite >&2; exit 4",
+            "--timings",
+            "t.json",
+        ];
+        if local {
+            args.push("--list-local");
+        }
+        args.extend(["--", "pytest", "{tests}"]);
+        let (code, stdout, stderr) = cli(dir.path(), &args);
+        assert_eq!(code, 2, "{stdout}\n{stderr}");
+        assert!(
+            stderr.contains("listing the tests failed") && stderr.contains("no such suite"),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_runner_without_a_tests_placeholder_is_bad_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = cli(
+        dir.path(),
+        &[
+            "run", "--local", "--source", ".", "--runner", "pytest", "--", "pytest",
+        ],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("{tests}"), "{stderr}");
+}
