@@ -396,6 +396,13 @@ test {index} = 1"#;
         "{md}"
     );
     assert!(md.contains("`pkg.mod::test_2` `src/mod.py:12`"), "{md}");
+    // The agents reported their environment: the emulator's 10,240 MB functions.
+    assert!(md.contains("\nwall time "), "{md}");
+    assert!(
+        md.contains("cost: nothing (local emulator); on Lambda: ")
+            && md.contains(" GB-s over 2 shards ≈ $"),
+        "{md}"
+    );
     let merged = std::fs::read_to_string(&report).unwrap();
     assert!(
         merged.contains("shard 1/2: suite1") && merged.contains("shard 2/2: suite2"),

@@ -11,6 +11,7 @@ mod download;
 mod hint;
 pub mod microvm;
 mod replay_log;
+mod resources;
 pub mod runtime_client;
 pub mod shard;
 pub mod workspace;

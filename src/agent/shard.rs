@@ -78,6 +78,7 @@ pub async fn run(
         reason: String::new(),
     });
     result.fresh_environment = fresh;
+    result.resources = Some(super::resources::of_this_environment());
     result.stale_paths_removed = leftovers.paths;
     result.stale_processes_killed = leftovers.processes;
 

@@ -16,7 +16,7 @@ use crate::os;
 
 /// Variable set in every environment's bootstrap, inherited by what it starts,
 /// so that processes which escaped the tree are still found on destroy.
-pub const ENVIRONMENT_MARKER: &str = "MVM_SHARD_EMULATED_ENVIRONMENT";
+pub const ENVIRONMENT_MARKER: &str = crate::protocol::runtime_api::EMULATED_ENVIRONMENT;
 
 /// Bytes of log kept for `LogResult` (Lambda returns the last 4 KB).
 const LOG_TAIL: usize = 4096;

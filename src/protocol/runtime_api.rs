@@ -36,3 +36,9 @@ pub const STREAMING: &str = "streaming";
 pub const ERROR_TYPE: &str = "lambda-runtime-function-error-type";
 /// Base64 error body, as a trailer of a streamed response.
 pub const ERROR_BODY: &str = "lambda-runtime-function-error-body";
+
+/// Variable the emulator sets in every environment it starts (functions and
+/// microVMs): it marks their processes, and tells the agent it is not billed.
+pub const EMULATED_ENVIRONMENT: &str = "MVM_SHARD_EMULATED_ENVIRONMENT";
+/// Memory of the function, in MB, as Lambda sets it for the bootstrap.
+pub const FUNCTION_MEMORY_SIZE: &str = "AWS_LAMBDA_FUNCTION_MEMORY_SIZE";

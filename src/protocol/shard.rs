@@ -318,6 +318,38 @@ pub struct ShardResult {
     /// Files matching `collect` that were not sent back (over the size budget).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files_skipped: Vec<String>,
+    /// What the environment had, for the run's cost estimate (absent from
+    /// older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+}
+
+/// The size of the environment a shard ran in, as the agent saw it: what
+/// Lambda bills by (memory × duration for functions, vCPU and memory for
+/// MicroVMs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// A Lambda function or a Lambda MicroVM.
+    pub platform: Platform,
+    /// The local emulator stood in for it: nothing is billed.
+    #[serde(default)]
+    pub emulated: bool,
+    /// Memory: the function's configured size, or the microVM's total.
+    pub memory_mb: u32,
+    /// CPUs the command could use.
+    pub vcpus: u32,
+    /// `x86_64` or `aarch64`: Lambda prices the two differently.
+    pub arch: String,
+}
+
+/// Where a shard ran, for pricing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Platform {
+    /// A Lambda function (billed per GB-second).
+    LambdaFunction,
+    /// A Lambda MicroVM (billed per vCPU and memory over time).
+    Microvm,
 }
 
 impl ShardResult {
@@ -332,6 +364,7 @@ impl ShardResult {
             stale_processes_killed: 0,
             stragglers_killed: 0,
             files_skipped: Vec::new(),
+            resources: None,
         }
     }
 }

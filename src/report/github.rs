@@ -56,6 +56,7 @@ pub struct GithubReporter<W: Write> {
     annotations: usize,
     warnings: usize,
     failed_shards: Vec<(ShardId, ShardStatus)>,
+    started: std::time::Instant,
 }
 
 impl<W: Write> GithubReporter<W> {
@@ -68,6 +69,7 @@ impl<W: Write> GithubReporter<W> {
             annotations: 0,
             warnings: 0,
             failed_shards: Vec::new(),
+            started: std::time::Instant::now(),
         }
     }
 
@@ -261,6 +263,13 @@ impl<W: Write> GithubReporter<W> {
                 r.shard,
                 secs(r.duration)
             ));
+        }
+        md.push_str(&format!(
+            "\n{}\n",
+            super::timing_line(summary, self.started.elapsed())
+        ));
+        if let Some(cost) = super::cost::estimate(summary) {
+            md.push_str(&format!("\n{}\n", cost.describe()));
         }
         if !tests.failures.is_empty() {
             md.push_str(&format!(
@@ -556,6 +565,11 @@ mod tests {
         let summary_md = std::fs::read_to_string(files.step_summary.unwrap()).unwrap();
         assert!(summary_md.contains("| 2/2 | ❌ failed (exit 1) |"));
         assert!(summary_md.contains("Failed tests (15)"));
+        // Both shards took 1.2 s; the slowest are listed in shard order.
+        assert!(
+            summary_md.contains("; slowest: 1/2 1.20s, 2/2 1.20s\n"),
+            "{summary_md}"
+        );
         let outputs = std::fs::read_to_string(files.output.unwrap()).unwrap();
         assert!(outputs.contains("result=failed\npassed=1\nfailed=1\n"));
         // No shard sent a report back: the output is empty, and a warning says so.

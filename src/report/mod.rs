@@ -4,6 +4,7 @@
 //! GitHub Actions log viewer, job summary and outputs; [`junit`] reads the
 //! JUnit reports shards send back and merges them.
 
+pub mod cost;
 pub mod github;
 pub mod junit;
 pub mod terminal;
@@ -28,4 +29,21 @@ pub fn plural(n: usize, noun: &str) -> String {
     } else {
         format!("{n} {noun}s")
     }
+}
+
+/// How long the run took and which shards took longest: a run lasts as long
+/// as its slowest shard, so these are the ones to split or balance.
+pub fn timing_line(summary: &RunSummary, wall: std::time::Duration) -> String {
+    let mut records: Vec<_> = summary.records.iter().collect();
+    records.sort_by(|a, b| b.duration.cmp(&a.duration).then(a.shard.cmp(&b.shard)));
+    let slowest: Vec<String> = records
+        .iter()
+        .take(3)
+        .map(|r| format!("{} {}", r.shard, terminal::secs(r.duration)))
+        .collect();
+    let mut line = format!("wall time {}", terminal::secs(wall));
+    if records.len() > 1 {
+        line.push_str(&format!("; slowest: {}", slowest.join(", ")));
+    }
+    line
 }
