@@ -241,10 +241,16 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
                 Some(path) => Timings::load(path)?,
                 None => Timings::default(),
             };
+            let workflow_run = std::env::var("GITHUB_RUN_ID")
+                .ok()
+                .filter(|r| !r.is_empty());
+            let planning = timings.for_run(workflow_run.as_deref());
             Some(Suite {
                 adapter,
                 timings_path,
                 timings,
+                planning,
+                workflow_run,
             })
         }
         None => None,
@@ -491,7 +497,12 @@ struct Suite {
     adapter: Adapter,
     /// Where the timings are kept; `None` outside a git repository without `--timings`.
     timings_path: Option<std::path::PathBuf>,
+    /// What was learned, as read and then updated.
     timings: Timings,
+    /// What this run plans with (the same for every job of a workflow run).
+    planning: Timings,
+    /// `GITHUB_RUN_ID`, when in a workflow.
+    workflow_run: Option<String>,
 }
 
 impl Suite {
@@ -515,7 +526,7 @@ impl Suite {
             } else if let Some(share) = shares.get(record.shard.index as usize - 1) {
                 // No per-test report: the command's time, shared as expected.
                 let took = Duration::from_millis(result.duration_ms);
-                let expected = self.timings.expected(&share.tests);
+                let expected = self.planning.expected(&share.tests);
                 let total: f64 = expected.iter().sum();
                 for (test, e) in share.tests.iter().zip(expected) {
                     let part = if total > 0.0 { e / total } else { 0.0 };
@@ -523,6 +534,7 @@ impl Suite {
                 }
             }
         }
+        self.timings.begin_update(self.workflow_run.as_deref());
         self.timings.learn(tests, &observed);
         if let Some(path) = &self.timings_path {
             if let Err(e) = self.timings.save(path) {
@@ -631,7 +643,7 @@ fn plan_suite(planned: &mut PlannedRun, tests: &[String]) -> Result<Vec<Share>, 
     let Some(suite) = &planned.suite else {
         return Ok(Vec::new());
     };
-    let expected = suite.timings.expected(tests);
+    let expected = suite.planning.expected(tests);
     let shares = plan::balance(tests, &expected, planned.spec.shards);
     if let Some((name, value)) = suite.adapter.junit_env() {
         let value = match planned.spec.env.get(&name) {
@@ -648,7 +660,7 @@ fn plan_suite(planned: &mut PlannedRun, tests: &[String]) -> Result<Vec<Share>, 
         tests.len(),
         tests
             .iter()
-            .filter(|t| suite.timings.tests.contains_key(*t))
+            .filter(|t| suite.planning.tests.contains_key(*t))
             .count()
     );
     Ok(shares)

@@ -222,3 +222,66 @@ fn a_runner_without_a_tests_placeholder_is_bad_usage() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("{tests}"), "{stderr}");
 }
+
+/// Runs shard `only` of 2 of eight script files as a matrix job of workflow
+/// run 77 would; returns the files it ran.
+fn matrix_job(dir: &Path, timings: &Path, only: &str) -> Vec<String> {
+    let out = std::process::Command::new(common::binary())
+        .args([
+            "run",
+            "--local",
+            "--shards",
+            "2",
+            "--only",
+            only,
+            "--source",
+            ".",
+            "--runner",
+            "files",
+            "--files",
+            "t/*.sh",
+            "--timings",
+            timings.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "for f in {tests}; do sh \"$f\"; done",
+        ])
+        .current_dir(dir)
+        .env("GITHUB_RUN_ID", "77")
+        .env_remove("GITHUB_ACTIONS")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    stdout
+        .lines()
+        .filter_map(|l| l.split("ran ").nth(1).map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn matrix_jobs_reach_the_same_plan_when_the_timings_change_between_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("t")).unwrap();
+    let names: Vec<String> = "abcdefgh".chars().map(|c| format!("t/{c}.sh")).collect();
+    let mut before = serde_json::Map::new();
+    for name in &names {
+        std::fs::write(dir.path().join(name), format!("echo ran {name}\n")).unwrap();
+        before.insert(name.clone(), serde_json::json!(10.0));
+    }
+    let timings = state.path().join("timings.json");
+    let snapshot = serde_json::json!({ "tests": before }).to_string();
+    std::fs::write(&timings, &snapshot).unwrap();
+
+    let mut ran = matrix_job(dir.path(), &timings, "1");
+    let after = std::fs::read_to_string(&timings).unwrap();
+    assert_ne!(
+        after, snapshot,
+        "job 1 learned: job 2 starts from other timings"
+    );
+    ran.extend(matrix_job(dir.path(), &timings, "2"));
+    ran.sort();
+    assert_eq!(ran, names, "every test exactly once across the jobs");
+}

@@ -15,6 +15,14 @@ const NEWEST_WEIGHT: f64 = 0.5;
 pub struct Timings {
     /// Seconds per test id, an exponential moving average of the runs seen.
     pub tests: BTreeMap<String, f64>,
+    /// The workflow run (`GITHUB_RUN_ID`) that last updated these timings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
+    /// The timings as they were before that run began: what every job of
+    /// that run plans with, so that matrix jobs (`--only K`) that each
+    /// restored the file at another moment still reach the same plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<BTreeMap<String, f64>>,
 }
 
 /// Why the timings file could not be read or written.
@@ -72,6 +80,36 @@ impl Timings {
         })?;
         std::fs::write(&tmp, json).map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// The timings the jobs of workflow run `run` plan with: the ones from
+    /// before it when one of its jobs already updated the file.
+    pub fn for_run(&self, run: Option<&str>) -> Timings {
+        let tests = match (&self.before, run) {
+            (Some(before), Some(run)) if self.run.as_deref() == Some(run) => before.clone(),
+            _ => self.tests.clone(),
+        };
+        Timings {
+            tests,
+            run: None,
+            before: None,
+        }
+    }
+
+    /// Starts an update by workflow run `run`: the first one of that run
+    /// keeps what the run planned with in `before`.
+    pub fn begin_update(&mut self, run: Option<&str>) {
+        match run {
+            Some(run) if self.run.as_deref() != Some(run) => {
+                self.before = Some(self.tests.clone());
+                self.run = Some(run.to_string());
+            }
+            Some(_) => {}
+            None => {
+                self.before = None;
+                self.run = None;
+            }
+        }
     }
 
     /// Expected seconds for each of `tests`: what was learned, else the
@@ -153,6 +191,19 @@ mod tests {
         assert_eq!(t.expected(&ids(&["a", "c"])), vec![3.0, 3.0]);
         t.learn(&ids(&["b"]), &BTreeMap::new());
         assert_eq!(t.tests.keys().collect::<Vec<_>>(), vec!["b"]);
+    }
+
+    #[test]
+    fn jobs_of_one_workflow_run_plan_with_the_timings_from_before_it() {
+        let mut t = Timings::default();
+        t.tests.insert("a".into(), 1.0);
+        t.begin_update(Some("7"));
+        t.tests.insert("a".into(), 5.0);
+        assert_eq!(t.for_run(Some("7")).tests["a"], 1.0, "same run: before");
+        assert_eq!(t.for_run(Some("8")).tests["a"], 5.0, "next run: newest");
+        assert_eq!(t.for_run(None).tests["a"], 5.0);
+        t.begin_update(Some("7"));
+        assert_eq!(t.before.as_ref().unwrap()["a"], 1.0, "kept across its jobs");
     }
 
     #[test]
