@@ -523,3 +523,37 @@ async fn a_stream_that_ends_cleanly_without_a_result_is_a_failure_to_run() {
     assert_eq!(done.summary.exit_code(), 3);
     emu.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn output_held_open_outside_the_tree_does_not_hold_the_shard_back() {
+    let emu = emulator(vec![agent_function("f", true)]).await;
+    let backend = backend(&emu.endpoint, "f", true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (pid_fifo, go_fifo) = (dir.path().join("pid"), dir.path().join("go"));
+    for fifo in [&pid_fifo, &go_fifo] {
+        nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    }
+    let script = format!(
+        "echo $$ > {}; read go < {}; echo done",
+        pid_fifo.display(),
+        go_fifo.display()
+    );
+    let shard = tokio::spawn(run(backend, vec![request(&script, 1, 1, MINUTE)], 1));
+    // This test process, outside the agent's tree, takes a hold of the
+    // command's stdout, then lets the command end.
+    let held = tokio::task::spawn_blocking(move || {
+        let pid = std::fs::read_to_string(&pid_fifo).unwrap();
+        let held = std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/{}/fd/1", pid.trim()))
+            .unwrap();
+        std::fs::write(&go_fifo, "go\n").unwrap();
+        held
+    });
+    let held = bounded(MINUTE, held).await.unwrap();
+    let done = bounded(Duration::from_secs(30), shard).await.unwrap();
+    drop(held);
+    assert_eq!(done.summary.records[0].status, ShardStatus::Passed);
+    assert_eq!(done.stdout_of(1), "done\n");
+    emu.shutdown().await.unwrap();
+}

@@ -386,13 +386,15 @@ async fn run_command(
             .await
             .unwrap_or(0);
     let mut stderr_tail = Vec::new();
-    for reader in readers {
+    for mut reader in readers {
         // With every writer gone the pipes are at EOF; the bound guards against
-        // a descriptor passed to a process outside our tree.
-        if let Ok(Ok((OutputStream::Stderr, tail))) =
-            tokio::time::timeout(Duration::from_secs(5), reader).await
-        {
-            stderr_tail = tail;
+        // a descriptor held by a process outside our tree. Past it the reader
+        // is stopped: it holds a frame sender, and the stream (so the shard)
+        // would not end while it reads on.
+        match tokio::time::timeout(Duration::from_secs(5), &mut reader).await {
+            Ok(Ok((OutputStream::Stderr, tail))) => stderr_tail = tail,
+            Ok(_) => {}
+            Err(_) => reader.abort(),
         }
     }
     if let CommandEnd::Exited(Outcome::Exited { code }) = &end {
