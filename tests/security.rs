@@ -499,17 +499,29 @@ async fn a_stream_that_ends_cleanly_without_a_result_is_a_failure_to_run() {
     codec.encode(Frame::Heartbeat, &mut stream).unwrap();
     let body = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(body.path(), &stream).unwrap();
-    let api = "http://$AWS_LAMBDA_RUNTIME_API/2018-06-01/runtime/invocation";
-    let bootstrap = format!(
-        "h=$(mktemp) && curl -sS -D \"$h\" -o /dev/null {api}/next && \
-         id=$(sed -n 's/^[Ll]ambda-[Rr]untime-[Aa]ws-[Rr]equest-[Ii]d: *//p' \"$h\" | tr -d '\\r') && \
-         curl -sS -o /dev/null -H 'Lambda-Runtime-Function-Response-Mode: streaming' \
-         -H 'Transfer-Encoding: chunked' --data-binary @{} {api}/$id/response; exit 0",
-        body.path().display()
-    );
+    let bootstrap = r#"
+import os, sys, urllib.request
+api = "http://" + os.environ["AWS_LAMBDA_RUNTIME_API"] + "/2018-06-01/runtime/invocation/"
+with urllib.request.urlopen(api + "next") as invocation:
+    request_id = invocation.headers["Lambda-Runtime-Aws-Request-Id"]
+    invocation.read()
+with open(sys.argv[1], "rb") as body:
+    answer = urllib.request.Request(
+        api + request_id + "/response",
+        data=body.read(),
+        method="POST",
+        headers={"Lambda-Runtime-Function-Response-Mode": "streaming"},
+    )
+urllib.request.urlopen(answer).read()
+"#;
     let emu = emulator(vec![FunctionConfig::new(
         "no-result",
-        vec!["sh".into(), "-c".into(), bootstrap],
+        vec![
+            "python3".into(),
+            "-c".into(),
+            bootstrap.into(),
+            body.path().display().to_string(),
+        ],
     )])
     .await;
     let backend = backend(&emu.endpoint, "no-result", false).await;
