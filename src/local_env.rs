@@ -1,7 +1,8 @@
 //! What a shard of `run --local` inherits from this machine: where the
 //! toolchains live, so that `cargo`, `node`, `python3` or `go` resolve as they
-//! do here, and nothing else: no cache, no state, no credential. The main type
-//! is [`LocalEnvironment`].
+//! do here, and how this machine reaches the network (a proxy, a CA bundle);
+//! nothing else: no cache, no state, no credential. The main type is
+//! [`LocalEnvironment`].
 //!
 //! A deployed image puts its toolchains on `PATH` and sets their location
 //! variables (`RUSTUP_HOME`, `GOROOT`...) in its own environment; locally the
@@ -58,6 +59,22 @@ const LOCATIONS: &[Location] = &[
     var("GOTOOLCHAIN"),
     var("JAVA_HOME"),
     var("LD_LIBRARY_PATH"),
+    // How this machine reaches the network (a proxy, a private CA): without
+    // them a shard here could not fetch what a shard on Lambda fetches.
+    var("HTTP_PROXY"),
+    var("HTTPS_PROXY"),
+    var("NO_PROXY"),
+    var("http_proxy"),
+    var("https_proxy"),
+    var("no_proxy"),
+    var("SSL_CERT_FILE"),
+    var("SSL_CERT_DIR"),
+    var("NODE_EXTRA_CA_CERTS"),
+    var("REQUESTS_CA_BUNDLE"),
+    var("CURL_CA_BUNDLE"),
+    var("PIP_CERT"),
+    var("GIT_SSL_CAINFO"),
+    var("CARGO_HTTP_CAINFO"),
 ];
 
 /// The variables a local shard's environment gets from this machine, and

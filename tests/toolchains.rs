@@ -380,3 +380,120 @@ async fn a_local_run_warns_of_what_lambda_would_not_have() {
     }
     assert!(!out.stderr.contains("`sh`"), "{}", out.stderr);
 }
+
+/// Runs a recipe on a fixture: with `passing_run`, once as it is (every test
+/// passes, exactly once); then with `fail-me` in place (`failing` fails, the
+/// others pass, each exactly once, and the run exits 1).
+async fn check_recipe(
+    fixture: &str,
+    recipe: &str,
+    parse: impl Fn(&[&str]) -> Option<(String, bool)> + Copy,
+    tests: &[&str],
+    failing: &str,
+    passing_run: bool,
+) {
+    let dir = project(fixture);
+    if passing_run {
+        let out = run_recipe(dir.path(), recipe).await;
+        assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+        assert_each_once(&tally(&out.stdout, parse), tests, &[], &out);
+    }
+    std::fs::write(dir.path().join("fail-me"), "").unwrap();
+    let out = run_recipe(dir.path(), recipe).await;
+    assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
+    assert_each_once(&tally(&out.stdout, parse), tests, &[failing], &out);
+}
+
+/// `go test -v`'s `--- PASS: TestName (0.00s)` (and `FAIL:`).
+fn go_line(words: &[&str]) -> Option<(String, bool)> {
+    let passed = match words {
+        ["---", "PASS:", ..] => true,
+        ["---", "FAIL:", ..] => false,
+        _ => return None,
+    };
+    Some((words.get(2)?.to_string(), passed))
+}
+
+/// `pytest -v`'s `tests/test_x.py::test_name PASSED [ 50%]` (and `FAILED`).
+fn pytest_line(words: &[&str]) -> Option<(String, bool)> {
+    let name = words.first().filter(|w| w.contains("::"))?;
+    let passed = match *words.get(1)? {
+        "PASSED" => true,
+        "FAILED" => false,
+        _ => return None,
+    };
+    Some((name.to_string(), passed))
+}
+
+/// `jest --verbose`'s `✓ test name (3 ms)` (and `✕`).
+fn jest_line(words: &[&str]) -> Option<(String, bool)> {
+    let passed = match *words.first()? {
+        "✓" => true,
+        "✕" => false,
+        _ => return None,
+    };
+    let mut name: Vec<&str> = words[1..].to_vec();
+    if name.last().is_some_and(|w| w.ends_with("ms)")) {
+        name.truncate(name.len().saturating_sub(2));
+    }
+    Some((name.join(" "), passed))
+}
+
+#[tokio::test]
+async fn go_recipe_deals_packages_out_and_a_failing_test_fails_the_run() {
+    check_recipe(
+        "go",
+        "go.sh",
+        go_line,
+        &[
+            "TestAddSmall",
+            "TestAddZero",
+            "TestAlwaysPasses",
+            "TestFailsOnRequest",
+            "TestShout",
+            "TestShoutEmpty",
+        ],
+        "TestFailsOnRequest",
+        true,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn python_recipe_runs_pytest_with_uv_and_a_failing_test_fails_the_run() {
+    check_recipe(
+        "python",
+        "python-uv.sh",
+        pytest_line,
+        &[
+            "tests/test_math.py::test_adds",
+            "tests/test_math.py::test_divides",
+            "tests/test_math.py::test_multiplies",
+            "tests/test_request.py::test_fails_on_request",
+            "tests/test_request.py::test_joins",
+        ],
+        "tests/test_request.py::test_fails_on_request",
+        true,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn javascript_recipe_runs_jest_shards_and_a_failing_test_fails_the_run() {
+    check_recipe(
+        "js",
+        "javascript-jest.sh",
+        jest_line,
+        &[
+            "arrays sort",
+            "fails on request",
+            "math adds",
+            "math multiplies",
+            "strings join",
+            "strings upper",
+        ],
+        "fails on request",
+        false,
+    )
+    .await;
+}
