@@ -497,3 +497,37 @@ async fn javascript_recipe_runs_jest_shards_and_a_failing_test_fails_the_run() {
     )
     .await;
 }
+
+/// The shell command after ` -- ` of a `mvm-shard run` line (continuations joined).
+fn shard_commands(text: &str) -> Vec<String> {
+    text.replace("\\\n", " ")
+        .lines()
+        .filter(|l| l.trim_start().starts_with("mvm-shard run"))
+        .filter_map(|l| {
+            l.split_once(" -- ")
+                .map(|(_, c)| c.split_whitespace().collect::<Vec<_>>().join(" "))
+        })
+        .collect()
+}
+
+/// The README's "Using it" examples run commands that the recipe tests run.
+#[test]
+fn the_readme_usage_examples_run_tested_commands() {
+    let readme = readme();
+    let (_, using) = readme.split_once("## Using it").unwrap();
+    let block = using.split("```").nth(1).unwrap();
+    let examples = shard_commands(block);
+    assert_eq!(examples.len(), 3, "{block}");
+    let recipes_dir = manifest_dir().join("examples/recipes");
+    let mut tested: Vec<String> = std::fs::read_dir(&recipes_dir)
+        .unwrap()
+        .flat_map(|e| shard_commands(&std::fs::read_to_string(e.unwrap().path()).unwrap()))
+        .collect();
+    tested.push("cargo nextest run --partition count:{index}/{count}".into());
+    for example in examples {
+        assert!(
+            tested.contains(&example),
+            "untested example command: {example}\ntested: {tested:#?}"
+        );
+    }
+}
