@@ -70,14 +70,15 @@ pub struct DoctorArgs {
         long,
         env = "MVM_SHARD_FUNCTION",
         value_name = "NAME",
-        default_value = "mvm-shard"
+        default_value = "mvm-shard",
+        value_parser = non_empty
     )]
     pub function: String,
     /// Call another endpoint than AWS's (for example `mvm-shard emulate`).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", value_parser = endpoint_url)]
     pub endpoint_url: Option<String>,
     /// AWS region (default: from the environment or profile).
-    #[arg(long)]
+    #[arg(long, value_parser = non_empty)]
     pub region: Option<String>,
     /// The function is meant to run without tenant isolation.
     #[arg(long)]
@@ -114,22 +115,22 @@ pub struct RunArgs {
     #[arg(long)]
     pub local: bool,
     /// The Lambda function (name or ARN) that runs the shards.
-    #[arg(long, env = "MVM_SHARD_FUNCTION", value_name = "NAME")]
+    #[arg(long, env = "MVM_SHARD_FUNCTION", value_name = "NAME", value_parser = non_empty)]
     pub function: Option<String>,
     /// Run each shard in a Lambda MicroVM started from this image (ARN or name).
-    #[arg(long, value_name = "ARN")]
+    #[arg(long, value_name = "ARN", value_parser = non_empty)]
     pub microvm_image: Option<String>,
     /// Version of the MicroVM image (default: the latest).
-    #[arg(long, value_name = "V", requires = "microvm_image")]
+    #[arg(long, value_name = "V", value_parser = non_empty, requires = "microvm_image", conflicts_with_all = ["local", "function"])]
     pub image_version: Option<String>,
     /// Role the MicroVMs run with.
-    #[arg(long, value_name = "ARN", requires = "microvm_image")]
+    #[arg(long, value_name = "ARN", value_parser = non_empty, requires = "microvm_image", conflicts_with_all = ["local", "function"])]
     pub execution_role_arn: Option<String>,
     /// Call another endpoint than AWS's (for example `mvm-shard emulate`).
-    #[arg(long, value_name = "URL", conflicts_with = "local")]
+    #[arg(long, value_name = "URL", conflicts_with = "local", value_parser = endpoint_url)]
     pub endpoint_url: Option<String>,
     /// AWS region (default: from the environment or profile).
-    #[arg(long, conflicts_with = "local")]
+    #[arg(long, conflicts_with = "local", value_parser = non_empty)]
     pub region: Option<String>,
     /// How many shards to split the command into.
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -200,6 +201,29 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
+/// A value that must not be empty (`--function ""` is a mistake, not a default).
+fn non_empty(value: &str) -> Result<String, String> {
+    if value.trim().is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(value.to_string())
+    }
+}
+
+/// An endpoint URL the AWS SDK can call: `http://` or `https://` and a host.
+fn endpoint_url(value: &str) -> Result<String, String> {
+    let uri: http::Uri = value
+        .parse()
+        .map_err(|e| format!("not a URL ({e}); expected e.g. http://127.0.0.1:9001"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(host)) if !host.is_empty() => Ok(value.to_string()),
+        (Some("http" | "https"), _) => Err("the URL has no host".into()),
+        _ => Err(format!(
+            "the URL needs a scheme: http://{value} or https://{value}"
+        )),
+    }
+}
+
 /// Where the shards' source comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SourceFrom {
@@ -225,6 +249,11 @@ pub struct EmulateArgs {
     /// `mvm-shard` function always is, as the deployment template sets it up.
     #[arg(long = "tenant-isolated", value_name = "NAME")]
     pub tenant_isolated: Vec<String>,
+    /// Answer invocations of this function with AccessDeniedException, as
+    /// Lambda does for a caller without lambda:InvokeFunction (repeatable; to
+    /// test how clients tell it).
+    #[arg(long = "deny-invoke", value_name = "NAME")]
+    pub deny_invoke: Vec<String>,
     /// Invocation timeout of every function.
     #[arg(long, default_value = "900s", value_parser = humantime::parse_duration)]
     pub function_timeout: Duration,
@@ -282,6 +311,7 @@ pub async fn emulate(args: EmulateArgs) -> anyhow::Result<()> {
         functions.push(FunctionConfig::default_agent()?);
     }
     for f in &mut functions {
+        f.deny_invoke = args.deny_invoke.contains(&f.name);
         f.timeout = args.function_timeout;
         f.memory_mb = args.memory;
         f.max_concurrency = args.max_concurrency;

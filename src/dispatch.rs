@@ -161,12 +161,17 @@ pub struct CollectedFile {
 pub struct RunSummary {
     /// One record per selected shard, by index.
     pub records: Vec<ShardRecord>,
+    /// The configuration mistake the run stopped at (a missing function, a
+    /// denied call): the shards that had not ended by then did not run
+    /// because of it, and their records say so without repeating it.
+    pub stopped_by: Option<InvokeError>,
 }
 
 impl RunSummary {
     /// The process exit status: 0 all passed, 1 a command failed or timed
     /// out, 3 a shard could not run or was interrupted (this wins: the
-    /// results are incomplete).
+    /// results are incomplete), 2 the run stopped at a configuration mistake
+    /// (this wins over all).
     pub fn exit_code(&self) -> i32 {
         let incomplete = |s: &ShardStatus| {
             matches!(
@@ -174,7 +179,9 @@ impl RunSummary {
                 ShardStatus::InfraFailed { .. } | ShardStatus::Interrupted { .. }
             )
         };
-        if self.count(incomplete) > 0 {
+        if self.stopped_by.is_some() {
+            2
+        } else if self.count(incomplete) > 0 {
             3
         } else if self.count(|s| *s != ShardStatus::Passed) > 0 {
             1
@@ -225,9 +232,16 @@ impl Default for DispatchOptions {
     }
 }
 
+/// Why a shard did not run after the run stopped at a configuration mistake.
+pub const STOPPED_REASON: &str = "not run: the run stopped at a configuration error";
+
 /// Runs every job and returns one record per job. `cancel` stops new
 /// dispatches and abandons the shards in flight, which then count as
 /// interrupted; the caller then has the backend release what they hold.
+/// The first configuration mistake a backend reports stops the run too, and
+/// is the summary's [`RunSummary::stopped_by`]: no shard starts after it, the
+/// shards it ended count as not run, and they get no [`RunEvent::Finished`]
+/// of their own (the mistake is told once, by the caller).
 pub async fn dispatch(
     backend: Arc<dyn Backend>,
     run_id: &str,
@@ -236,20 +250,34 @@ pub async fn dispatch(
     events: mpsc::UnboundedSender<RunEvent>,
     cancel: CancellationToken,
 ) -> RunSummary {
+    // Cancelled by the caller, or by the first configuration mistake.
+    let stop = cancel.child_token();
+    let stopped_by: std::sync::Mutex<Option<InvokeError>> = std::sync::Mutex::new(None);
+    let stopped = || stopped_by.lock().map(|s| s.is_some()).unwrap_or(true);
     let mut records: Vec<ShardRecord> = futures::stream::iter(jobs)
         .map(|job| {
             let backend = backend.clone();
             let events = events.clone();
             let cancel = cancel.clone();
+            let stop = stop.clone();
+            let stopped_by = &stopped_by;
             async move {
                 let started = Instant::now();
                 let interrupted = |detail: &str| {
                     let status = ShardStatus::Interrupted {
                         detail: detail.into(),
                     };
-                    (status, 0, Received::default())
+                    Ok((status, 0, Received::default()))
                 };
-                let (status, attempts, received) = if cancel.is_cancelled() {
+                let not_run = || {
+                    let status = ShardStatus::InfraFailed {
+                        reason: STOPPED_REASON.into(),
+                    };
+                    Ok((status, 0, Received::default()))
+                };
+                let outcome = if stopped() {
+                    not_run()
+                } else if cancel.is_cancelled() {
                     interrupted("it never started")
                 } else {
                     let run = run_shard(&*backend, run_id, &job, options, &events);
@@ -257,7 +285,22 @@ pub async fn dispatch(
                         // A shard whose result is in is not interrupted.
                         biased;
                         done = run => done,
-                        () = cancel.cancelled() => interrupted(backend.interrupted()),
+                        () = stop.cancelled() => if stopped() {
+                            not_run()
+                        } else {
+                            interrupted(backend.interrupted())
+                        },
+                    }
+                };
+                let (status, attempts, received) = match outcome {
+                    Ok(done) => done,
+                    Err(mistake) => {
+                        let reason = mistake.message.clone();
+                        if let Ok(mut first) = stopped_by.lock() {
+                            first.get_or_insert(mistake);
+                        }
+                        stop.cancel();
+                        (ShardStatus::InfraFailed { reason }, 1, Received::default())
                     }
                 };
                 let record = ShardRecord {
@@ -268,7 +311,10 @@ pub async fn dispatch(
                     result: received.result,
                     files: received.files,
                 };
-                let _ = events.send(RunEvent::Finished(record.clone()));
+                // After a configuration mistake the caller tells it once.
+                if !stopped() {
+                    let _ = events.send(RunEvent::Finished(record.clone()));
+                }
                 record
             }
         })
@@ -276,7 +322,11 @@ pub async fn dispatch(
         .collect()
         .await;
     records.sort_by_key(|r| r.shard.index);
-    RunSummary { records }
+    let stopped_by = stopped_by.into_inner().unwrap_or_else(|e| e.into_inner());
+    RunSummary {
+        records,
+        stopped_by,
+    }
 }
 
 async fn run_shard(
@@ -285,7 +335,7 @@ async fn run_shard(
     job: &ShardJob,
     options: &DispatchOptions,
     events: &mpsc::UnboundedSender<RunEvent>,
-) -> (ShardStatus, u32, Received) {
+) -> Result<(ShardStatus, u32, Received), InvokeError> {
     let mut attempt = 1;
     loop {
         let request = match &options.source {
@@ -294,11 +344,11 @@ async fn run_shard(
                 Ok(request) => request,
                 Err(reason) => {
                     let reason = format!("cannot get the shard's source: {reason}");
-                    return (
+                    return Ok((
                         ShardStatus::InfraFailed { reason },
                         attempt,
                         Received::default(),
-                    );
+                    ));
                 }
             },
         };
@@ -316,8 +366,9 @@ async fn run_shard(
             Ok(stream) => {
                 let received = consume(job.shard, stream, events).await;
                 let status = status_of(received.result.as_ref(), received.failure.clone());
-                return (status, attempt, received);
+                return Ok((status, attempt, received));
             }
+            Err(error) if error.kind == InvokeErrorKind::Config => return Err(error),
             Err(error) => match retry_delay(&error, attempt, options) {
                 Some(delay) => {
                     let _ = events.send(RunEvent::Retrying {
@@ -334,11 +385,11 @@ async fn run_shard(
                         InvokeErrorKind::Fatal => error.message,
                         _ => format!("gave up after {attempt} attempts: {}", error.message),
                     };
-                    return (
+                    return Ok((
                         ShardStatus::InfraFailed { reason },
                         attempt,
                         Received::default(),
-                    );
+                    ));
                 }
             },
         }
@@ -368,7 +419,9 @@ pub fn retry_delay(
     attempt: u32,
     options: &DispatchOptions,
 ) -> Option<Duration> {
-    if error.kind == InvokeErrorKind::Fatal || attempt >= options.max_attempts {
+    if matches!(error.kind, InvokeErrorKind::Fatal | InvokeErrorKind::Config)
+        || attempt >= options.max_attempts
+    {
         return None;
     }
     let exp = options
@@ -548,6 +601,7 @@ mod tests {
         };
         let summary = |statuses: Vec<ShardStatus>| RunSummary {
             records: statuses.into_iter().map(rec).collect(),
+            stopped_by: None,
         };
         assert_eq!(summary(vec![ShardStatus::Passed]).exit_code(), 0);
         assert_eq!(

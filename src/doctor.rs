@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use aws_sdk_lambda::error::DisplayErrorContext;
+use crate::backend::errors::classify;
 use tokio::sync::mpsc;
 
 use crate::backend::{Backend, LambdaBackend, ShardInvocation};
@@ -60,19 +60,8 @@ pub async fn diagnose(backend: &LambdaBackend, tenant_isolation: bool) -> Vec<Ch
     {
         Ok(config) => config,
         Err(e) => {
-            let service = e.as_service_error();
-            let detail = if service.is_some_and(|s| s.is_resource_not_found_exception()) {
-                format!(
-                    "function {} does not exist in this account and region: deploy lambda-image/template.yaml, or pass --function and --region",
-                    backend.function()
-                )
-            } else {
-                format!(
-                    "cannot read the function's configuration: {}",
-                    DisplayErrorContext(&e)
-                )
-            };
-            checks.push(check(Verdict::Problem, "function", detail));
+            let error = classify(&e, &backend.target(), &[], &[], true);
+            checks.push(check(Verdict::Problem, "function", error.message));
             return checks;
         }
     };
@@ -178,7 +167,7 @@ async fn round_trip(backend: &LambdaBackend) -> Check {
                     "the function does not answer with a streamed mvm-shard log: its image's bootstrap must be `mvm-shard agent` (lambda-image/Dockerfile)",
                 )
             }
-            other => return check(Verdict::Problem, "no-op shard", format!("did not pass: {other:?}")),
+            other => return check(Verdict::Problem, "no-op shard", format!("did not pass: {}", other.describe())),
         }
     }
     let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);

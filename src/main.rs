@@ -7,6 +7,30 @@ use std::process::ExitCode;
 use clap::Parser;
 use mvm_shard::cli::{self, Cli, Command};
 
+/// Whether this runs as a GitHub Actions step.
+fn in_github_actions() -> bool {
+    std::env::var("GITHUB_ACTIONS").as_deref() == Ok("true")
+}
+
+/// Tells a usage or configuration error (exit 2) in one line: on stderr, or
+/// in GitHub Actions as an `::error` annotation with the step outputs written.
+fn usage_error(message: &str, summary: Option<&mvm_shard::dispatch::RunSummary>) {
+    if in_github_actions() {
+        let files = mvm_shard::report::github::GithubFiles::from_env();
+        let written = mvm_shard::report::github::usage_error(
+            &mut std::io::stdout(),
+            &files,
+            message,
+            summary,
+        );
+        if let Err(e) = written {
+            eprintln!("error: {message} (and the step outputs could not be written: {e})");
+        }
+    } else {
+        eprintln!("error: {message}");
+    }
+}
+
 fn main() -> ExitCode {
     // Any process on the machine can read a command line, and with `run
     // --local` the shards run on this one: `--env NAME=VALUE` values leave
@@ -32,7 +56,17 @@ fn main() -> ExitCode {
     if let Err(e) = masked {
         eprintln!("mvm-shard: warning: cannot hide --env values from the process list: {e}");
     }
-    let cli = Cli::parse_from(args);
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() && in_github_actions() => {
+            // clap's first line says what is wrong; the rest is usage help.
+            let rendered = e.to_string();
+            let first = rendered.lines().next().unwrap_or_default();
+            usage_error(first.strip_prefix("error: ").unwrap_or(first), None);
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
     let default_filter = match cli.command {
         Command::Agent(_) => "info",
         // A GitHub Actions re-run "with debug logging" sets RUNNER_DEBUG=1.
@@ -56,6 +90,10 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(args) => match runtime.block_on(cli::run(*args)) {
             Ok(code) => code,
+            Err(e) if e.exit_code() == 2 => {
+                usage_error(&e.to_string(), e.summary());
+                2
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 e.exit_code()

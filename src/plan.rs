@@ -52,6 +52,12 @@ pub enum PlanError {
         /// Their archive's size, human-readable.
         size: String,
     },
+    /// The source is too large for `--local`.
+    #[error("the source archive is over {limit} compressed, the most --local ships (it is held in memory and unpacked by every shard): ship less with --source DIR, or add build outputs to .gitignore")]
+    LocalSourceTooLarge {
+        /// The budget, human-readable.
+        limit: String,
+    },
     /// The source is too large to travel inside the request.
     #[error("the source archive is {size} compressed, but a request may carry at most {limit} (Lambda's 6 MB payload limit, base64 included); ship less with --source DIR, add build outputs to .gitignore, or use --local, which serves larger sources over loopback")]
     SourceTooLarge {

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::lambda::LambdaConfigError;
 use crate::backend::{
-    Backend, LambdaBackend, LambdaOptions, MicrovmBackend, MicrovmOptions, Released,
+    Backend, InvokeError, LambdaBackend, LambdaOptions, MicrovmBackend, MicrovmOptions, Released,
 };
 use crate::cli::{RunArgs, SourceFrom};
 use crate::dispatch::{self, DispatchOptions, RunEvent, RunSummary, ShardJob, ShardStatus};
@@ -57,9 +57,37 @@ pub enum RunError {
     /// The GitHub source is misconfigured (exit 2).
     #[error("--source-from github: {0}")]
     Github(String),
+    /// The service answered a configuration mistake before any shard
+    /// started (exit 2).
+    #[error(transparent)]
+    Invoke(#[from] InvokeError),
+    /// The run stopped at a configuration mistake a shard's start was
+    /// answered with (exit 2); no shard started after it.
+    #[error("{error} (the run stopped there: {})", not_run(summary))]
+    Stopped {
+        /// The mistake.
+        error: InvokeError,
+        /// What had happened by then.
+        summary: Box<RunSummary>,
+    },
     /// Something local failed (exit 3).
     #[error("{0}")]
     Local(String),
+}
+
+/// `3 of 4 shards did not run, 1 passed`.
+fn not_run(summary: &RunSummary) -> String {
+    let passed = summary.count(|s| *s == ShardStatus::Passed);
+    let not_run = summary.count(|s| matches!(s, ShardStatus::InfraFailed { .. }));
+    let mut said = format!("{not_run} of {} shards did not run", summary.records.len());
+    if passed > 0 {
+        said.push_str(&format!(", {passed} passed"));
+    }
+    let other = summary.records.len() - passed - not_run;
+    if other > 0 {
+        said.push_str(&format!(", {other} failed or were interrupted"));
+    }
+    said
 }
 
 impl RunError {
@@ -70,7 +98,19 @@ impl RunError {
             _ => 2,
         }
     }
+
+    /// What had happened when the run stopped, if any shard was dispatched.
+    pub fn summary(&self) -> Option<&RunSummary> {
+        match self {
+            RunError::Stopped { summary, .. } => Some(summary),
+            _ => None,
+        }
+    }
 }
+
+/// The most a `--local` run packs, compressed: the archive is held in memory
+/// and served over loopback, and every shard unpacks it to disk.
+pub const LOCAL_SOURCE_LIMIT: u64 = 512 * 1024 * 1024;
 
 /// `mvm-shard run`: returns the exit status (0, 1 or 3).
 pub async fn run(args: RunArgs) -> Result<i32, RunError> {
@@ -92,6 +132,13 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
         server.shutdown().await;
     }
     let (summary, left_running) = outcome?;
+    if let Some(error) = summary.stopped_by.clone() {
+        // Told once, by the caller, with what had happened by then.
+        return Err(RunError::Stopped {
+            error,
+            summary: Box::new(summary),
+        });
+    }
     Ok(if left_running {
         summary.exit_code().max(3)
     } else {
@@ -147,7 +194,8 @@ async fn run_on(
     let jobs = std::mem::take(&mut planned.jobs);
     let (summary, left_running) =
         dispatch_and_report(args, planned, jobs, target, max_parallel).await?;
-    if let (Some(suite), Some((tests, shares))) = (&mut planned.suite, &shares) {
+    let learnable = summary.stopped_by.is_none();
+    if let (Some(suite), Some((tests, shares)), true) = (&mut planned.suite, &shares, learnable) {
         tell_balance(shares, &summary);
         suite.learn(tests, shares, &summary);
     }
@@ -213,9 +261,30 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
     let archive = match &github {
         // The commit's tree comes from GitHub; only the working directory is needed here.
         Some(_) => SourceArchive::nothing(&source_dir),
-        None => tokio::task::spawn_blocking(move || crate::source::pack(&source_dir))
-            .await
-            .map_err(|e| RunError::Local(e.to_string()))??,
+        None => {
+            // A request carries at most this much source; the exact budget is checked below.
+            let local = args.local;
+            let limit = if local {
+                LOCAL_SOURCE_LIMIT
+            } else {
+                (crate::protocol::MAX_REQUEST_BYTES / 4 * 3) as u64
+            };
+            tokio::task::spawn_blocking(move || crate::source::pack_within(&source_dir, limit))
+                .await
+                .map_err(|e| RunError::Local(e.to_string()))?
+                .map_err(|e| match e {
+                    SourceError::TooLarge { limit } if local => {
+                        RunError::Plan(PlanError::LocalSourceTooLarge {
+                            limit: human_bytes(limit),
+                        })
+                    }
+                    SourceError::TooLarge { limit } => RunError::Plan(PlanError::SourceTooLarge {
+                        size: format!("over {}", human_bytes(limit)),
+                        limit: human_bytes(limit),
+                    }),
+                    other => other.into(),
+                })?
+        }
     };
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
     let mut spec = RunSpec {
@@ -358,8 +427,9 @@ async fn connect(
             local_credentials: false,
         }
     };
-    let backend: Result<Arc<dyn Backend>, LambdaConfigError> = match &args.microvm_image {
-        Some(image) => MicrovmBackend::connect(MicrovmOptions {
+    // One cheap read first, so a configuration mistake stops the run before any shard starts.
+    let backend: Result<Arc<dyn Backend>, RunError> = match &args.microvm_image {
+        Some(image) => match MicrovmBackend::connect(MicrovmOptions {
             image: image.clone(),
             image_version: args.image_version.clone(),
             execution_role_arn: args.execution_role_arn.clone(),
@@ -368,10 +438,20 @@ async fn connect(
             local_credentials: false,
         })
         .await
-        .map(|b| Arc::new(b) as Arc<dyn Backend>),
-        None => LambdaBackend::connect(options)
-            .await
-            .map(|b| Arc::new(b) as Arc<dyn Backend>),
+        {
+            Ok(backend) => match backend.preflight().await {
+                Ok(()) => Ok(Arc::new(backend) as Arc<dyn Backend>),
+                Err(e) => Err(e.into()),
+            },
+            Err(e) => Err(e.into()),
+        },
+        None => match LambdaBackend::connect(options).await {
+            Ok(backend) => match backend.preflight().await {
+                Ok(()) => Ok(Arc::new(backend) as Arc<dyn Backend>),
+                Err(e) => Err(e.into()),
+            },
+            Err(e) => Err(e.into()),
+        },
     };
     match backend {
         Ok(backend) => Ok(Target { backend, emulator }),
@@ -379,7 +459,7 @@ async fn connect(
             if let Some(emulator) = emulator {
                 let _ = emulator.shutdown().await;
             }
-            Err(e.into())
+            Err(e)
         }
     }
 }
@@ -426,6 +506,9 @@ async fn dispatch_and_report(
     signals.abort();
     let left_running = tell_released(&released, shutdown.last());
     let mut reporter = reporter.await.map_err(|e| RunError::Local(e.to_string()))?;
+    if summary.stopped_by.is_some() {
+        return Ok((summary, left_running));
+    }
     let tests = TestReport::from_summary(&summary);
     if let Some(merged) = &tests.merged {
         let written = std::fs::File::create(&args.report)

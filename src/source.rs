@@ -76,6 +76,21 @@ pub enum SourceError {
         /// What it tried.
         reason: &'static str,
     },
+    /// The compressed archive grew past its budget; packing stopped there.
+    #[error("the source archive is over {limit} bytes compressed")]
+    TooLarge {
+        /// The budget, in compressed bytes.
+        limit: u64,
+    },
+    /// The directory the command would start in holds nothing that is
+    /// shipped, so it would not exist in the shards.
+    #[error("the current directory {workdir} holds no file the shards receive (it is empty, or git ignores everything in it), so it would not exist in the shards: run from a directory with files the repository at {root} ships, or pass --source DIR")]
+    WorkdirNotShipped {
+        /// The directory, relative to `root`.
+        workdir: String,
+        /// The root of what is shipped.
+        root: PathBuf,
+    },
 }
 
 impl SourceError {
@@ -87,11 +102,19 @@ impl SourceError {
     }
 }
 
+/// Packs `dir` for shipping, with no budget; see [`pack_within`].
+pub fn pack(dir: &Path) -> Result<SourceArchive, SourceError> {
+    pack_within(dir, u64::MAX)
+}
+
 /// Packs `dir` for shipping. Inside a git working tree this is the whole
 /// repository's tracked files plus untracked files that are not ignored, as
 /// they are on disk now (uncommitted changes included); elsewhere it is every
-/// file under `dir`.
-pub fn pack(dir: &Path) -> Result<SourceArchive, SourceError> {
+/// file under `dir`. Packing stops as soon as the compressed archive passes
+/// `limit` bytes ([`SourceError::TooLarge`]), so a huge tree costs neither
+/// the time to read it all nor the memory to hold it. `dir` must hold a file
+/// that is shipped, or the shards would have no such directory to start in.
+pub fn pack_within(dir: &Path, limit: u64) -> Result<SourceArchive, SourceError> {
     let dir = dir
         .canonicalize()
         .map_err(|source| SourceError::Unreadable {
@@ -110,7 +133,16 @@ pub fn pack(dir: &Path) -> Result<SourceArchive, SourceError> {
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
 
-    let (bytes, entries, unpacked_bytes) = archive(&root, files)?;
+    let packed = archive(&root, files, Path::new(&workdir), limit)?;
+    if packed.in_workdir == 0 && !workdir.is_empty() {
+        return Err(SourceError::WorkdirNotShipped { workdir, root });
+    }
+    let Packed {
+        bytes,
+        entries,
+        unpacked_bytes,
+        ..
+    } = packed;
     Ok(SourceArchive {
         bytes,
         entries,
@@ -161,7 +193,12 @@ pub fn pack_extra(cwd: &Path, paths: &[PathBuf]) -> Result<SourceArchive, Source
     }
     files.sort();
     files.dedup();
-    let (bytes, entries, unpacked_bytes) = archive(&root, files)?;
+    let Packed {
+        bytes,
+        entries,
+        unpacked_bytes,
+        ..
+    } = archive(&root, files, Path::new(""), u64::MAX)?;
     Ok(SourceArchive {
         bytes,
         entries,
@@ -171,13 +208,67 @@ pub fn pack_extra(cwd: &Path, paths: &[PathBuf]) -> Result<SourceArchive, Source
     })
 }
 
-/// tar.zst of `files` (relative to `root`), with how many entries and bytes went in.
-fn archive(root: &Path, files: Vec<PathBuf>) -> Result<(Vec<u8>, usize, u64), SourceError> {
-    let encoder = zstd::Encoder::new(Vec::new(), 3)?;
+/// What [`archive`] made.
+struct Packed {
+    /// The tar.zst bytes.
+    bytes: Vec<u8>,
+    /// Files and links in it.
+    entries: usize,
+    /// Their size before compression.
+    unpacked_bytes: u64,
+    /// How many of them are under the working directory.
+    in_workdir: usize,
+}
+
+/// A buffer that refuses to grow past `limit`, so packing stops there.
+struct Bounded {
+    bytes: Vec<u8>,
+    limit: u64,
+    over: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if (self.bytes.len() + buf.len()) as u64 > self.limit {
+            self.over.store(true, std::sync::atomic::Ordering::Relaxed);
+            return Err(std::io::Error::other("over the source budget"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// tar.zst of `files` (relative to `root`), at most `limit` bytes, counting
+/// what went in and how much of it lies under `workdir`.
+fn archive(
+    root: &Path,
+    files: Vec<PathBuf>,
+    workdir: &Path,
+    limit: u64,
+) -> Result<Packed, SourceError> {
+    let over = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let too_large = |e: std::io::Error| {
+        if over.load(std::sync::atomic::Ordering::Relaxed) {
+            SourceError::TooLarge { limit }
+        } else {
+            SourceError::Archive(e)
+        }
+    };
+    let sink = Bounded {
+        bytes: Vec::new(),
+        limit,
+        over: over.clone(),
+    };
+    let encoder = zstd::Encoder::new(sink, 3)?;
     let mut builder = tar::Builder::new(encoder);
     builder.follow_symlinks(false);
     let mut entries = 0;
     let mut unpacked_bytes = 0;
+    let mut in_workdir = 0;
     for rel in files {
         let path = root.join(&rel);
         // Tracked files deleted in the working tree, and submodule folders, are skipped.
@@ -187,11 +278,26 @@ fn archive(root: &Path, files: Vec<PathBuf>) -> Result<(Vec<u8>, usize, u64), So
         if !(meta.is_file() || meta.file_type().is_symlink()) {
             continue;
         }
-        builder.append_path_with_name(&path, &rel)?;
+        builder
+            .append_path_with_name(&path, &rel)
+            .map_err(too_large)?;
         entries += 1;
         unpacked_bytes += meta.len();
+        if rel.starts_with(workdir) {
+            in_workdir += 1;
+        }
     }
-    Ok((builder.into_inner()?.finish()?, entries, unpacked_bytes))
+    let bytes = builder
+        .into_inner()
+        .and_then(|encoder| encoder.finish())
+        .map_err(too_large)?
+        .bytes;
+    Ok(Packed {
+        bytes,
+        entries,
+        unpacked_bytes,
+        in_workdir,
+    })
 }
 
 fn git_toplevel(dir: &Path) -> Option<PathBuf> {
@@ -554,6 +660,54 @@ mod tests {
         assert!(dest.path().join("sub/x").exists());
         assert!(!dest.path().join("ignored.txt").exists());
         assert!(!dest.path().join(".git").exists());
+    }
+
+    #[test]
+    fn packing_stops_at_the_budget() {
+        let src = tempfile::tempdir().unwrap();
+        // Incompressible bytes, three files of 1 MB.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for name in ["a", "b", "c"] {
+            let mut noise = Vec::with_capacity(1 << 20);
+            while noise.len() < 1 << 20 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                noise.extend_from_slice(&state.to_le_bytes());
+            }
+            std::fs::write(src.path().join(name), noise).unwrap();
+        }
+        match pack_within(src.path(), 1 << 20) {
+            Err(SourceError::TooLarge { limit }) => assert_eq!(limit, 1 << 20),
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        let whole = pack_within(src.path(), 4 << 20).unwrap();
+        assert_eq!(whole.entries, 3);
+    }
+
+    #[test]
+    fn a_workdir_with_nothing_shipped_is_refused() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("top"), "x").unwrap();
+        std::fs::create_dir(src.path().join("empty")).unwrap();
+        // Outside git, the walked folder is the root: its own files count.
+        assert!(pack(&src.path().join("empty")).is_ok_and(|a| a.workdir.is_empty()));
+        let repo = tempfile::tempdir().unwrap();
+        assert!(Command::new("git")
+            .arg("-C")
+            .arg(repo.path())
+            .args(["init", "-q"])
+            .status()
+            .unwrap()
+            .success());
+        std::fs::write(repo.path().join("top"), "x").unwrap();
+        std::fs::create_dir(repo.path().join("empty")).unwrap();
+        match pack(&repo.path().join("empty")) {
+            Err(SourceError::WorkdirNotShipped { workdir, .. }) => assert_eq!(workdir, "empty"),
+            other => panic!("expected WorkdirNotShipped, got {other:?}"),
+        }
+        std::fs::write(repo.path().join("empty/new"), "untracked").unwrap();
+        assert_eq!(pack(&repo.path().join("empty")).unwrap().workdir, "empty");
     }
 
     #[test]

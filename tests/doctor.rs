@@ -70,9 +70,10 @@ async fn a_missing_function_is_named() {
     let (code, out) = doctor(vec![agent_function("mvm-shard", true)], "elsewhere").await;
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("PROBLEM  function: function elsewhere does not exist"),
+        out.contains("PROBLEM  function: function elsewhere not found in region us-east-1"),
         "{out}"
     );
+    assert!(!out.contains("ServiceError"), "{out}");
 }
 
 #[tokio::test]

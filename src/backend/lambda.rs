@@ -1,7 +1,7 @@
 //! The Lambda functions backend: `InvokeWithResponseStream` through the real
 //! aws-sdk-lambda client, one tenant id per shard and attempt.
 
-use aws_sdk_lambda::error::{DisplayErrorContext, SdkError};
+use aws_sdk_lambda::error::DisplayErrorContext;
 use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::InvokeWithResponseStreamResponseEvent as Event;
 use aws_smithy_types::retry::RetryConfig;
@@ -9,8 +9,9 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
+use super::errors::{arn_field, classify, preflight, tenancy_mistake, Target, TargetKind};
 pub use super::LambdaConfigError;
-use super::{Backend, InvokeError, ShardInvocation, ShardStream, StreamError};
+use super::{Backend, InvokeError, InvokeErrorKind, ShardInvocation, ShardStream, StreamError};
 
 /// How to reach the function.
 #[derive(Debug, Clone, Default)]
@@ -32,6 +33,8 @@ pub struct LambdaBackend {
     client: aws_sdk_lambda::Client,
     function: String,
     tenant_isolation: bool,
+    region: Option<String>,
+    endpoint: Option<String>,
 }
 
 impl LambdaBackend {
@@ -44,6 +47,16 @@ impl LambdaBackend {
             options.local_credentials,
         )
         .await?;
+        let region = shared.region().map(|r| r.to_string());
+        if let (Some(arn_region), Some(region)) = (arn_field(&options.function, 3), &region) {
+            if arn_region != region {
+                return Err(LambdaConfigError::RegionMismatch {
+                    arn_region: arn_region.to_string(),
+                    function: options.function.clone(),
+                    region: region.clone(),
+                });
+            }
+        }
         // Retries are ours: each attempt must carry a new tenant id.
         let config = aws_sdk_lambda::config::Builder::from(&shared)
             .retry_config(RetryConfig::disabled())
@@ -52,6 +65,44 @@ impl LambdaBackend {
             client: aws_sdk_lambda::Client::from_conf(config),
             function: options.function,
             tenant_isolation: options.tenant_isolation,
+            region,
+            endpoint: options.endpoint_url,
+        })
+    }
+
+    /// The function as messages name it.
+    pub fn target(&self) -> Target<'_> {
+        Target {
+            kind: TargetKind::Function,
+            name: &self.function,
+            region: self.region.as_deref(),
+            endpoint: self.endpoint.as_deref(),
+        }
+    }
+
+    /// Checks, with one read of the function's configuration, that the
+    /// endpoint answers, the credentials are accepted, the function exists
+    /// and its tenant isolation matches ours: a mistake is found before any
+    /// shard starts. A caller that may invoke the function but not read it
+    /// (a role of its own) is let through: the first invocation will tell.
+    pub async fn preflight(&self) -> Result<(), InvokeError> {
+        let config = match self
+            .client
+            .get_function_configuration()
+            .function_name(&self.function)
+            .send()
+            .await
+        {
+            Ok(config) => config,
+            Err(e) => return preflight(&e, &self.target()),
+        };
+        let isolated = config.tenancy_config().is_some();
+        if isolated == self.tenant_isolation {
+            return Ok(());
+        }
+        Err(InvokeError {
+            kind: InvokeErrorKind::Config,
+            message: tenancy_mistake(&self.target(), isolated),
         })
     }
 
@@ -99,7 +150,20 @@ impl Backend for LambdaBackend {
             if self.tenant_isolation {
                 request = request.tenant_id(Self::tenant_id(invocation));
             }
-            let output = request.send().await.map_err(classify)?;
+            let output = request.send().await.map_err(|e| {
+                classify(
+                    &e,
+                    &self.target(),
+                    &["TooManyRequestsException", "EC2ThrottledException"],
+                    &[
+                        "ServiceException",
+                        "ResourceNotReadyException",
+                        "EC2UnexpectedException",
+                        "ENILimitReachedException",
+                    ],
+                    false,
+                )
+            })?;
             let events = output.event_stream;
             let stream = futures::stream::unfold(Some(events), |events| async move {
                 let mut events = events?;
@@ -132,23 +196,4 @@ impl Backend for LambdaBackend {
         }
         .boxed()
     }
-}
-
-/// Lambda's error codes for a start that may work later.
-fn classify<R: std::fmt::Debug>(
-    error: SdkError<
-        aws_sdk_lambda::operation::invoke_with_response_stream::InvokeWithResponseStreamError,
-        R,
-    >,
-) -> InvokeError {
-    super::classify_sdk_error(
-        &error,
-        &["TooManyRequestsException", "EC2ThrottledException"],
-        &[
-            "ServiceException",
-            "ResourceNotReadyException",
-            "EC2UnexpectedException",
-            "ENILimitReachedException",
-        ],
-    )
 }

@@ -101,15 +101,31 @@ impl MicrovmBackend {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .build()
-            .map_err(|e| {
-                LambdaConfigError::NoCredentials(format!("cannot build the HTTP client: {e}"))
-            })?;
+            .map_err(|e| LambdaConfigError::Http(e.to_string()))?;
         Ok(MicrovmBackend {
             client: aws_sdk_lambdamicrovms::Client::new(&shared),
             http,
             options,
             tracked: Arc::default(),
         })
+    }
+
+    /// Checks, with one read of the image, that the endpoint answers, the
+    /// credentials are accepted and the image exists, before any microVM
+    /// starts. A caller that may run microVMs but not read the image is let
+    /// through: the first run will tell.
+    pub async fn preflight(&self) -> Result<(), InvokeError> {
+        let Err(e) = self
+            .client
+            .get_microvm_image()
+            .image_identifier(&self.options.image)
+            .send()
+            .await
+        else {
+            return Ok(());
+        };
+        let region = self.client.config().region().map(|r| r.to_string());
+        super::errors::preflight(&e, &target(&self.options, region.as_deref()))
     }
 
     /// The client token of one attempt, so a retried call never starts a second microVM.
@@ -166,7 +182,8 @@ impl MicrovmBackend {
                 if matches!(e, SdkError::ServiceError(_)) {
                     Tracked::lock(&self.tracked).starting.remove(&token);
                 }
-                return Err(classify(e));
+                let region = self.client.config().region().map(|r| r.to_string());
+                return Err(classify(e, &self.options, region.as_deref()));
             }
         };
         let id = vm.microvm_id;
@@ -266,12 +283,15 @@ impl MicrovmBackend {
                     }
                 },
                 Err(e) if matches!(e, SdkError::ServiceError(_)) => {
-                    let e = super::classify_sdk_error(
+                    let region = self.client.config().region().map(|r| r.to_string());
+                    let e = super::errors::classify(
                         &e,
+                        &target(&self.options, region.as_deref()),
                         &["ThrottlingException"],
                         &["InternalServerException"],
+                        false,
                     );
-                    if e.kind == InvokeErrorKind::Fatal {
+                    if matches!(e.kind, InvokeErrorKind::Fatal | InvokeErrorKind::Config) {
                         return Err(e);
                     }
                 }
@@ -624,17 +644,34 @@ fn fatal(message: String) -> InvokeError {
     }
 }
 
+/// The image as messages name it.
+fn target<'a>(options: &'a MicrovmOptions, region: Option<&'a str>) -> super::errors::Target<'a> {
+    super::errors::Target {
+        kind: super::errors::TargetKind::MicrovmImage,
+        name: &options.image,
+        region,
+        endpoint: options.endpoint_url.as_deref(),
+    }
+}
+
 /// Lambda MicroVMs' error codes for a start that may work later.
-fn classify<R: std::fmt::Debug>(
-    error: SdkError<aws_sdk_lambdamicrovms::operation::run_microvm::RunMicrovmError, R>,
+fn classify(
+    error: SdkError<
+        aws_sdk_lambdamicrovms::operation::run_microvm::RunMicrovmError,
+        aws_smithy_runtime_api::client::orchestrator::HttpResponse,
+    >,
+    options: &MicrovmOptions,
+    region: Option<&str>,
 ) -> InvokeError {
-    super::classify_sdk_error(
+    super::errors::classify(
         &error,
+        &target(options, region),
         &[
             "ThrottlingException",
             "InsufficientCapacityException",
             "ServiceQuotaExceededException",
         ],
         &["InternalServerException", "ConflictException"],
+        false,
     )
 }

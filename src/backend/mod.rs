@@ -2,6 +2,7 @@
 //! [`ShardRequest`] in its own wire form and turns it into the shard's framed
 //! byte stream; decoding and accounting are shared in [`crate::dispatch`].
 
+pub mod errors;
 pub mod lambda;
 pub mod microvm;
 
@@ -74,8 +75,21 @@ pub enum LambdaConfigError {
     #[error("no AWS region is configured: pass --region or set AWS_REGION")]
     NoRegion,
     /// No usable credentials.
-    #[error("no AWS credentials found ({0}): configure them as for the AWS CLI (environment, profile, SSO or OIDC role)")]
-    NoCredentials(String),
+    #[error("no AWS credentials found: configure them as for the AWS CLI (environment variables, a profile, SSO, or a role such as the workflow's configure-aws-credentials step)")]
+    NoCredentials,
+    /// The function's ARN names another region than the one configured.
+    #[error("function {function} is in region {arn_region}, but the region is {region}: pass --region {arn_region}")]
+    RegionMismatch {
+        /// The function's ARN.
+        function: String,
+        /// The region in the ARN.
+        arn_region: String,
+        /// The region configured.
+        region: String,
+    },
+    /// The HTTP client could not be set up.
+    #[error("cannot set up the HTTP client: {0}")]
+    Http(String),
 }
 
 /// Loads region and credentials as the AWS CLI does (or fixed placeholders
@@ -112,10 +126,13 @@ pub async fn load_aws_config(
     }
     let provider = shared
         .credentials_provider()
-        .ok_or_else(|| LambdaConfigError::NoCredentials("no provider".into()))?;
-    provider.provide_credentials().await.map_err(|e| {
-        LambdaConfigError::NoCredentials(aws_sdk_lambda::error::DisplayErrorContext(&e).to_string())
-    })?;
+        .ok_or(LambdaConfigError::NoCredentials)?;
+    // The provider chain's own error is not shown: a malformed profile's
+    // complaint may quote the file, keys included.
+    provider
+        .provide_credentials()
+        .await
+        .map_err(|_| LambdaConfigError::NoCredentials)?;
     Ok(shared)
 }
 
@@ -126,8 +143,12 @@ pub enum InvokeErrorKind {
     Throttled,
     /// A passing failure (5xx, connection): retry.
     Transient,
-    /// Retrying will not help (missing function, denied, bad request).
+    /// Retrying will not help this shard (a request the backend cannot use).
     Fatal,
+    /// The configuration is wrong (missing function, denied, bad
+    /// credentials, unreachable endpoint): no shard can run, so the run stops
+    /// at the first such answer (exit 2).
+    Config,
 }
 
 /// A shard that could not be started.
@@ -154,31 +175,4 @@ pub enum StreamError {
     /// The connection or the stream's encoding failed.
     #[error("response stream failed: {0}")]
     Transport(String),
-}
-
-/// Sorts a failed start into retry or not: service errors by their code
-/// (`throttled`, `transient`, anything else fatal), transport failures as transient.
-pub(crate) fn classify_sdk_error<E, R>(
-    error: &aws_smithy_runtime_api::client::result::SdkError<E, R>,
-    throttled: &[&str],
-    transient: &[&str],
-) -> InvokeError
-where
-    E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
-{
-    use aws_smithy_runtime_api::client::result::SdkError;
-    let message = aws_smithy_types::error::display::DisplayErrorContext(error).to_string();
-    let kind = match error {
-        SdkError::ServiceError(service) => match service.err().code() {
-            Some(code) if throttled.contains(&code) => InvokeErrorKind::Throttled,
-            Some(code) if transient.contains(&code) => InvokeErrorKind::Transient,
-            _ => InvokeErrorKind::Fatal,
-        },
-        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
-            InvokeErrorKind::Transient
-        }
-        _ => InvokeErrorKind::Fatal,
-    };
-    InvokeError { kind, message }
 }

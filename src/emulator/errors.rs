@@ -40,6 +40,15 @@ impl ApiError {
         )
     }
 
+    /// 403 `AccessDeniedException`, worded as IAM words it.
+    pub fn access_denied(resource_arn: &str, action: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "AccessDeniedException",
+            format!("User: arn:aws:sts::000000000000:assumed-role/emulated/session is not authorized to perform: {action} on resource: {resource_arn} because no identity-based policy allows the {action} action"),
+        )
+    }
+
     /// 429 `TooManyRequestsException`.
     pub fn throttled() -> Self {
         let mut e = Self::new(

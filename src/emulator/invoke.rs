@@ -88,6 +88,12 @@ fn prepare(
     payload_len: usize,
 ) -> Result<Call, ApiError> {
     let function = lookup(emulator, name)?;
+    if function.config.deny_invoke {
+        return Err(ApiError::access_denied(
+            &emulator.function_arn(&function.config.name),
+            "lambda:InvokeFunction",
+        ));
+    }
     if payload_len > MAX_REQUEST_BYTES {
         return Err(ApiError::too_large(payload_len, MAX_REQUEST_BYTES));
     }
@@ -203,6 +209,10 @@ async fn begin(
     payload: Bytes,
     streaming: bool,
 ) -> Begun {
+    emulator
+        .state
+        .invocations
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let call = match prepare(emulator, name, headers, payload.len()) {
         Ok(call) => call,
         Err(e) => return Begun::Answered(e.into_response()),

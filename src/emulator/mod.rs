@@ -55,6 +55,10 @@ pub struct FunctionConfig {
     pub max_concurrency: usize,
     /// Extra environment variables of the function.
     pub env: Vec<(String, String)>,
+    /// Answer every invocation with `AccessDeniedException`, as Lambda does
+    /// for a caller without `lambda:InvokeFunction` on the function (its
+    /// configuration stays readable), to test how clients tell it.
+    pub deny_invoke: bool,
 }
 
 impl FunctionConfig {
@@ -70,6 +74,7 @@ impl FunctionConfig {
             tenant_isolation: false,
             max_concurrency: 1000,
             env: Vec::new(),
+            deny_invoke: false,
         }
     }
 
@@ -115,6 +120,8 @@ struct EmulatorState {
     base_dir: tempfile::TempDir,
     all: Mutex<Vec<Arc<Environment>>>,
     microvms: Arc<microvms::Microvms>,
+    /// Invoke calls received, answered or refused.
+    invocations: AtomicUsize,
 }
 
 /// A Lambda emulator; see the module docs.
@@ -158,8 +165,15 @@ impl Emulator {
                 microvms: Arc::new(microvms),
                 base_dir,
                 all: Mutex::new(Vec::new()),
+                invocations: AtomicUsize::new(0),
             }),
         })
+    }
+
+    /// How many Invoke calls (either route) reached the emulator, whatever
+    /// the answer: a test's way to see that nothing was invoked.
+    pub fn invocations(&self) -> usize {
+        self.state.invocations.load(Ordering::SeqCst)
     }
 
     /// Serves on `listener` until `shutdown` resolves, then stops every
@@ -299,6 +313,7 @@ impl Drop for Lease {
 pub struct RunningEmulator {
     /// `http://127.0.0.1:PORT`, for `--endpoint-url`.
     pub endpoint: String,
+    emulator: Emulator,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -311,12 +326,22 @@ impl RunningEmulator {
         let emulator = Emulator::new(config)?;
         let stop = CancellationToken::new();
         let signal = stop.clone();
-        let task = tokio::spawn(emulator.serve(listener, async move { signal.cancelled().await }));
+        let task = tokio::spawn(
+            emulator
+                .clone()
+                .serve(listener, async move { signal.cancelled().await }),
+        );
         Ok(RunningEmulator {
             endpoint,
+            emulator,
             stop,
             task,
         })
+    }
+
+    /// How many Invoke calls reached it; see [`Emulator::invocations`].
+    pub fn invocations(&self) -> usize {
+        self.emulator.invocations()
     }
 
     /// Stops every environment, every microVM and the server.

@@ -301,29 +301,57 @@ impl<W: Write> GithubReporter<W> {
     }
 
     fn write_outputs(&self, summary: &RunSummary, tests: &TestReport) -> std::io::Result<()> {
-        let Some(path) = &self.files.output else {
-            return Ok(());
-        };
         let result = match summary.exit_code() {
             0 => "passed",
             1 => "failed",
+            2 => USAGE_ERROR,
             _ => "infra-failed",
         };
-        let mut lines = format!(
-            "result={result}\npassed={}\nfailed={}\ntimed-out={}\ninfra-failed={}\n",
-            summary.count(|s| *s == ShardStatus::Passed),
-            summary.count(|s| matches!(s, ShardStatus::Failed { .. })),
-            summary.count(|s| *s == ShardStatus::TimedOut),
-            summary.count(|s| matches!(s, ShardStatus::InfraFailed { .. })),
-        );
-        match &self.files.report {
-            Some(report) if tests.merged.is_some() => {
-                lines.push_str(&format!("report={}\n", report.display()));
-            }
-            _ => lines.push_str("report=\n"),
-        }
-        append(path, lines.as_bytes())
+        write_outputs(&self.files, result, Some(summary), tests.merged.is_some())
     }
+}
+
+/// The `result` output of a run stopped by a usage or configuration error (exit 2).
+pub const USAGE_ERROR: &str = "usage-error";
+
+/// Appends the step outputs: `result`, the shard counts (all 0 without a
+/// summary: nothing ran) and the report's path (empty unless `merged`).
+fn write_outputs(
+    files: &GithubFiles,
+    result: &str,
+    summary: Option<&RunSummary>,
+    merged: bool,
+) -> std::io::Result<()> {
+    let Some(path) = &files.output else {
+        return Ok(());
+    };
+    let count = |pred: &dyn Fn(&ShardStatus) -> bool| summary.map_or(0, |s| s.count(pred));
+    let mut lines = format!(
+        "result={result}\npassed={}\nfailed={}\ntimed-out={}\ninfra-failed={}\n",
+        count(&|s| *s == ShardStatus::Passed),
+        count(&|s| matches!(s, ShardStatus::Failed { .. })),
+        count(&|s| *s == ShardStatus::TimedOut),
+        count(&|s| matches!(s, ShardStatus::InfraFailed { .. })),
+    );
+    match &files.report {
+        Some(report) if merged => lines.push_str(&format!("report={}\n", report.display())),
+        _ => lines.push_str("report=\n"),
+    }
+    append(path, lines.as_bytes())
+}
+
+/// Tells GitHub Actions about a usage or configuration error (exit 2): an
+/// `::error` annotation with the one-line message, and the step outputs with
+/// `result=usage-error` and the counts of whatever ran by then.
+pub fn usage_error(
+    out: &mut impl Write,
+    files: &GithubFiles,
+    message: &str,
+    summary: Option<&RunSummary>,
+) -> std::io::Result<()> {
+    writeln!(out, "::error title=mvm-shard::{}", escape_data(message))?;
+    out.flush()?;
+    write_outputs(files, USAGE_ERROR, summary, false)
 }
 
 impl<W: Write + Send> Reporter for GithubReporter<W> {
@@ -494,6 +522,7 @@ mod tests {
         )))
         .unwrap();
         let summary = RunSummary {
+            stopped_by: None,
             records: vec![record(
                 1,
                 ShardStatus::Failed {
@@ -542,6 +571,7 @@ mod tests {
             ..TestReport::default()
         };
         let summary = RunSummary {
+            stopped_by: None,
             records: vec![
                 record(1, ShardStatus::Passed),
                 record(
@@ -616,7 +646,14 @@ mod tests {
                 .collect(),
             ..TestReport::default()
         };
-        r.finish(&RunSummary { records }, &report).unwrap();
+        r.finish(
+            &RunSummary {
+                records,
+                stopped_by: None,
+            },
+            &report,
+        )
+        .unwrap();
         (String::from_utf8(out).unwrap(), report)
     }
 
@@ -663,6 +700,7 @@ mod tests {
             ..TestReport::default()
         };
         let summary = RunSummary {
+            stopped_by: None,
             records: vec![record(1, ShardStatus::Passed)],
         };
         r.finish(&summary, &report).unwrap();
@@ -687,6 +725,7 @@ mod tests {
             ..TestReport::default()
         };
         let summary = RunSummary {
+            stopped_by: None,
             records: vec![record(1, ShardStatus::Passed)],
         };
         r.finish(&summary, &report).unwrap();

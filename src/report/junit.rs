@@ -304,6 +304,7 @@ at line</error></testcase></testsuite>"#;
 
     fn summary(files: Vec<(&str, &str)>) -> RunSummary {
         RunSummary {
+            stopped_by: None,
             records: vec![ShardRecord {
                 shard: ShardId { index: 2, count: 3 },
                 status: ShardStatus::Passed,

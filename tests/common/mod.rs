@@ -288,3 +288,41 @@ pub fn refusing_image(name: &str) -> mvm_shard::emulator::MicrovmImageConfig {
         vec!["python3".into(), "-c".into(), script.into()],
     )
 }
+
+/// Runs the binary with `args` in `dir` as a user with no AWS or GitHub
+/// setting of this process (a fresh HOME, no AWS_*, GITHUB_* or MVM_SHARD_*
+/// variable) plus `env`, killed if it outlives `limit`; returns (exit code,
+/// stdout, stderr).
+pub async fn cli_isolated(
+    dir: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    limit: Duration,
+) -> (i32, String, String) {
+    let home = tempfile::tempdir().expect("a temporary HOME");
+    let mut command = tokio::process::Command::new(binary());
+    command
+        .args(args)
+        .current_dir(dir)
+        .env("HOME", home.path())
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .kill_on_drop(true);
+    for (name, _) in std::env::vars() {
+        if ["AWS_", "GITHUB_", "MVM_SHARD_", "RUNNER_"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
+            command.env_remove(name);
+        }
+    }
+    command.envs(env.iter().copied());
+    let out = tokio::time::timeout(limit, command.output())
+        .await
+        .expect("the binary ends in time")
+        .expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
