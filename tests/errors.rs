@@ -22,7 +22,7 @@ const DUMPS: &[&str] = &[
     "ConstructionFailure",
     "Request {",
     "SdkBody",
-    "payload",
+    "Blob {",
     "\"source\"",
 ];
 
