@@ -142,6 +142,7 @@ mod tests {
     #[test]
     fn functions_are_priced_per_gb_second_and_request() {
         let summary = RunSummary {
+            stopped_by: None,
             records: vec![
                 record(1, Some(function(10_240, "x86_64")), 180_000),
                 record(2, Some(function(10_240, "x86_64")), 60_000),
@@ -163,6 +164,7 @@ mod tests {
     #[test]
     fn arm64_microvms_and_the_emulator_are_told_apart() {
         let arm = RunSummary {
+            stopped_by: None,
             records: vec![record(1, Some(function(2_048, "aarch64")), 1_000)],
         };
         assert!(estimate(&arm)
@@ -174,6 +176,7 @@ mod tests {
         vm.vcpus = 16;
         vm.emulated = true;
         let line = estimate(&RunSummary {
+            stopped_by: None,
             records: vec![record(1, Some(vm), 10_000)],
         })
         .unwrap()
@@ -181,6 +184,7 @@ mod tests {
         assert_eq!(line, "cost: nothing (local emulator); on Lambda: 160.0 vCPU-s and 320.0 GB-s of MicroVM time over 1 shard (rates: the Lambda pricing page)");
         assert_eq!(
             estimate(&RunSummary {
+                stopped_by: None,
                 records: vec![record(1, None, 1_000)]
             }),
             None
