@@ -252,6 +252,52 @@ async fn no_credentials_are_told_in_one_line() {
     assert_eq!(emulator.invocations(), 0);
 }
 
+/// A loopback server that answers every call as AWS answers expired
+/// credentials; returns its URL and how many calls it saw.
+async fn expired_credentials_endpoint() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>)
+{
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let app = axum::Router::new().fallback(move || {
+        let seen = seen.clone();
+        async move {
+            seen.fetch_add(1, Ordering::SeqCst);
+            (
+                http::StatusCode::FORBIDDEN,
+                [("x-amzn-errortype", "ExpiredTokenException")],
+                axum::Json(serde_json::json!({
+                    "message": "The security token included in the request is expired"
+                })),
+            )
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, calls)
+}
+
+#[tokio::test]
+async fn expired_credentials_are_told_with_what_to_do_before_any_invoke() {
+    let (url, calls) = expired_credentials_endpoint().await;
+    let dir = source_dir();
+    let told = mistake(
+        dir.path(),
+        &["--function", "fn", "--shards", "3", "--endpoint-url", &url],
+        AWS,
+    )
+    .await;
+    assert_eq!(told.code, 2, "{}", told.all);
+    assert!(
+        told.line.starts_with("error: AWS refused the credentials (ExpiredTokenException: The security token included in the request is expired): refresh them"),
+        "{}",
+        told.line
+    );
+    // The preflight read, and nothing after it.
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn an_unknown_microvm_image_is_named_before_any_microvm_starts() {
     let emulator = emulator().await;
