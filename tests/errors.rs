@@ -209,14 +209,16 @@ async fn an_endpoint_without_a_scheme_is_refused_before_anything() {
     assert_eq!(emulator.invocations(), 0);
 }
 
+/// A loopback URL nothing listens on.
+fn closed_endpoint() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}", listener.local_addr().unwrap())
+}
+
 #[tokio::test]
 async fn an_unreachable_endpoint_is_told_at_once() {
-    let closed = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
-    };
+    let url = closed_endpoint();
     let dir = source_dir();
-    let url = format!("http://{closed}");
     let told = mistake(
         dir.path(),
         &["--function", "fn", "--shards", "3", "--endpoint-url", &url],
@@ -529,12 +531,8 @@ async fn in_github_actions_a_stopped_run_is_an_annotation_with_its_counts() {
 
 #[tokio::test]
 async fn doctor_tells_an_unreachable_endpoint_in_one_line() {
-    let closed = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
-    };
+    let url = closed_endpoint();
     let dir = source_dir();
-    let url = format!("http://{closed}");
     let (code, stdout, stderr) = cli_isolated(
         dir.path(),
         &["doctor", "--function", "fn", "--endpoint-url", &url],
