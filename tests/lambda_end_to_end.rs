@@ -234,7 +234,13 @@ async fn a_daemon_the_command_leaves_behind_is_gone_afterwards() {
         "setsid sh -c 'sleep 300 & echo $! > {}'; echo left-a-daemon",
         pidfile.path().display()
     );
-    let done = run(backend, vec![request(&script, 1, 1, MINUTE)], 1).await;
+    // The daemon holds the shard's stdout: should it survive, fail fast.
+    let done = tokio::time::timeout(
+        Duration::from_secs(30),
+        run(backend, vec![request(&script, 1, 1, MINUTE)], 1),
+    )
+    .await
+    .expect("the shard ends in time");
     assert_eq!(done.summary.records[0].status, ShardStatus::Passed);
     let pid: u32 = std::fs::read_to_string(pidfile.path())
         .unwrap()
