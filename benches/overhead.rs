@@ -90,6 +90,7 @@ async fn main() {
         microvm_images: Vec::new(),
         microvm_faults: Default::default(),
         throttle_streams: false,
+        lambda_faults: Default::default(),
     })
     .await
     .unwrap();

@@ -288,6 +288,58 @@ pub struct EmulateArgs {
     /// response), to test that clients still find and terminate it.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub fault_hold_run_answers: Option<Duration>,
+    /// Fault injection: seed of the random faults below, to replay a run.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub fault_seed: u64,
+    /// Fault injection: share of Invoke calls answered 429.
+    #[arg(long, value_name = "RATE", default_value_t = 0.0, value_parser = fault_rate)]
+    pub fault_throttle: f64,
+    /// Fault injection: share of Invoke calls answered 500.
+    #[arg(long, value_name = "RATE", default_value_t = 0.0, value_parser = fault_rate)]
+    pub fault_server_error: f64,
+    /// Fault injection: share of invocations whose agent is killed at a random byte of its stream.
+    #[arg(long, value_name = "RATE", default_value_t = 0.0, value_parser = fault_rate)]
+    pub fault_kill_agent: f64,
+    /// Fault injection: share of streams whose connection is dropped at a random byte.
+    #[arg(long, value_name = "RATE", default_value_t = 0.0, value_parser = fault_rate)]
+    pub fault_drop_connection: f64,
+    /// Fault injection: share of streams that end at a random byte with a function error.
+    #[arg(long, value_name = "RATE", default_value_t = 0.0, value_parser = fault_rate)]
+    pub fault_function_error: f64,
+    /// Fault injection: share of streams that stall at a random byte for --fault-stall-for.
+    #[arg(long, value_name = "RATE", default_value_t = 0.0, value_parser = fault_rate)]
+    pub fault_stall: f64,
+    /// Fault injection: how long a stalled stream stalls (past the SDK's 20 s grace by default).
+    #[arg(long, value_name = "DURATION", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub fault_stall_for: Duration,
+    /// Fault injection: the random byte of a mid-stream fault is drawn below this.
+    #[arg(long, value_name = "BYTES", default_value_t = 4096)]
+    pub fault_byte_range: u64,
+}
+
+impl EmulateArgs {
+    /// The Lambda-side faults these flags ask for.
+    pub fn lambda_faults(&self) -> crate::emulator::LambdaFaults {
+        crate::emulator::LambdaFaults {
+            seed: self.fault_seed,
+            throttle: self.fault_throttle,
+            server_error: self.fault_server_error,
+            kill_agent: self.fault_kill_agent,
+            drop_connection: self.fault_drop_connection,
+            function_error: self.fault_function_error,
+            stall: self.fault_stall,
+            stall_for: self.fault_stall_for,
+            byte_range: self.fault_byte_range,
+        }
+    }
+}
+
+/// A fault rate: a share of calls, from 0 to 1.
+fn fault_rate(raw: &str) -> Result<f64, String> {
+    match raw.parse::<f64>() {
+        Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(rate),
+        _ => Err(format!("{raw:?} is not a rate from 0 to 1")),
+    }
 }
 
 /// `mvm-shard run`: returns the exit status (0, 1 or 3).
@@ -342,6 +394,7 @@ pub async fn emulate(args: EmulateArgs) -> anyhow::Result<()> {
     println!("{endpoint}");
     use std::io::Write;
     std::io::stdout().flush()?;
+    let lambda_faults = args.lambda_faults();
     let emulator = crate::emulator::Emulator::new(EmulatorConfig {
         functions,
         region: args.region,
@@ -352,6 +405,7 @@ pub async fn emulate(args: EmulateArgs) -> anyhow::Result<()> {
             hold_run_answers: args.fault_hold_run_answers,
         },
         throttle_streams: args.throttle_streams,
+        lambda_faults,
     })?;
     let shutdown = Shutdown::from_os()?;
     emulator

@@ -406,6 +406,7 @@ async fn connect(
             microvm_images: vec![image],
             microvm_faults: Default::default(),
             throttle_streams: false,
+            lambda_faults: Default::default(),
         })
         .await
         .map_err(|e| RunError::Local(format!("cannot start the local emulator: {e}")))?;

@@ -57,6 +57,7 @@ async fn emulator(microvm_images: Vec<MicrovmImageConfig>) -> RunningEmulator {
         microvm_images,
         microvm_faults: Default::default(),
         throttle_streams: false,
+        lambda_faults: Default::default(),
     })
     .await
     .expect("emulator starts")

@@ -388,6 +388,7 @@ async fn with_throttling_on_a_stream_past_6_mb_is_paced_like_lambda_and_arrives_
         microvm_images: Vec::new(),
         microvm_faults: Default::default(),
         throttle_streams: true,
+        lambda_faults: Default::default(),
     })
     .await;
     let backend = backend(&emu.endpoint, "f", true).await;

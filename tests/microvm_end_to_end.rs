@@ -252,6 +252,7 @@ async fn a_microvm_whose_run_hook_refuses_is_not_run_with_the_reason_and_not_ret
         microvm_images: vec![refusing_image("img")],
         microvm_faults: MicrovmFaults::default(),
         throttle_streams: false,
+        lambda_faults: Default::default(),
     })
     .await;
     let backend = microvm_backend(&emu.endpoint).await;

@@ -2,7 +2,6 @@
 //! (event-stream), both driving one environment through its Runtime API; the
 //! MicroVMs control plane is merged in beside them.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::environment::Environment;
 use super::eventstream::{self, InvokeComplete};
+use super::faults::{Fault, FaultInjector, FaultKind};
 use super::runtime::{PendingInvocation, RuntimeReply, StreamPiece};
 use super::{ApiError, Emulator, Function, Lease};
 use crate::protocol::MAX_REQUEST_BYTES;
@@ -196,8 +196,9 @@ fn function_name(raw: &str) -> &str {
 enum Begun {
     /// Answered already (an error, `DryRun`, `Event`).
     Answered(Response),
-    /// Running: the invocation's events and its request id.
-    Running(mpsc::Receiver<InvokeEvent>, String),
+    /// Running: the invocation's events, its request id, and the byte of
+    /// the response where its connection is to be dropped (a fault).
+    Running(mpsc::Receiver<InvokeEvent>, String, Option<u64>),
 }
 
 /// Checks the call as Lambda does and starts it; `streaming` is for
@@ -233,14 +234,31 @@ async fn begin(
             return Begun::Answered(e.into_response());
         }
     };
-    match start(emulator, call, payload).await {
+    let injector = &emulator.state.faults;
+    let (fault, drop_at) = match injector.draw() {
+        Some(Fault::Refuse(kind)) => {
+            injector.fired(kind);
+            let e = match kind {
+                FaultKind::Throttle => ApiError::throttled(),
+                _ => ApiError::service("an injected fault: the service failed".into()),
+            };
+            return Begun::Answered(e.into_response());
+        }
+        Some(Fault::AtByte {
+            kind: FaultKind::DropConnection,
+            at,
+        }) => (None, Some(at)),
+        Some(Fault::AtByte { kind, at }) => (Some((kind, at)), None),
+        None => (None, None),
+    };
+    match start(emulator, call, payload, fault).await {
         Err(e) => Begun::Answered(e.into_response()),
         Ok((rx, _)) if event => {
             // Nobody reads an asynchronous invocation's output.
             tokio::spawn(ReceiverStream::new(rx).for_each(|_| async {}));
             Begun::Answered(StatusCode::ACCEPTED.into_response())
         }
-        Ok((rx, request_id)) => Begun::Running(rx, request_id),
+        Ok((rx, request_id)) => Begun::Running(rx, request_id, drop_at),
     }
 }
 
@@ -250,9 +268,10 @@ async fn invoke(
     headers: HeaderMap,
     payload: Bytes,
 ) -> Response {
+    // A buffered answer has no stream whose connection could drop midway.
     let (mut rx, request_id) = match begin(&emulator, &name, &headers, payload, false).await {
         Begun::Answered(resp) => return resp,
-        Begun::Running(rx, request_id) => (rx, request_id),
+        Begun::Running(rx, request_id, _) => (rx, request_id),
     };
     let mut body = BytesMut::new();
     let mut complete = InvokeComplete::default();
@@ -299,17 +318,52 @@ async fn invoke_with_response_stream(
     headers: HeaderMap,
     payload: Bytes,
 ) -> Response {
-    let (rx, request_id) = match begin(&emulator, &name, &headers, payload, true).await {
+    let (rx, request_id, drop_at) = match begin(&emulator, &name, &headers, payload, true).await {
         Begun::Answered(resp) => return resp,
-        Begun::Running(rx, request_id) => (rx, request_id),
+        Begun::Running(rx, request_id, drop_at) => (rx, request_id, drop_at),
     };
-    let events = ReceiverStream::new(rx).flat_map(|event| {
-        let frames = match event {
-            InvokeEvent::Data(data) => eventstream::payload_chunks(&data),
-            InvokeEvent::Done(complete, _) => vec![eventstream::invoke_complete(&complete)],
-        };
-        futures::stream::iter(frames.into_iter().map(Ok::<_, Infallible>))
-    });
+    let faults = emulator.state.faults.clone();
+    let events = ReceiverStream::new(rx)
+        .scan(0u64, move |sent, event| {
+            let items: Vec<Result<Bytes, std::io::Error>> = match event {
+                InvokeEvent::Data(data) => {
+                    let before = *sent;
+                    *sent += data.len() as u64;
+                    match drop_at {
+                        Some(at) if (before..*sent).contains(&at) => {
+                            // The connection drops here; the function goes on.
+                            faults.fired(FaultKind::DropConnection);
+                            let head = data.slice(..(at - before) as usize);
+                            let mut items: Vec<_> = eventstream::payload_chunks(&head)
+                                .into_iter()
+                                .map(Ok)
+                                .collect();
+                            items.push(Err(std::io::Error::other(
+                                "an injected fault: the connection dropped",
+                            )));
+                            return futures::future::ready(Some(items));
+                        }
+                        _ => eventstream::payload_chunks(&data)
+                            .into_iter()
+                            .map(Ok)
+                            .collect(),
+                    }
+                }
+                InvokeEvent::Done(complete, _) => {
+                    vec![Ok(eventstream::invoke_complete(&complete))]
+                }
+            };
+            futures::future::ready(Some(items))
+        })
+        .flat_map(futures::stream::iter)
+        // Nothing after a dropped connection.
+        .scan(false, |dropped, item| {
+            if *dropped {
+                return futures::future::ready(None);
+            }
+            *dropped = item.is_err();
+            futures::future::ready(Some(item))
+        });
     let mut resp = Response::new(Body::from_stream(events));
     let h = resp.headers_mut();
     common_headers(h, &request_id);
@@ -336,6 +390,7 @@ async fn start(
     emulator: &Emulator,
     call: Call,
     payload: Bytes,
+    fault: Option<(FaultKind, u64)>,
 ) -> Result<(mpsc::Receiver<InvokeEvent>, String), ApiError> {
     let lease = emulator
         .acquire(&call.function, call.tenant.clone())
@@ -356,6 +411,8 @@ async fn start(
         timeout,
         log_tail: call.log_tail,
         throttle_streams: emulator.state.throttle_streams,
+        fault,
+        faults: emulator.state.faults.clone(),
     };
     tokio::spawn(drive(lease, pending, reply_rx, settings, tx));
     Ok((rx, request_id))
@@ -387,7 +444,7 @@ impl FunctionError {
 }
 
 /// How one invocation is run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Settings {
     /// The function's timeout.
     timeout: Duration,
@@ -395,6 +452,11 @@ struct Settings {
     log_tail: bool,
     /// Pace streamed bytes past the first 6 MB as Lambda does.
     throttle_streams: bool,
+    /// A fault to inject at a byte of the response (not a dropped
+    /// connection, which the route injects).
+    fault: Option<(FaultKind, u64)>,
+    /// Where fired faults are counted.
+    faults: Arc<FaultInjector>,
 }
 
 async fn drive(
@@ -410,7 +472,7 @@ async fn drive(
     env.clear_log();
     env.log_line(&format!("START RequestId: {request_id} Version: $LATEST"));
     let started = Instant::now();
-    let (result, reusable) = exchange(&env, pending, reply, settings, &tx).await;
+    let (result, reusable) = exchange(&env, pending, reply, &settings, &tx).await;
     env.log_line(&format!("END RequestId: {request_id}"));
     env.log_line(&format!(
         "REPORT RequestId: {request_id}\tDuration: {:.2} ms",
@@ -447,10 +509,10 @@ async fn exchange(
     env: &Environment,
     pending: PendingInvocation,
     reply: oneshot::Receiver<RuntimeReply>,
-    settings: Settings,
+    settings: &Settings,
     tx: &mpsc::Sender<InvokeEvent>,
 ) -> (Result<(), FunctionError>, bool) {
-    let Settings { timeout, .. } = settings;
+    let timeout = settings.timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let request_id = pending.request_id.clone();
     let timed_out = || {
@@ -489,8 +551,37 @@ async fn exchange(
         tokio::select! {
             biased;
             piece = pieces.recv() => match piece {
-                Some(StreamPiece::Data(data)) => {
+                Some(StreamPiece::Data(mut data)) => {
+                    let before = total;
                     total += data.len();
+                    if let Some((kind, at)) = settings.fault {
+                        let at = usize::try_from(at).unwrap_or(usize::MAX);
+                        if (before..total).contains(&at) {
+                            let head = data.split_to(at - before);
+                            if !head.is_empty() {
+                                let _ = tx.send(InvokeEvent::Data(head)).await;
+                            }
+                            settings.faults.fired(kind);
+                            match kind {
+                                FaultKind::KillAgent => {
+                                    env.destroy();
+                                    let _ = tokio::time::timeout(Duration::from_secs(10), env.exited.cancelled()).await;
+                                    return (Err(exit_error(env, &request_id)), false);
+                                }
+                                FaultKind::FunctionError => {
+                                    return (Err(FunctionError::new(
+                                        "Function.InjectedFault",
+                                        format!("RequestId: {request_id} Error: a fault injected at byte {at}"),
+                                    )), false);
+                                }
+                                _ => {
+                                    // A stall: nothing leaves for a while, then the rest does.
+                                    let until = tokio::time::Instant::now() + settings.faults.config.stall_for;
+                                    tokio::time::sleep_until(until.min(deadline)).await;
+                                }
+                            }
+                        }
+                    }
                     if total > MAX_STREAMED_RESPONSE {
                         return (Err(FunctionError::new(
                             "Function.ResponseSizeTooLarge",

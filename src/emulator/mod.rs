@@ -10,6 +10,7 @@
 mod environment;
 mod errors;
 mod eventstream;
+mod faults;
 mod invoke;
 mod microvms;
 mod output_tail;
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use environment::Environment;
 pub use errors::ApiError;
 pub use eventstream::InvokeComplete;
+pub use faults::{FaultCounts, FaultKind, LambdaFaults};
 pub use microvms::{MicrovmFaults, MicrovmImageConfig, DEFAULT_MICROVM_IMAGE};
 
 /// Name of the function `emulate` hosts when none is given.
@@ -105,6 +107,8 @@ pub struct EmulatorConfig {
     /// Pace streamed responses past 6 MB at 2 MB/s, as Lambda does (off by
     /// default, so local runs of chatty suites are not slowed).
     pub throttle_streams: bool,
+    /// Faults injected into Invoke calls at random, for soaks (none by default).
+    pub lambda_faults: LambdaFaults,
 }
 
 struct Function {
@@ -115,6 +119,7 @@ struct Function {
 
 struct EmulatorState {
     throttle_streams: bool,
+    faults: Arc<faults::FaultInjector>,
     functions: HashMap<String, Arc<Function>>,
     region: String,
     base_dir: tempfile::TempDir,
@@ -161,6 +166,7 @@ impl Emulator {
             state: Arc::new(EmulatorState {
                 functions,
                 throttle_streams: config.throttle_streams,
+                faults: Arc::new(faults::FaultInjector::new(config.lambda_faults)),
                 region: config.region,
                 microvms: Arc::new(microvms),
                 base_dir,
@@ -342,6 +348,11 @@ impl RunningEmulator {
     /// How many Invoke calls reached it; see [`Emulator::invocations`].
     pub fn invocations(&self) -> usize {
         self.emulator.invocations()
+    }
+
+    /// The injected faults that took effect so far, by kind.
+    pub fn faults_fired(&self) -> FaultCounts {
+        self.emulator.state.faults.counts()
     }
 
     /// Stops every environment, every microVM and the server.

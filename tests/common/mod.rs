@@ -54,6 +54,7 @@ pub async fn emulator(functions: Vec<FunctionConfig>) -> RunningEmulator {
         microvm_images: Vec::new(),
         microvm_faults: Default::default(),
         throttle_streams: false,
+        lambda_faults: Default::default(),
     })
     .await
 }
@@ -209,6 +210,7 @@ pub async fn microvm_emulator(faults: mvm_shard::emulator::MicrovmFaults) -> Run
         )],
         microvm_faults: faults,
         throttle_streams: false,
+        lambda_faults: Default::default(),
     })
     .await
 }
