@@ -48,7 +48,7 @@ pub enum Command {
     #[command(hide = true)]
     Agent(AgentArgs),
     /// Serve a local Lambda emulator on loopback (no Docker, no AWS).
-    Emulate(EmulateArgs),
+    Emulate(Box<EmulateArgs>),
     /// Check a deployment: credentials, region, the function, its configuration, a real round trip.
     Doctor(DoctorArgs),
 }

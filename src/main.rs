@@ -116,7 +116,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Doctor(args) => runtime.block_on(cli::doctor(args)),
-        Command::Emulate(args) => match runtime.block_on(cli::emulate(args)) {
+        Command::Emulate(args) => match runtime.block_on(cli::emulate(*args)) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("error: {e:#}");

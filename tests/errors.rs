@@ -37,6 +37,7 @@ async fn emulator() -> RunningEmulator {
         microvm_images: Vec::new(),
         microvm_faults: Default::default(),
         throttle_streams: false,
+        lambda_faults: Default::default(),
     })
     .await
 }
