@@ -27,13 +27,21 @@ fn shard_lines(stderr: &str) -> BTreeMap<u32, (usize, f64, f64)> {
     out
 }
 
-/// Test case names in a JUnit report, with how often each appears.
+/// Test cases (`classname::name`) in a JUnit report, with how often each appears.
 fn cases(report: &Path) -> BTreeMap<String, usize> {
     let text = std::fs::read_to_string(report).unwrap();
     let mut out = BTreeMap::new();
     for part in text.split("<testcase ").skip(1) {
-        let name = part.split("name=\"").nth(1).unwrap().split('"').next();
-        *out.entry(name.unwrap().to_string()).or_default() += 1;
+        let head = part.split('>').next().unwrap();
+        let attr = |key: &str| {
+            head.split(&format!(" {key}=\""))
+                .nth(1)
+                .or_else(|| head.strip_prefix(&format!("{key}=\"")))
+                .map(|v| v.split('"').next().unwrap().to_string())
+                .unwrap_or_default()
+        };
+        *out.entry(format!("{}::{}", attr("classname"), attr("name")))
+            .or_default() += 1;
     }
     out
 }
@@ -51,31 +59,125 @@ fn skewed_suite(dir: &Path) {
 }
 
 fn run_pytest(dir: &Path, timings: &Path, report: &Path) -> (i32, String, String) {
-    cli(
-        dir,
-        &[
-            "run",
-            "--local",
-            "--shards",
-            "4",
-            "--source",
-            ".",
-            "--runner",
-            "pytest",
-            "--timings",
-            timings.to_str().unwrap(),
-            "--report",
-            report.to_str().unwrap(),
-            "--",
-            "python3",
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "{tests}",
-        ],
-    )
+    run_pytest_listing(dir, timings, report, &[])
+}
+
+/// `--runner pytest` on 4 local shards, with `extra` options before `--`.
+fn run_pytest_listing(
+    dir: &Path,
+    timings: &Path,
+    report: &Path,
+    extra: &[&str],
+) -> (i32, String, String) {
+    let mut args = vec![
+        "run",
+        "--local",
+        "--shards",
+        "4",
+        "--max-parallel",
+        "4",
+        "--source",
+        ".",
+        "--runner",
+        "pytest",
+        "--timings",
+        timings.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    args.extend([
+        "--",
+        "python3",
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "{tests}",
+    ]);
+    cli(dir, &args)
+}
+
+/// The number in "N tests listed".
+fn listed(stderr: &str) -> usize {
+    let line = stderr.lines().find(|l| l.contains("tests listed")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Checks the slowest shard against the best possible split of the learned
+/// durations, max(total/N, longest), plus the start-up every shard pays
+/// (the most any shard took beyond what it was expected to take).
+fn assert_balanced(stderr: &str, learned: &serde_json::Map<String, serde_json::Value>) {
+    let shards = shard_lines(stderr);
+    assert_eq!(shards.len(), 4, "{stderr}");
+    let total: f64 = learned.values().map(|v| v.as_f64().unwrap()).sum();
+    let longest = learned
+        .values()
+        .map(|v| v.as_f64().unwrap())
+        .fold(0.0, f64::max);
+    let bound = (total / 4.0).max(longest);
+    let startup = shards
+        .values()
+        .map(|(_, expected, took)| took - expected)
+        .fold(0.0, f64::max);
+    let slowest = shards.values().map(|s| s.2).fold(0.0, f64::max);
+    assert!(
+        slowest <= 1.15 * bound + startup,
+        "slowest {slowest} s, bound {bound} s, start-up {startup} s: {stderr}"
+    );
+}
+
+fn learned(timings: &Path) -> serde_json::Map<String, serde_json::Value> {
+    let value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(timings).unwrap()).unwrap();
+    value["tests"].as_object().unwrap().clone()
+}
+
+/// more-itertools' own test suite, from its sdist on PyPI (`.ci/run`
+/// downloads it into target/pypi-suites), without its slowest tests (to
+/// stay quick; one of several seconds remains), through `--runner pytest` twice: learned, then balanced, each
+/// test once.
+#[test]
+fn a_real_pypi_suite_is_learned_then_balanced() {
+    let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pypi-suites/more-itertools");
+    assert!(
+        suite.join("tests").is_dir(),
+        "{} is missing: run .ci/run, which downloads more-itertools' sdist there",
+        suite.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-R")
+        .arg(suite.join("."))
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let timings = state.path().join("timings.json");
+    let report = state.path().join("junit.xml");
+    let listing = [
+        "--list-command",
+        "python3 -m pytest --collect-only -q -p no:cacheprovider \
+         --deselect tests/test_recipes.py::PrimeFunctionTests \
+         --deselect tests/test_more.py::TestConcurrentTee \
+         --deselect tests/test_more.py::ExtractTests::test_all_orderings",
+    ];
+    let (code, stdout, stderr) = run_pytest_listing(dir.path(), &timings, &report, &listing);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let count = listed(&stderr);
+    assert!(count > 500, "{stderr}");
+    let first = learned(&timings);
+    assert_eq!(first.len(), count, "every listed test learned");
+
+    let (code, stdout, stderr) = run_pytest_listing(dir.path(), &timings, &report, &listing);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stderr.contains(&format!("{count} tests listed, {count} with learned")));
+    let seen = cases(&report);
+    assert_eq!(seen.len(), count, "each listed test ran");
+    assert!(seen.values().all(|n| *n == 1), "each test once");
+    assert_balanced(&stderr, &first);
 }
 
 #[test]
@@ -109,25 +211,8 @@ fn a_skewed_suite_is_learned_then_balanced_and_every_test_runs_once() {
     assert_eq!(seen.len(), 41, "{seen:?}");
     assert!(seen.values().all(|n| *n == 1), "each test once: {seen:?}");
 
-    // The slowest shard against the best possible: max(total/N, longest),
-    // plus the start-up each shard pays (pytest's own), as the run reports it.
+    assert_balanced(&stderr, learned);
     let shards = shard_lines(&stderr);
-    assert_eq!(shards.len(), 4, "{stderr}");
-    let total: f64 = learned.values().map(|v| v.as_f64().unwrap()).sum();
-    let longest = learned
-        .values()
-        .map(|v| v.as_f64().unwrap())
-        .fold(0.0, f64::max);
-    let bound = (total / 4.0).max(longest);
-    let startup = shards
-        .values()
-        .map(|(_, expected, took)| took - expected)
-        .fold(0.0, f64::max);
-    let slowest = shards.values().map(|s| s.2).fold(0.0, f64::max);
-    assert!(
-        slowest <= 1.15 * bound + startup,
-        "slowest {slowest} s, bound {bound} s, start-up {startup} s: {stderr}"
-    );
     let with_slow = shards
         .values()
         .find(|s| s.1 >= 2.5)
