@@ -214,42 +214,30 @@ async fn cargo_nextest_partition_passes_locally_as_written() {
         readme().contains(readme_line),
         "README must show {readme_line}"
     );
-    let dir = project("rust");
-    let argv: Vec<&str> = readme_line.split(' ').collect();
-
-    let out = run_in(dir.path(), &argv).await;
-    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
-    assert_each_once(&tally(&out.stdout, nextest_line), RUST_TESTS, &[], &out);
-
-    std::fs::write(dir.path().join("fail-me"), "").unwrap();
-    let out = run_in(dir.path(), &argv).await;
-    assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
-    assert_each_once(
-        &tally(&out.stdout, nextest_line),
+    check_recipe(
+        "rust",
+        Recipe::Line(readme_line),
+        nextest_line,
         RUST_TESTS,
-        &["tests::fails_on_request"],
-        &out,
-    );
+        "tests::fails_on_request",
+        true,
+    )
+    .await;
 }
 
-/// The Rust recipe: a nextest archive built here, run in the shards.
+/// The Rust recipe: a nextest archive built here, run in the shards (the
+/// archive's test binary looks for fail-me in the shard's copy of the source).
 #[tokio::test]
 async fn rust_recipe_runs_a_nextest_archive_in_the_shards() {
-    let dir = project("rust");
-    let out = run_recipe(dir.path(), "rust-nextest-archive.sh").await;
-    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
-    assert_each_once(&tally(&out.stdout, nextest_line), RUST_TESTS, &[], &out);
-
-    // The archive's test binary looks for fail-me in the shard's copy of the source.
-    std::fs::write(dir.path().join("fail-me"), "").unwrap();
-    let out = run_recipe(dir.path(), "rust-nextest-archive.sh").await;
-    assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
-    assert_each_once(
-        &tally(&out.stdout, nextest_line),
+    check_recipe(
+        "rust",
+        Recipe::Script("rust-nextest-archive.sh"),
+        nextest_line,
         RUST_TESTS,
-        &["tests::fails_on_request"],
-        &out,
-    );
+        "tests::fails_on_request",
+        true,
+    )
+    .await;
 }
 
 /// A local shard gets PATH and the toolchain locations of this machine, a
@@ -381,25 +369,41 @@ async fn a_local_run_warns_of_what_lambda_would_not_have() {
     assert!(!out.stderr.contains("`sh`"), "{}", out.stderr);
 }
 
+/// What a recipe test runs: a command line as the README writes it, or a
+/// script of `examples/recipes/`.
+enum Recipe<'a> {
+    Line(&'a str),
+    Script(&'a str),
+}
+
 /// Runs a recipe on a fixture: with `passing_run`, once as it is (every test
 /// passes, exactly once); then with `fail-me` in place (`failing` fails, the
 /// others pass, each exactly once, and the run exits 1).
 async fn check_recipe(
     fixture: &str,
-    recipe: &str,
+    recipe: Recipe<'_>,
     parse: impl Fn(&[&str]) -> Option<(String, bool)> + Copy,
     tests: &[&str],
     failing: &str,
     passing_run: bool,
 ) {
     let dir = project(fixture);
+    let run = || async {
+        match recipe {
+            Recipe::Line(line) => {
+                let argv: Vec<&str> = line.split(' ').collect();
+                run_in(dir.path(), &argv).await
+            }
+            Recipe::Script(name) => run_recipe(dir.path(), name).await,
+        }
+    };
     if passing_run {
-        let out = run_recipe(dir.path(), recipe).await;
+        let out = run().await;
         assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
         assert_each_once(&tally(&out.stdout, parse), tests, &[], &out);
     }
     std::fs::write(dir.path().join("fail-me"), "").unwrap();
-    let out = run_recipe(dir.path(), recipe).await;
+    let out = run().await;
     assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
     assert_each_once(&tally(&out.stdout, parse), tests, &[failing], &out);
 }
@@ -443,7 +447,7 @@ fn jest_line(words: &[&str]) -> Option<(String, bool)> {
 async fn go_recipe_deals_packages_out_and_a_failing_test_fails_the_run() {
     check_recipe(
         "go",
-        "go.sh",
+        Recipe::Script("go.sh"),
         go_line,
         &[
             "TestAddSmall",
@@ -463,7 +467,7 @@ async fn go_recipe_deals_packages_out_and_a_failing_test_fails_the_run() {
 async fn python_recipe_runs_pytest_with_uv_and_a_failing_test_fails_the_run() {
     check_recipe(
         "python",
-        "python-uv.sh",
+        Recipe::Script("python-uv.sh"),
         pytest_line,
         &[
             "tests/test_math.py::test_adds",
@@ -482,7 +486,7 @@ async fn python_recipe_runs_pytest_with_uv_and_a_failing_test_fails_the_run() {
 async fn javascript_recipe_runs_jest_shards_and_a_failing_test_fails_the_run() {
     check_recipe(
         "js",
-        "javascript-jest.sh",
+        Recipe::Script("javascript-jest.sh"),
         jest_line,
         &[
             "arrays sort",
