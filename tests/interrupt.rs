@@ -58,6 +58,17 @@ fn invoker(endpoint: &str, target: &[&str], shards: u32, command: &[&str]) -> Ch
     child
 }
 
+/// Stops `mvm-shard emulate` as a user would (SIGTERM: it ends every
+/// microVM it still runs) and waits for it, bounded.
+async fn stop(mut emulator: Child) {
+    signal(&emulator, Signal::SIGTERM);
+    let status = tokio::time::timeout(BOUND, emulator.wait())
+        .await
+        .expect("the emulator stops in time")
+        .expect("the emulator can be waited for");
+    assert!(status.success(), "{status:?}");
+}
+
 fn signal(child: &Child, signal: Signal) {
     let pid = child.id().expect("still running") as i32;
     kill(Pid::from_raw(pid), signal).expect("signal delivered");
@@ -149,7 +160,7 @@ async fn sigint_while_run_microvm_is_in_flight_terminates_every_microvm() {
         "the summary names what was terminated: {stderr}"
     );
     assert!(stdout.contains("3 interrupted"), "{stdout}");
-    drop(emulator);
+    stop(emulator).await;
 }
 
 #[tokio::test]
@@ -171,7 +182,7 @@ async fn sigint_then_sigterm_at_once_while_streaming_still_terminates_every_micr
     assert_eq!(code, Some(3), "{stderr}");
     assert_eq!(states(&endpoint).await, vec!["TERMINATED"; 2], "{stderr}");
     assert!(stderr.contains("terminated 2 microVM(s)"), "{stderr}");
-    drop(emulator);
+    stop(emulator).await;
 }
 
 #[tokio::test]
@@ -214,5 +225,69 @@ async fn an_interrupted_function_shard_is_said_to_maybe_still_run() {
         "{rest}"
     );
     assert!(!rest.contains("could not run:"), "{rest}");
-    drop(emulator);
+    stop(emulator).await;
+}
+
+/// Reads `lines` (bounded) until one contains `needle`.
+async fn until_line<R: tokio::io::AsyncBufRead + Unpin>(
+    lines: &mut tokio::io::Lines<R>,
+    needle: &str,
+) -> String {
+    loop {
+        let line = tokio::time::timeout(BOUND, lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no line with {needle:?} in time"))
+            .expect("readable")
+            .unwrap_or_else(|| panic!("ended before a line with {needle:?}"));
+        if line.contains(needle) {
+            return line;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_third_signal_abandons_termination_and_names_what_may_still_run() {
+    // An image whose `terminate` hook takes its time: TerminateMicrovm is
+    // still out when the third signal comes.
+    let script = concat!(
+        "import http.server, os, time\n",
+        "class H(http.server.BaseHTTPRequestHandler):\n",
+        "    def log_message(self, *args): pass\n",
+        "    def do_POST(self):\n",
+        "        if self.path.endswith('/terminate'): time.sleep(30)\n",
+        "        self.send_response(200); self.end_headers()\n",
+        "addr = (os.environ['MVM_SHARD_BIND_IP'], int(os.environ['MVM_SHARD_HOOKS_PORT']))\n",
+        "http.server.ThreadingHTTPServer(addr, H).serve_forever()\n",
+    );
+    let image = format!("slow-end=exec python3 -c \"{script}\"");
+    let (emulator, endpoint) = emulate(&["--microvm-image", &image]).await;
+    let mut run = invoker(&endpoint, &["--microvm-image", "slow-end"], 1, &["true"]);
+    eventually_running(&endpoint).await;
+    let mut stderr = BufReader::new(run.stderr.take().expect("piped")).lines();
+    signal(&run, Signal::SIGINT);
+    until_line(&mut stderr, "SIGINT received: stopping").await;
+    signal(&run, Signal::SIGTERM);
+    until_line(&mut stderr, "SIGTERM received: still ending").await;
+    signal(&run, Signal::SIGINT);
+    let abandoned = until_line(&mut stderr, "SIGINT received: abandoning").await;
+    let (code, _, _) = finish(run).await;
+
+    assert_eq!(code, Some(130));
+    let client = microvms_client(&endpoint).await;
+    let list = client.list_microvms().send().await.expect("ListMicrovms");
+    let id = list.items()[0].microvm_id();
+    assert!(
+        abandoned.contains("MAY STILL BE RUNNING") && abandoned.contains(id),
+        "the microVM left is named: {abandoned}"
+    );
+    stop(emulator).await;
+}
+
+/// Polls ListMicrovms (bounded) until one microVM is RUNNING.
+async fn eventually_running(endpoint: &str) {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while states(endpoint).await != vec!["RUNNING"] {
+        assert!(tokio::time::Instant::now() < deadline, "no RUNNING microVM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
