@@ -37,8 +37,14 @@ async fn emulate(extra: &[&str]) -> (Child, String) {
 }
 
 /// `mvm-shard run` against `endpoint` with `target` (backend flags), running
-/// `command` in `shards` shards, stdout and stderr piped.
-fn invoker(endpoint: &str, target: &[&str], shards: u32, command: &[&str]) -> Child {
+/// `command` in `shards` shards, stdout and stderr piped; with the folder it
+/// runs in, to keep until it ends.
+fn invoker(
+    endpoint: &str,
+    target: &[&str],
+    shards: u32,
+    command: &[&str],
+) -> (Child, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let child = Command::new(binary())
         .arg("run")
@@ -49,13 +55,13 @@ fn invoker(endpoint: &str, target: &[&str], shards: u32, command: &[&str]) -> Ch
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env_remove("GITHUB_ACTIONS")
-        .current_dir(dir.keep())
+        .current_dir(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("invoker starts");
-    child
+    (child, dir)
 }
 
 /// Stops `mvm-shard emulate` as a user would (SIGTERM: it ends every
@@ -142,7 +148,7 @@ async fn sigint_while_run_microvm_is_in_flight_terminates_every_microvm() {
     // Every first RunMicrovm answer is held back for a minute while the
     // microVMs start: the invoker is interrupted with all three calls out.
     let (emulator, endpoint) = emulate(&["--fault-hold-run-answers", "60s"]).await;
-    let run = invoker(
+    let (run, _dir) = invoker(
         &endpoint,
         &["--microvm-image", "mvm-shard"],
         3,
@@ -166,7 +172,7 @@ async fn sigint_while_run_microvm_is_in_flight_terminates_every_microvm() {
 #[tokio::test]
 async fn sigint_then_sigterm_at_once_while_streaming_still_terminates_every_microvm() {
     let (emulator, endpoint) = emulate(&[]).await;
-    let mut run = invoker(
+    let (mut run, _dir) = invoker(
         &endpoint,
         &["--microvm-image", "mvm-shard"],
         2,
@@ -188,7 +194,7 @@ async fn sigint_then_sigterm_at_once_while_streaming_still_terminates_every_micr
 #[tokio::test]
 async fn an_interrupted_function_shard_is_said_to_maybe_still_run() {
     let (emulator, endpoint) = emulate(&[]).await;
-    let mut run = invoker(
+    let (mut run, _dir) = invoker(
         &endpoint,
         &["--function", "mvm-shard"],
         1,
@@ -261,7 +267,7 @@ async fn a_third_signal_abandons_termination_and_names_what_may_still_run() {
     );
     let image = format!("slow-end=exec python3 -c \"{script}\"");
     let (emulator, endpoint) = emulate(&["--microvm-image", &image]).await;
-    let mut run = invoker(&endpoint, &["--microvm-image", "slow-end"], 1, &["true"]);
+    let (mut run, _dir) = invoker(&endpoint, &["--microvm-image", "slow-end"], 1, &["true"]);
     eventually_running(&endpoint).await;
     let mut stderr = BufReader::new(run.stderr.take().expect("piped")).lines();
     signal(&run, Signal::SIGINT);
