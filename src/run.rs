@@ -554,7 +554,9 @@ fn reporter(args: &RunArgs, planned: &PlannedRun, shards: usize) -> Box<dyn Repo
         let terminal = TerminalReporter::new(std::io::stdout());
         use std::io::IsTerminal;
         if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
-            let bar = indicatif::ProgressBar::new(shards as u64);
+            // Cleared however the run ends (a stopped run has no summary to draw it away).
+            let bar = indicatif::ProgressBar::new(shards as u64)
+                .with_finish(indicatif::ProgressFinish::AndClear);
             bar.enable_steady_tick(Duration::from_millis(200));
             Box::new(terminal.with_progress(bar))
         } else {
