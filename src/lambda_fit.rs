@@ -4,6 +4,7 @@
 //! would otherwise pass unnoticed until the first deployed run; `run --local`
 //! reports each [`Concern`] as a warning before the shards start.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::plan::human_bytes;
@@ -50,6 +51,13 @@ pub enum Concern {
         /// The path as the command gives it.
         path: String,
     },
+    /// A variable of `--env` names a file of this machine outside the source.
+    EnvOutsideSource {
+        /// The variable.
+        name: String,
+        /// Its value.
+        path: String,
+    },
 }
 
 impl std::fmt::Display for Concern {
@@ -76,15 +84,22 @@ impl std::fmt::Display for Concern {
                 "the command uses {path}, a file of this machine outside the source: \
                  local shards can reach it, shards on Lambda cannot"
             ),
+            Concern::EnvOutsideSource { name, path } => write!(
+                f,
+                "--env {name}={path} names a file of this machine outside the source: \
+                 local shards can reach it, shards on Lambda cannot"
+            ),
         }
     }
 }
 
-/// What would not hold on Lambda for `command`, run from `cwd` on a source
-/// rooted at `source_root` whose archive is `source_size` bytes against a
-/// request budget of `inline_budget` bytes.
+/// What would not hold on Lambda for `command` with the variables `env`
+/// (`--env`), run from `cwd` on a source rooted at `source_root` whose
+/// archive is `source_size` bytes against a request budget of
+/// `inline_budget` bytes.
 pub fn concerns(
     command: &[String],
+    env: &BTreeMap<String, String>,
     cwd: &Path,
     source_root: &Path,
     source_size: u64,
@@ -107,17 +122,26 @@ pub fn concerns(
         }
     }
     let root = real(source_root);
+    let outside = |word: &str| {
+        host_path(word, cwd).map(|p| real(&p)).is_some_and(|path| {
+            let system = SYSTEM_DIRS.iter().any(|d| path.starts_with(d));
+            path.exists() && !system && !path.starts_with(&root)
+        })
+    };
     for word in words {
-        let Some(path) = host_path(&word, cwd) else {
-            continue;
-        };
-        let path = real(&path);
-        let system = SYSTEM_DIRS.iter().any(|d| path.starts_with(d));
-        if path.exists() && !system && !path.starts_with(&root) {
+        if outside(&word) {
             let concern = Concern::OutsideSource { path: word };
             if !found.contains(&concern) {
                 found.push(concern);
             }
+        }
+    }
+    for (name, value) in env {
+        if outside(value) {
+            found.push(Concern::EnvOutsideSource {
+                name: name.clone(),
+                path: value.clone(),
+            });
         }
     }
     found
@@ -226,7 +250,7 @@ mod tests {
     }
 
     fn check(command: &[&str], root: &Path) -> Vec<Concern> {
-        concerns(&words(command), root, root, 10, 100)
+        concerns(&words(command), &BTreeMap::new(), root, root, 10, 100)
     }
 
     #[test]
@@ -298,6 +322,19 @@ mod tests {
                 path: tool.to_string()
             }]
         );
+        let env = BTreeMap::from([
+            ("TOOL".to_string(), tool.to_string()),
+            ("CONFIG".to_string(), inside.display().to_string()),
+            ("MODE".to_string(), "fast".to_string()),
+        ]);
+        let found = concerns(&words(&["true"]), &env, repo.path(), repo.path(), 1, 1);
+        assert_eq!(
+            found,
+            vec![Concern::EnvOutsideSource {
+                name: "TOOL".into(),
+                path: tool.to_string()
+            }]
+        );
         // System folders exist in the image as well.
         assert_eq!(
             check(&["cat", "/etc/hostname", "/usr/bin/env"], repo.path()),
@@ -308,7 +345,8 @@ mod tests {
     #[test]
     fn a_source_over_the_request_budget_is_a_concern() {
         let dir = tempfile::tempdir().unwrap();
-        let found = concerns(&words(&["true"]), dir.path(), dir.path(), 200, 100);
+        let no_env = BTreeMap::new();
+        let found = concerns(&words(&["true"]), &no_env, dir.path(), dir.path(), 200, 100);
         assert_eq!(
             found,
             vec![Concern::SourceTooLarge {

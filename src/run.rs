@@ -336,7 +336,8 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
         let cwd = std::env::current_dir().map_err(|e| RunError::Local(e.to_string()))?;
         let size = archive.bytes.len() as u64;
         let budget = plan::inline_budget(&spec, &run_id)? as u64;
-        for concern in lambda_fit::concerns(&args.command, &cwd, &archive.root, size, budget) {
+        let root = &archive.root;
+        for concern in lambda_fit::concerns(&args.command, &spec.env, &cwd, root, size, budget) {
             eprintln!("mvm-shard: warning: {concern}");
         }
     }
