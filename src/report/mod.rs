@@ -4,6 +4,7 @@
 //! GitHub Actions log viewer, job summary and outputs; [`junit`] reads the
 //! JUnit reports shards send back and merges them.
 
+pub mod color;
 pub mod cost;
 pub mod github;
 pub mod junit;
