@@ -168,6 +168,17 @@ pub struct RunArgs {
     /// outputs prepared here, such as a `cargo nextest archive`.
     #[arg(long, value_name = "PATH")]
     pub include: Vec<PathBuf>,
+    /// Where archives too large for a request travel: an S3 location
+    /// (`s3://BUCKET/PREFIX`) the invoker uploads to, content-addressed;
+    /// each shard downloads through a short-lived presigned link.
+    #[arg(long, env = "MVM_SHARD_ARTIFACTS", value_name = "S3URL")]
+    pub artifacts: Option<String>,
+    /// A dependency folder restored in every shard from the artifact store
+    /// (or, with --local, the repository's git directory), keyed by the
+    /// hash of the key files (repeatable), e.g. `node_modules=package-lock.json`;
+    /// on a miss the first shard that passes saves it.
+    #[arg(long = "cache", value_name = "PATH=KEYFILES")]
+    pub caches: Vec<String>,
     /// JUnit XML files each shard writes (glob, relative to its working
     /// directory; repeatable): sent back, annotated and merged.
     #[arg(long, value_name = "GLOB")]

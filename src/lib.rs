@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod artifacts;
 pub mod backend;
 pub mod cli;
 pub mod dispatch;

@@ -11,8 +11,7 @@ use base64::Engine as _;
 
 use crate::dispatch::ShardJob;
 use crate::protocol::{
-    ArchiveFormat, RequestError, ShardId, ShardRequest, SourceSpec, MAX_REQUEST_BYTES,
-    PROTOCOL_VERSION,
+    CacheSpec, RequestError, ShardId, ShardRequest, SourceSpec, MAX_REQUEST_BYTES, PROTOCOL_VERSION,
 };
 
 /// A problem with the user's input, found before anything ran (exit 2).
@@ -47,19 +46,13 @@ pub enum PlanError {
     #[error("{0}")]
     Request(#[from] RequestError),
     /// The `--include` files are too large for a request.
-    #[error("the files given with --include are {size} compressed, but a request may carry at most 6 MB (base64 included): include less, such as only the prepared archive the tests need")]
+    #[error("the files given with --include are {size} compressed, but a request may carry at most about 4.5 MB (Lambda's 6 MB payload, base64 included): pass --artifacts s3://BUCKET/PREFIX (or set MVM_SHARD_ARTIFACTS) so they travel through S3, or use --local")]
     IncludeTooLarge {
         /// Their archive's size, human-readable.
         size: String,
     },
-    /// The source is too large for `--local`.
-    #[error("the source archive is over {limit} compressed, the most --local ships (it is held in memory and unpacked by every shard): ship less with --source DIR, or add build outputs to .gitignore")]
-    LocalSourceTooLarge {
-        /// The budget, human-readable.
-        limit: String,
-    },
     /// The source is too large to travel inside the request.
-    #[error("the source archive is {size} compressed, but a request may carry at most {limit} (Lambda's 6 MB payload limit, base64 included); ship less with --source DIR, add build outputs to .gitignore, or use --local, which serves larger sources over loopback")]
+    #[error("the source archive is {size} compressed, but a request may carry at most {limit} (Lambda's 6 MB payload limit, base64 included); pass --artifacts s3://BUCKET/PREFIX (or set MVM_SHARD_ARTIFACTS) so it travels through S3, ship less with --source DIR or .gitignore, or use --local")]
     SourceTooLarge {
         /// Archive size, human-readable.
         size: String,
@@ -85,8 +78,10 @@ pub struct RunSpec {
     pub workdir: String,
     /// Globs of files each shard sends back (JUnit reports).
     pub collect: Vec<String>,
-    /// Extra files laid over the source (`--include`), base64 tar.zst.
-    pub overlay: Option<String>,
+    /// Archives laid over the source (`--include`), inline or behind links.
+    pub overlays: Vec<SourceSpec>,
+    /// Dependency caches (`--cache`) with their links.
+    pub caches: Vec<CacheSpec>,
     /// With `--runner`: each shard's tests (`{tests}`), by shard index - 1.
     pub shares: Option<Vec<Share>>,
 }
@@ -212,60 +207,60 @@ pub fn inline_budget(spec: &RunSpec, run_id: &str) -> Result<usize, PlanError> {
 }
 
 /// The `--include` files' archive as a request carries it (base64), if it fits.
-pub fn overlay(archive: &[u8]) -> Result<String, PlanError> {
+pub fn overlay(archive: &[u8]) -> Result<SourceSpec, PlanError> {
     let encoded = base64::engine::general_purpose::STANDARD.encode(archive);
     if encoded.len() > MAX_REQUEST_BYTES - 64 * 1024 {
         return Err(PlanError::IncludeTooLarge {
             size: human_bytes(archive.len() as u64),
         });
     }
-    Ok(encoded)
+    Ok(SourceSpec::Inline { archive: encoded })
 }
 
 /// Where the shards' source tree travels.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
-    /// In every request as it is (inline, or nothing: each VM fetches the
-    /// commit from GitHub with a link resolved at dispatch time).
-    Ready(SourceSpec),
-    /// Too large for a request: serve the archive and use [`served`]'s link.
-    Serve,
+    /// Nowhere: each VM fetches the commit from GitHub with a link
+    /// resolved at dispatch time.
+    Github,
+    /// Inside every request (base64).
+    Inline,
+    /// Too large for a request: through the artifact channel (the S3
+    /// store, or loopback with `--local`).
+    Channel,
 }
 
-/// Decides where the source goes: from GitHub when `from_github`; inline when
-/// the archive fits next to the rest of the request; served over loopback
-/// when `can_serve` (the local emulator); otherwise it is too large (exit 2).
+/// Decides where a source archive of `size` bytes goes: from GitHub when
+/// `from_github`; inline when it fits next to the rest of the request;
+/// through the artifact channel when `has_channel`; otherwise it is too
+/// large (exit 2).
 pub fn place_source(
     spec: &RunSpec,
     run_id: &str,
-    archive: &[u8],
+    size: u64,
     from_github: bool,
-    can_serve: bool,
+    has_channel: bool,
 ) -> Result<Placement, PlanError> {
     if from_github {
-        return Ok(Placement::Ready(SourceSpec::Empty));
+        return Ok(Placement::Github);
     }
     let budget = inline_budget(spec, run_id)?;
-    if archive.len() <= budget {
-        Ok(Placement::Ready(SourceSpec::Inline {
-            archive: base64::engine::general_purpose::STANDARD.encode(archive),
-        }))
-    } else if can_serve {
-        Ok(Placement::Serve)
+    if size <= budget as u64 {
+        Ok(Placement::Inline)
+    } else if has_channel {
+        Ok(Placement::Channel)
     } else {
         Err(PlanError::SourceTooLarge {
-            size: human_bytes(archive.len() as u64),
+            size: human_bytes(size),
             limit: human_bytes(budget as u64),
         })
     }
 }
 
-/// The source of a [`Placement::Serve`]: the archive's link, as packed here.
-pub fn served(url: String) -> SourceSpec {
-    SourceSpec::Url {
-        url,
-        format: ArchiveFormat::TarZst,
-        strip_components: 0,
+/// An archive as a request carries it inside (base64).
+pub fn inline(archive: &[u8]) -> SourceSpec {
+    SourceSpec::Inline {
+        archive: base64::engine::general_purpose::STANDARD.encode(archive),
     }
 }
 
@@ -348,7 +343,8 @@ fn request(spec: &RunSpec, run_id: &str, shard: ShardId, source: SourceSpec) -> 
         workdir: spec.workdir.clone(),
         source,
         collect: spec.collect.clone(),
-        overlay: spec.overlay.clone(),
+        overlays: spec.overlays.clone(),
+        caches: spec.caches.clone(),
     }
 }
 
@@ -414,7 +410,8 @@ mod tests {
             timeout: Duration::from_secs(60),
             workdir: String::new(),
             collect: Vec::new(),
-            overlay: None,
+            overlays: Vec::new(),
+            caches: Vec::new(),
             shares: None,
         };
         let jobs = jobs(&spec, "run", &SourceSpec::Empty).unwrap();
@@ -470,7 +467,8 @@ mod tests {
             timeout: Duration::from_secs(60),
             workdir: String::new(),
             collect: Vec::new(),
-            overlay: None,
+            overlays: Vec::new(),
+            caches: Vec::new(),
             shares: Some(balance(&ids(2), &[1.0, 4.0], 3)),
         };
         let jobs = jobs(&spec, "run", &SourceSpec::Empty).unwrap();

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::artifacts::{ArtifactError, CacheArg, Channel, PackedArchive};
 use crate::backend::lambda::LambdaConfigError;
 use crate::backend::{
     Backend, InvokeError, LambdaBackend, LambdaOptions, MicrovmBackend, MicrovmOptions, Released,
@@ -31,7 +32,7 @@ use crate::report::{GithubReporter, Reporter, TerminalReporter};
 use crate::runner::timings::TimingsError;
 use crate::runner::{Adapter, RunnerError, Timings, JUNIT_PATH};
 use crate::shutdown::{Shutdown, Signal};
-use crate::source::{ArchiveServer, SourceArchive, SourceError};
+use crate::source::{SourceArchive, SourceError};
 
 /// Why `run` stopped before it could report shards.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,9 @@ pub enum RunError {
     /// The source could not be packed (exit 2).
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// The artifact store refused or failed (exit 2 when it is configuration).
+    #[error(transparent)]
+    Artifacts(#[from] ArtifactError),
     /// The runner is misconfigured or its listing failed (exit 2).
     #[error(transparent)]
     Runner(#[from] RunnerError),
@@ -95,6 +99,7 @@ impl RunError {
     pub fn exit_code(&self) -> i32 {
         match self {
             RunError::Local(_) | RunError::ListingNotRun(_) => 3,
+            RunError::Artifacts(e) if !e.is_config() => 3,
             _ => 2,
         }
     }
@@ -108,17 +113,17 @@ impl RunError {
     }
 }
 
-/// The most a `--local` run packs, compressed: the archive is held in memory
-/// and served over loopback, and every shard unpacks it to disk.
-pub const LOCAL_SOURCE_LIMIT: u64 = 512 * 1024 * 1024;
+/// Shards in flight at once: `--max-parallel`, else 64 on Lambda and the CPU count locally.
+fn max_parallel(args: &RunArgs) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    args.max_parallel
+        .unwrap_or(if args.local { cpus.max(2) } else { 64 })
+}
 
 /// `mvm-shard run`: returns the exit status (0, 1 or 3).
 pub async fn run(args: RunArgs) -> Result<i32, RunError> {
     let mut planned = plan_run(&args).await?;
-    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let max_parallel = args
-        .max_parallel
-        .unwrap_or(if args.local { cpus.max(2) } else { 64 });
+    let max_parallel = max_parallel(&args);
     let target = connect(&args, &planned.archive.root, max_parallel).await?;
     let outcome = run_on(&args, &mut planned, &target, max_parallel).await;
     if outcome.is_err() {
@@ -128,9 +133,7 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
     if let Some(emulator) = target.emulator {
         let _ = emulator.shutdown().await;
     }
-    if let Some(server) = planned.archive_server {
-        server.shutdown().await;
-    }
+    planned.channel.shutdown().await;
     let (summary, left_running) = outcome?;
     if let Some(error) = summary.stopped_by.clone() {
         // Told once, by the caller, with what had happened by then.
@@ -177,9 +180,13 @@ async fn run_on(
             "{} ({}, {})",
             planned.archive.root.display(),
             crate::report::plural(planned.archive.entries, "file"),
-            human_bytes(planned.archive.bytes.len() as u64),
+            human_bytes(planned.archive.size()),
         ),
     };
+    let source: String = std::iter::once(source)
+        .chain(planned.notes.iter().cloned())
+        .collect::<Vec<_>>()
+        .join("; ");
     eprintln!(
         "mvm-shard: run {}: {} of {} on {}, source {source}",
         planned.run_id,
@@ -216,8 +223,13 @@ struct PlannedRun {
     suite: Option<Suite>,
     /// The packed source (for the banner; empty with `--source-from github`).
     archive: SourceArchive,
-    /// Serves the source when it is too large for a request (`--local`).
-    archive_server: Option<ArchiveServer>,
+    /// Where archives too large for a request travel (the S3 store, or
+    /// loopback with `--local`); serves them until the run ends.
+    channel: Channel,
+    /// The `--include` archive, kept while the channel may serve it.
+    _include: Option<PackedArchive>,
+    /// What the channel did, for the banner (`includes 1.0 MiB uploaded…`).
+    notes: Vec<String>,
     /// Hands out a fresh tarball link per attempt (`--source-from github`).
     github: Option<Arc<TarballLinks>>,
     /// Links already handed out, for masking.
@@ -262,10 +274,10 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
         // The commit's tree comes from GitHub; only the working directory is needed here.
         Some(_) => SourceArchive::nothing(&source_dir),
         None => {
-            // A request carries at most this much source; the exact budget is checked below.
-            let local = args.local;
-            let limit = if local {
-                LOCAL_SOURCE_LIMIT
+            // Only a request bounds the source (the exact budget is checked
+            // below); the artifact channel takes any size the disk holds.
+            let limit = if has_channel(args) {
+                u64::MAX
             } else {
                 (crate::protocol::MAX_REQUEST_BYTES / 4 * 3) as u64
             };
@@ -273,11 +285,6 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
                 .await
                 .map_err(|e| RunError::Local(e.to_string()))?
                 .map_err(|e| match e {
-                    SourceError::TooLarge { limit } if local => {
-                        RunError::Plan(PlanError::LocalSourceTooLarge {
-                            limit: human_bytes(limit),
-                        })
-                    }
                     SourceError::TooLarge { limit } => RunError::Plan(PlanError::SourceTooLarge {
                         size: format!("over {}", human_bytes(limit)),
                         limit: human_bytes(limit),
@@ -295,7 +302,8 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
         timeout: args.timeout,
         workdir: archive.workdir.clone(),
         collect: args.junit.clone(),
-        overlay: None,
+        overlays: Vec::new(),
+        caches: Vec::new(),
         shares: None,
     };
     let suite = match args.runner {
@@ -324,38 +332,70 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
         }
         None => None,
     };
+    let cwd = std::env::current_dir().map_err(|e| RunError::Local(e.to_string()))?;
+    let channel = Channel::open(
+        args.artifacts.as_deref(),
+        args.local,
+        crate::artifacts::local_cache_dir(&cwd),
+        args.region.clone(),
+        link_lifetime(args),
+    )
+    .await?;
+    let mut notes = Vec::new();
+    spec.caches = caches(args, &cwd, &channel, &mut links_to_mask, &mut notes).await?;
+    let mut include = None;
     if !args.include.is_empty() {
-        let cwd = std::env::current_dir().map_err(|e| RunError::Local(e.to_string()))?;
-        let include = args.include.clone();
-        let extra = tokio::task::spawn_blocking(move || crate::source::pack_extra(&cwd, &include))
+        let (cwd, paths) = (cwd.clone(), args.include.clone());
+        let extra = tokio::task::spawn_blocking(move || crate::source::pack_extra(&cwd, &paths))
             .await
             .map_err(|e| RunError::Local(e.to_string()))??;
-        spec.overlay = Some(plan::overlay(&extra.bytes)?);
+        let packed = extra
+            .packed
+            .ok_or_else(|| RunError::Local("--include packed nothing".into()))?;
+        let overlay = match channel.publish(&packed).await? {
+            Some(published) => {
+                links_to_mask.extend(published.secrets);
+                notes.push(format!(
+                    "includes {} {}",
+                    human_bytes(packed.size),
+                    published.note
+                ));
+                published.spec
+            }
+            None => plan::overlay(&packed.read().map_err(SourceError::from)?)?,
+        };
+        spec.overlays.push(overlay);
+        include = Some(packed);
     }
     if args.local {
-        let cwd = std::env::current_dir().map_err(|e| RunError::Local(e.to_string()))?;
-        let size = archive.bytes.len() as u64;
+        let size = archive.size();
         let budget = plan::inline_budget(&spec, &run_id)? as u64;
         let root = &archive.root;
         for concern in lambda_fit::concerns(&args.command, &spec.env, &cwd, root, size, budget) {
             eprintln!("mvm-shard: warning: {concern}");
         }
     }
-    let mut archive_server = None;
-    let source =
-        match plan::place_source(&spec, &run_id, &archive.bytes, github.is_some(), args.local)? {
-            Placement::Ready(source) => source,
-            Placement::Serve => {
-                let server = ArchiveServer::start(archive.bytes.clone().into())
-                    .await
-                    .map_err(|e| {
-                        RunError::Local(format!("cannot serve the source archive: {e}"))
-                    })?;
-                let source = plan::served(server.url.clone());
-                archive_server = Some(server);
-                source
+    let placement = plan::place_source(
+        &spec,
+        &run_id,
+        archive.size(),
+        github.is_some(),
+        !matches!(channel, Channel::Inline),
+    )?;
+    let source = match (placement, &archive.packed) {
+        (Placement::Inline, Some(packed)) => {
+            plan::inline(&packed.read().map_err(SourceError::from)?)
+        }
+        (Placement::Channel, Some(packed)) => match channel.publish(packed).await? {
+            Some(published) => {
+                links_to_mask.extend(published.secrets);
+                notes.push(format!("source {}", published.note));
+                published.spec
             }
-        };
+            None => return Err(RunError::Local("the artifact channel took nothing".into())),
+        },
+        _ => SourceSpec::Empty,
+    };
     let jobs = match suite {
         // The tests are listed where they run, once the backend is connected.
         Some(_) => Vec::new(),
@@ -368,10 +408,79 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
         source,
         suite,
         archive,
-        archive_server,
+        channel,
+        _include: include,
+        notes,
         github,
         links_to_mask,
     })
+}
+
+/// True when archives too large for a request have another way to the
+/// shards: the S3 store (`--artifacts`), or loopback (`--local`).
+fn has_channel(args: &RunArgs) -> bool {
+    args.local || args.artifacts.as_deref().is_some_and(|a| !a.is_empty())
+}
+
+/// How long presigned links live: an hour, plus the shard timeout for every
+/// wave of `--max-parallel` shards and one more (a retried wave).
+fn link_lifetime(args: &RunArgs) -> Duration {
+    let selected = match &args.only {
+        Some(only) => only.split(',').count().max(1),
+        None => args.shards as usize,
+    };
+    let waves = selected.div_ceil(max_parallel(args)) as u32 + 1;
+    Duration::from_secs(3600) + args.timeout.saturating_mul(waves)
+}
+
+/// The `--cache` folders with their links. A cache only speeds a run up: a
+/// store that fails here is said and skipped; a malformed `--cache` is exit 2.
+async fn caches(
+    args: &RunArgs,
+    cwd: &std::path::Path,
+    channel: &Channel,
+    links_to_mask: &mut Vec<String>,
+    notes: &mut Vec<String>,
+) -> Result<Vec<crate::protocol::CacheSpec>, RunError> {
+    // What runs the shards is part of every key: a folder built for one image may not fit another.
+    let identity = match (&args.microvm_image, &args.function) {
+        _ if args.local => "local".to_string(),
+        (Some(image), _) => format!(
+            "microvm:{image}:{}",
+            args.image_version.as_deref().unwrap_or("")
+        ),
+        (None, function) => format!("function:{}", function.as_deref().unwrap_or("")),
+    };
+    let mut specs = Vec::new();
+    for given in &args.caches {
+        let cache = CacheArg::parse(given)?;
+        let key = cache.key(cwd, &identity)?;
+        match channel.cache(&key).await {
+            Ok(links) => {
+                links_to_mask.extend(links.secrets);
+                let state = if links.restore.is_some() {
+                    "found"
+                } else {
+                    "to be saved"
+                };
+                notes.push(format!("cache {} {state}", cache.path));
+                specs.push(crate::protocol::CacheSpec {
+                    path: cache.path,
+                    restore: links.restore,
+                    save: links.save,
+                });
+            }
+            Err(ArtifactError::Cache { problem, .. }) => {
+                return Err(ArtifactError::Cache {
+                    given: given.clone(),
+                    problem,
+                }
+                .into())
+            }
+            Err(e) => eprintln!("mvm-shard: cache {} not used: {e}", cache.path),
+        }
+    }
+    Ok(specs)
 }
 
 /// Where the shards run: the backend, and the emulator behind it with `--local`.

@@ -5,13 +5,14 @@ use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
+use crate::artifacts::{PackedArchive, PackedWriter};
 use crate::protocol::ArchiveFormat;
 
 /// A packed source tree, ready to travel inside a request or over a link.
 #[derive(Debug)]
 pub struct SourceArchive {
-    /// The tar.zst bytes.
-    pub bytes: Vec<u8>,
+    /// The tar.zst on disk (none when the source comes from elsewhere).
+    pub packed: Option<PackedArchive>,
     /// How many files and links it holds.
     pub entries: usize,
     /// Bytes before compression.
@@ -33,12 +34,17 @@ impl SourceArchive {
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default();
         SourceArchive {
-            bytes: Vec::new(),
+            packed: None,
             entries: 0,
             unpacked_bytes: 0,
             root,
             workdir,
         }
+    }
+
+    /// Compressed size in bytes (0 without an archive).
+    pub fn size(&self) -> u64 {
+        self.packed.as_ref().map_or(0, |p| p.size)
     }
 }
 
@@ -110,9 +116,10 @@ pub fn pack(dir: &Path) -> Result<SourceArchive, SourceError> {
 /// Packs `dir` for shipping. Inside a git working tree this is the whole
 /// repository's tracked files plus untracked files that are not ignored, as
 /// they are on disk now (uncommitted changes included); elsewhere it is every
-/// file under `dir`. Packing stops as soon as the compressed archive passes
-/// `limit` bytes ([`SourceError::TooLarge`]), so a huge tree costs neither
-/// the time to read it all nor the memory to hold it. `dir` must hold a file
+/// file under `dir`. The archive goes to a temporary file as it is made, and
+/// packing stops as soon as it passes `limit` bytes compressed
+/// ([`SourceError::TooLarge`]), so a tree too large to ship costs no time
+/// reading it all. `dir` must hold a file
 /// that is shipped, or the shards would have no such directory to start in.
 pub fn pack_within(dir: &Path, limit: u64) -> Result<SourceArchive, SourceError> {
     let dir = dir
@@ -138,13 +145,13 @@ pub fn pack_within(dir: &Path, limit: u64) -> Result<SourceArchive, SourceError>
         return Err(SourceError::WorkdirNotShipped { workdir, root });
     }
     let Packed {
-        bytes,
+        packed,
         entries,
         unpacked_bytes,
         ..
     } = packed;
     Ok(SourceArchive {
-        bytes,
+        packed: Some(packed),
         entries,
         unpacked_bytes,
         root,
@@ -194,13 +201,13 @@ pub fn pack_extra(cwd: &Path, paths: &[PathBuf]) -> Result<SourceArchive, Source
     files.sort();
     files.dedup();
     let Packed {
-        bytes,
+        packed,
         entries,
         unpacked_bytes,
         ..
     } = archive(&root, files, Path::new(""), u64::MAX)?;
     Ok(SourceArchive {
-        bytes,
+        packed: Some(packed),
         entries,
         unpacked_bytes,
         workdir: String::new(),
@@ -208,10 +215,15 @@ pub fn pack_extra(cwd: &Path, paths: &[PathBuf]) -> Result<SourceArchive, Source
     })
 }
 
+/// Packs every file under `dir` (a dependency folder to cache), links kept as links.
+pub fn pack_tree(dir: &Path) -> Result<PackedArchive, SourceError> {
+    Ok(archive(dir, walk_files(dir)?, Path::new(""), u64::MAX)?.packed)
+}
+
 /// What [`archive`] made.
 struct Packed {
-    /// The tar.zst bytes.
-    bytes: Vec<u8>,
+    /// The tar.zst, on disk.
+    packed: PackedArchive,
     /// Files and links in it.
     entries: usize,
     /// Their size before compression.
@@ -220,25 +232,27 @@ struct Packed {
     in_workdir: usize,
 }
 
-/// A buffer that refuses to grow past `limit`, so packing stops there.
+/// An archive file that refuses to grow past `limit`, so packing stops there.
 struct Bounded {
-    bytes: Vec<u8>,
+    out: PackedWriter,
+    written: u64,
     limit: u64,
     over: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::io::Write for Bounded {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if (self.bytes.len() + buf.len()) as u64 > self.limit {
+        if self.written + buf.len() as u64 > self.limit {
             self.over.store(true, std::sync::atomic::Ordering::Relaxed);
             return Err(std::io::Error::other("over the source budget"));
         }
-        self.bytes.extend_from_slice(buf);
-        Ok(buf.len())
+        let n = std::io::Write::write(&mut self.out, buf)?;
+        self.written += n as u64;
+        Ok(n)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        std::io::Write::flush(&mut self.out)
     }
 }
 
@@ -259,7 +273,8 @@ fn archive(
         }
     };
     let sink = Bounded {
-        bytes: Vec::new(),
+        out: PackedArchive::writer()?,
+        written: 0,
         limit,
         over: over.clone(),
     };
@@ -287,13 +302,14 @@ fn archive(
             in_workdir += 1;
         }
     }
-    let bytes = builder
+    let packed = builder
         .into_inner()
         .and_then(|encoder| encoder.finish())
         .map_err(too_large)?
-        .bytes;
+        .out
+        .finish()?;
     Ok(Packed {
-        bytes,
+        packed,
         entries,
         unpacked_bytes,
         in_workdir,
@@ -301,20 +317,26 @@ fn archive(
 }
 
 fn git_toplevel(dir: &Path) -> Option<PathBuf> {
+    git_rev_parse(dir, &["--show-toplevel"])?
+        .canonicalize()
+        .ok()
+}
+
+/// The path `git rev-parse ARGS` prints in `dir`; `None` outside a repository.
+pub fn git_rev_parse(dir: &Path, args: &[&str]) -> Option<PathBuf> {
     let out = Command::new("git")
         .arg("-C")
         .arg(dir)
-        .args(["rev-parse", "--show-toplevel"])
+        .arg("rev-parse")
+        .args(args)
         .stderr(std::process::Stdio::null())
         .output()
         .ok()?;
     if !out.status.success() {
         return None;
     }
-    let top = String::from_utf8(out.stdout).ok()?;
-    PathBuf::from(top.trim_end_matches('\n'))
-        .canonicalize()
-        .ok()
+    let path = String::from_utf8(out.stdout).ok()?;
+    Some(PathBuf::from(path.trim_end_matches('\n')))
 }
 
 fn git_files(root: &Path) -> Result<Vec<PathBuf>, SourceError> {
@@ -543,48 +565,15 @@ fn through_symlink(dest: &Path, rel: &Path) -> bool {
         })
 }
 
-/// Serves one archive on a loopback port, so agents of a local run can fetch
-/// sources larger than a request may carry.
-pub struct ArchiveServer {
-    /// The link agents download from.
-    pub url: String,
-    stop: tokio_util::sync::CancellationToken,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl ArchiveServer {
-    /// Binds `127.0.0.1:0` and serves `archive` under an unguessable path.
-    pub async fn start(archive: bytes::Bytes) -> std::io::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let path = format!("/source/{}.tar.zst", uuid::Uuid::new_v4().simple());
-        let url = format!("http://{}{path}", listener.local_addr()?);
-        let router = axum::Router::new().route(
-            &path,
-            axum::routing::get(move || {
-                let archive = archive.clone();
-                async move { archive }
-            }),
-        );
-        let stop = tokio_util::sync::CancellationToken::new();
-        let signal = stop.clone();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move { signal.cancelled().await })
-                .await
-        });
-        Ok(ArchiveServer { url, stop, task })
-    }
-
-    /// Stops serving.
-    pub async fn shutdown(self) {
-        self.stop.cancel();
-        let _ = self.task.await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl SourceArchive {
+        fn reader(&self) -> std::fs::File {
+            std::fs::File::open(self.packed.as_ref().unwrap().path()).unwrap()
+        }
+    }
 
     #[test]
     fn pack_and_unpack_keep_files_modes_and_links() {
@@ -603,7 +592,7 @@ mod tests {
         let archive = pack(src.path()).unwrap();
         assert_eq!(archive.entries, 3);
         let dest = tempfile::tempdir().unwrap();
-        let n = unpack(&archive.bytes[..], ArchiveFormat::TarZst, dest.path(), 0).unwrap();
+        let n = unpack(archive.reader(), ArchiveFormat::TarZst, dest.path(), 0).unwrap();
         assert_eq!(n, 3);
         assert_eq!(
             std::fs::read_to_string(dest.path().join("link")).unwrap(),
@@ -651,7 +640,7 @@ mod tests {
         let archive = pack(&repo.path().join("sub")).unwrap();
         assert_eq!(archive.workdir, "sub");
         let dest = tempfile::tempdir().unwrap();
-        unpack(&archive.bytes[..], ArchiveFormat::TarZst, dest.path(), 0).unwrap();
+        unpack(archive.reader(), ArchiveFormat::TarZst, dest.path(), 0).unwrap();
         assert_eq!(
             std::fs::read_to_string(dest.path().join("tracked.txt")).unwrap(),
             "v2 uncommitted"
@@ -717,7 +706,7 @@ mod tests {
         std::fs::write(src.path().join("owner-repo-abc1234/f"), "x").unwrap();
         let archive = pack(src.path()).unwrap();
         let dest = tempfile::tempdir().unwrap();
-        unpack(&archive.bytes[..], ArchiveFormat::TarZst, dest.path(), 1).unwrap();
+        unpack(archive.reader(), ArchiveFormat::TarZst, dest.path(), 1).unwrap();
         assert!(dest.path().join("f").exists());
     }
 

@@ -58,7 +58,8 @@ async fn the_agent_runs_from_the_image_bootstrap_as_an_unprivileged_user_writing
         Duration::from_secs(60),
     );
     req.source = SourceSpec::Inline {
-        archive: base64::engine::general_purpose::STANDARD.encode(&archive.bytes),
+        archive: base64::engine::general_purpose::STANDARD
+            .encode(archive.packed.as_ref().unwrap().read().unwrap()),
     };
     let done = run(backend, vec![req], 1).await;
     let rec = &done.summary.records[0];

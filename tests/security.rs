@@ -279,7 +279,9 @@ async fn a_hostile_source_or_overlay_is_rejected_and_writes_nothing_outside() {
         archive: archive_through_symlink(outside.path()),
     };
     let mut as_overlay = request("echo ran", 2, 2, MINUTE);
-    as_overlay.overlay = Some(archive_through_symlink(outside.path()));
+    as_overlay.overlays = vec![mvm_shard::protocol::SourceSpec::Inline {
+        archive: archive_through_symlink(outside.path()),
+    }];
     let done = bounded(MINUTE, run(backend, vec![as_source, as_overlay], 2)).await;
     for rec in &done.summary.records {
         let outcome = &rec.result.as_ref().expect("a result").outcome;

@@ -7,6 +7,7 @@
 //! In [`microvm`] mode it serves one shard over HTTP instead, with the same
 //! shard code and the same frame stream.
 
+mod cache;
 mod download;
 mod hint;
 pub mod microvm;

@@ -92,9 +92,12 @@ pub async fn run(
             return result;
         }
     };
-    let mut prepared = fetch_source(&req.source, &ws).await;
-    if let (Ok(()), Some(overlay)) = (&prepared, &req.overlay) {
-        prepared = unpack_inline(overlay, &ws.src)
+    let mut prepared = fetch_source(&req.source, &ws, "source").await;
+    for overlay in &req.overlays {
+        if prepared.is_err() {
+            break;
+        }
+        prepared = fetch_source(overlay, &ws, "overlay")
             .await
             .map_err(|e| e.context("cannot lay the included files over the source"));
     }
@@ -104,6 +107,8 @@ pub async fn run(
         ws.remove().await;
         return result;
     }
+    let workdir = ws.src.join(&req.workdir);
+    super::cache::restore(&req.caches, &ws, &workdir, frames).await;
     result.setup_ms = elapsed_ms(setup_started);
 
     let (timeout, limit_ms) = effective_timeout(req.timeout_ms, invocation_deadline);
@@ -119,6 +124,9 @@ pub async fn run(
         Err(reason) => result.outcome = setup_failed(reason),
     }
     result.duration_ms = elapsed_ms(started);
+    if result.outcome == (Outcome::Exited { code: 0 }) {
+        super::cache::save(&req.caches, &ws, &workdir, frames).await;
+    }
     if !req.collect.is_empty() {
         result.files_skipped = send_files(&ws.src.join(&req.workdir), &req.collect, frames).await;
     }
@@ -274,7 +282,8 @@ async fn unpack_inline(archive: &str, dest: &std::path::Path) -> Result<(), Prep
     .map_err(|e| PrepareError::unpacking("cannot unpack the source", e))
 }
 
-async fn fetch_source(source: &SourceSpec, ws: &Workspace) -> Result<(), PrepareError> {
+/// Puts `source` into the workspace's source folder; `what` names it in errors.
+async fn fetch_source(source: &SourceSpec, ws: &Workspace, what: &str) -> Result<(), PrepareError> {
     let dest = ws.src.clone();
     match source {
         SourceSpec::Empty => Ok(()),
@@ -283,9 +292,10 @@ async fn fetch_source(source: &SourceSpec, ws: &Workspace) -> Result<(), Prepare
             url,
             format,
             strip_components,
+            sha256,
         } => {
-            let file = ws.dir.join("source.archive");
-            super::download::to_file(url, &file)
+            let file = ws.dir.join(format!("{what}.archive"));
+            super::download::to_file(url, &file, sha256.as_deref())
                 .await
                 .map_err(PrepareError::Failed)?;
             let (format, strip) = (*format, *strip_components);
@@ -299,10 +309,10 @@ async fn fetch_source(source: &SourceSpec, ws: &Workspace) -> Result<(), Prepare
                 n
             })
             .await
-            .map_err(|e| PrepareError::Failed(format!("unpacking the source panicked: {e}")))?;
+            .map_err(|e| PrepareError::Failed(format!("unpacking the {what} panicked: {e}")))?;
             result.map(|_| ()).map_err(|e| {
                 PrepareError::unpacking(
-                    "cannot unpack the source downloaded from the source link",
+                    &format!("cannot unpack the {what} downloaded from its link"),
                     e,
                 )
             })

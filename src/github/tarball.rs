@@ -165,6 +165,7 @@ impl SourceResolver for TarballLinks {
                     url,
                     format: ArchiveFormat::TarGz,
                     strip_components: 1,
+                    sha256: None,
                 },
             })
         }

@@ -37,6 +37,10 @@ pub fn hook_path(name: &str) -> String {
 /// The body of the `run` hook: the request itself, or word that it comes
 /// as `POST /shard` on the log port because it is too large for the payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per microVM start, moved rather than copied"
+)]
 pub enum RunPayload {
     /// The request is in the payload.
     Inline(ShardRequest),

@@ -13,6 +13,6 @@ mod shard;
 
 pub use frame::{Frame, FrameCodec, FrameError, OutputStream, MAX_FRAME_PAYLOAD};
 pub use shard::{
-    is_env_name, ArchiveFormat, Outcome, Platform, RequestError, Resources, ShardId, ShardRequest,
-    ShardResult, SourceSpec, MAX_REQUEST_BYTES, PROTOCOL_VERSION,
+    is_env_name, ArchiveFormat, CacheSpec, Outcome, Platform, RequestError, Resources, ShardId,
+    ShardRequest, ShardResult, SourceSpec, MAX_REQUEST_BYTES, PROTOCOL_VERSION,
 };

@@ -20,6 +20,8 @@ const MAX_SHARDS: u32 = 10_000;
 const MAX_WORKDIR: usize = 4096;
 const MAX_URL: usize = 8192;
 const MAX_COLLECT_PATTERNS: usize = 32;
+const MAX_OVERLAYS: usize = 64;
+const MAX_CACHES: usize = 16;
 /// Eight hours: the longest any backend (Lambda MicroVMs) lets a shard live.
 const MAX_TIMEOUT_MS: u64 = 8 * 3600 * 1000;
 
@@ -60,6 +62,10 @@ pub enum SourceSpec {
         /// Leading path components to drop (GitHub tarballs have one top folder).
         #[serde(default)]
         strip_components: u8,
+        /// Hex SHA-256 the downloaded archive must have (content-addressed
+        /// artifacts); the agent refuses anything else.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
     },
 }
 
@@ -99,10 +105,31 @@ pub struct ShardRequest {
     /// the command has ended (JUnit reports, for one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub collect: Vec<String>,
-    /// Extra files laid over the source (base64 tar.zst, paths relative to
-    /// the source root): build outputs prepared where the invoker runs.
+    /// Archives laid over the source in order, inline or behind a link
+    /// (paths relative to the source root): build outputs prepared where the
+    /// invoker runs (`--include`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlays: Vec<SourceSpec>,
+    /// Dependency folders restored before the command and saved after it
+    /// passed (`--cache`); an accelerator only, never a reason to fail.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caches: Vec<CacheSpec>,
+}
+
+/// One dependency cache of a shard: where the folder goes and the links to
+/// fetch or save it (presigned: the shard holds no credential).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheSpec {
+    /// The folder, relative to the working directory, or `~/…` for one
+    /// under the shard's HOME.
+    pub path: String,
+    /// A link to the saved folder (tar.zst), when the store has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub overlay: Option<String>,
+    pub restore: Option<String>,
+    /// A link to PUT the folder to after the command passed, when the store
+    /// has none yet; the first upload wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save: Option<String>,
 }
 
 /// Why a request was refused before anything ran.
@@ -144,7 +171,8 @@ impl ShardRequest {
             workdir: String::new(),
             source: SourceSpec::Empty,
             collect: Vec::new(),
-            overlay: None,
+            overlays: Vec::new(),
+            caches: Vec::new(),
         }
     }
 
@@ -248,9 +276,52 @@ impl ShardRequest {
                 "collect takes at most {MAX_COLLECT_PATTERNS} relative globs that stay inside the working directory"
             ));
         }
-        if let SourceSpec::Url { url, .. } = &self.source {
-            if url.len() > MAX_URL || !(url.starts_with("http://") || url.starts_with("https://")) {
-                return invalid("source url must be an http(s) URL".into());
+        if self.overlays.len() > MAX_OVERLAYS {
+            return invalid(format!("over {MAX_OVERLAYS} overlays"));
+        }
+        for source in std::iter::once(&self.source).chain(&self.overlays) {
+            source.validate()?;
+        }
+        if self.caches.len() > MAX_CACHES {
+            return invalid(format!("over {MAX_CACHES} caches"));
+        }
+        for cache in &self.caches {
+            let rel = cache.path.strip_prefix("~/").unwrap_or(&cache.path);
+            if rel.is_empty()
+                || rel.len() > MAX_WORKDIR
+                || std::path::Path::new(rel)
+                    .components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                return invalid(format!(
+                    "cache path {:?} must be a relative path (or ~/…) that stays inside",
+                    cache.path
+                ));
+            }
+            let links = cache.restore.iter().chain(&cache.save);
+            if links.into_iter().any(|u| {
+                u.len() > MAX_URL || !(u.starts_with("http://") || u.starts_with("https://"))
+            }) {
+                return invalid("cache links must be http(s) URLs".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SourceSpec {
+    fn validate(&self) -> Result<(), RequestError> {
+        let SourceSpec::Url { url, sha256, .. } = self else {
+            return Ok(());
+        };
+        if url.len() > MAX_URL || !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(RequestError::Invalid(
+                "source url must be an http(s) URL".into(),
+            ));
+        }
+        if let Some(hash) = sha256 {
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(RequestError::Invalid("sha256 must be 64 hex digits".into()));
             }
         }
         Ok(())
@@ -433,6 +504,29 @@ mod tests {
         cases.push(r);
         let mut r = request();
         r.collect = vec!["../../etc/passwd".into()];
+        cases.push(r);
+        let mut r = request();
+        r.caches = vec![CacheSpec {
+            path: "~/../../etc".into(),
+            restore: None,
+            save: None,
+        }];
+        cases.push(r);
+        let mut r = request();
+        r.overlays = vec![SourceSpec::Url {
+            url: "file:///etc/passwd".into(),
+            format: ArchiveFormat::TarZst,
+            strip_components: 0,
+            sha256: None,
+        }];
+        cases.push(r);
+        let mut r = request();
+        r.overlays = vec![SourceSpec::Url {
+            url: "http://127.0.0.1/a".into(),
+            format: ArchiveFormat::TarZst,
+            strip_components: 0,
+            sha256: Some("not-a-hash".into()),
+        }];
         cases.push(r);
         for r in cases {
             let bytes = serde_json::to_vec(&r).unwrap();
