@@ -207,6 +207,10 @@ pub struct RunArgs {
     /// (default: mvm-shard/timings.json in the repository's git directory).
     #[arg(long, value_name = "PATH", requires = "runner")]
     pub timings: Option<PathBuf>,
+    /// After the first shard that fails or times out, start no more shards
+    /// and stop those in flight (they are reported as interrupted).
+    #[arg(long)]
+    pub fail_fast: bool,
     /// The command each shard runs; `{index}` and `{count}` are replaced.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,

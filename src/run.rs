@@ -25,7 +25,7 @@ use crate::github::TarballLinks;
 use crate::lambda_fit;
 use crate::local_env::LocalEnvironment;
 use crate::plan::{self, human_bytes, Placement, PlanError, RunSpec, Share};
-use crate::protocol::{OutputStream, SourceSpec};
+use crate::protocol::{OutputStream, ShardId, SourceSpec};
 use crate::report::github::GithubFiles;
 use crate::report::junit::TestReport;
 use crate::report::{GithubReporter, Reporter, TerminalReporter};
@@ -134,7 +134,7 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
         let _ = emulator.shutdown().await;
     }
     planned.channel.shutdown().await;
-    let (summary, left_running) = outcome?;
+    let (summary, left_running, failed_fast) = outcome?;
     if let Some(error) = summary.stopped_by.clone() {
         // Told once, by the caller, with what had happened by then.
         return Err(RunError::Stopped {
@@ -142,11 +142,12 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
             summary: Box::new(summary),
         });
     }
-    Ok(if left_running {
-        summary.exit_code().max(3)
-    } else {
-        summary.exit_code()
-    })
+    let code = match failed_fast {
+        // Stopped on purpose after a failure: the run failed, nothing broke.
+        Some(_) if summary.count(|s| matches!(s, ShardStatus::InfraFailed { .. })) == 0 => 1,
+        _ => summary.exit_code(),
+    };
+    Ok(if left_running { code.max(3) } else { code })
 }
 
 /// The stages that need the backend: list and plan the tests (with
@@ -156,7 +157,7 @@ async fn run_on(
     planned: &mut PlannedRun,
     target: &Target,
     max_parallel: usize,
-) -> Result<(RunSummary, bool), RunError> {
+) -> Result<(RunSummary, bool, Option<ShardId>), RunError> {
     let shares = match &planned.suite {
         Some(suite) => {
             let tests = list_tests(args, planned, suite, target).await?;
@@ -199,14 +200,14 @@ async fn run_on(
         },
     );
     let jobs = std::mem::take(&mut planned.jobs);
-    let (summary, left_running) =
+    let (summary, left_running, failed_fast) =
         dispatch_and_report(args, planned, jobs, target, max_parallel).await?;
     let learnable = summary.stopped_by.is_none();
     if let (Some(suite), Some((tests, shares)), true) = (&mut planned.suite, &shares, learnable) {
         tell_balance(shares, &summary);
         suite.learn(tests, shares, &summary);
     }
-    Ok((summary, left_running))
+    Ok((summary, left_running, failed_fast))
 }
 
 /// What the plan stage produced: the jobs, and what must live while they run.
@@ -584,7 +585,7 @@ async fn dispatch_and_report(
     jobs: Vec<ShardJob>,
     target: &Target,
     max_parallel: usize,
-) -> Result<(RunSummary, bool), RunError> {
+) -> Result<(RunSummary, bool, Option<ShardId>), RunError> {
     let shutdown = Shutdown::from_os()
         .map_err(|e| RunError::Local(format!("cannot handle SIGINT and SIGTERM: {e}")))?;
     let cancel = CancellationToken::new();
@@ -594,7 +595,12 @@ async fn dispatch_and_report(
         target.backend.clone(),
     ));
     let (tx, rx) = mpsc::unbounded_channel();
-    let reporter = tokio::spawn(consume_events(reporter(args, planned, jobs.len()), rx));
+    let fail_fast = args.fail_fast.then(|| cancel.clone());
+    let reporter = tokio::spawn(consume_events(
+        reporter(args, planned, jobs.len()),
+        rx,
+        fail_fast,
+    ));
     let dispatch_options = DispatchOptions {
         max_parallel,
         source: planned
@@ -616,9 +622,9 @@ async fn dispatch_and_report(
     let released = target.backend.shutdown().await;
     signals.abort();
     let left_running = tell_released(&released, shutdown.last());
-    let mut reporter = reporter.await.map_err(|e| RunError::Local(e.to_string()))?;
+    let (mut reporter, failed_fast) = reporter.await.map_err(|e| RunError::Local(e.to_string()))?;
     if summary.stopped_by.is_some() {
-        return Ok((summary, left_running));
+        return Ok((summary, left_running, None));
     }
     let tests = TestReport::from_summary(&summary);
     if let Some(merged) = &tests.merged {
@@ -638,7 +644,16 @@ async fn dispatch_and_report(
         );
     }
     let _ = reporter.finish(&summary, &tests);
-    Ok((summary, left_running))
+    if let Some(shard) = failed_fast {
+        eprintln!(
+            "mvm-shard: --fail-fast: shard {shard} failed, so the rest stopped: {} never started or were interrupted",
+            crate::report::plural(
+                summary.count(|s| matches!(s, ShardStatus::Interrupted { .. })),
+                "shard"
+            )
+        );
+    }
+    Ok((summary, left_running, failed_fast))
 }
 
 /// The reporter for where the run is shown: GitHub Actions (with the
@@ -676,16 +691,32 @@ fn reporter(args: &RunArgs, planned: &PlannedRun, shards: usize) -> Box<dyn Repo
 }
 
 /// Hands every event to the reporter until the dispatcher is done.
+/// With `fail_fast`, cancels the run at the first shard that failed or
+/// timed out, and returns which one that was.
 async fn consume_events(
     mut reporter: Box<dyn Reporter>,
     mut rx: mpsc::UnboundedReceiver<RunEvent>,
-) -> Box<dyn Reporter> {
+    fail_fast: Option<CancellationToken>,
+) -> (Box<dyn Reporter>, Option<ShardId>) {
+    let mut failed_first = None;
+    let mut broken = false;
     while let Some(event) = rx.recv().await {
-        if reporter.handle(&event).is_err() {
-            break;
+        if let (Some(cancel), RunEvent::Finished(record), None) = (&fail_fast, &event, failed_first)
+        {
+            if matches!(
+                record.status,
+                ShardStatus::Failed { .. } | ShardStatus::TimedOut
+            ) {
+                failed_first = Some(record.shard);
+                cancel.cancel();
+            }
+        }
+        // A reporter that cannot write any more still lets fail-fast see the events.
+        if !broken && reporter.handle(&event).is_err() {
+            broken = true;
         }
     }
-    reporter
+    (reporter, failed_first)
 }
 
 /// A listed suite: the runner's adapter and the learned timings.

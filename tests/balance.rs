@@ -370,3 +370,47 @@ fn matrix_jobs_reach_the_same_plan_when_the_timings_change_between_them() {
     ran.sort();
     assert_eq!(ran, names, "every test exactly once across the jobs");
 }
+
+#[test]
+fn fail_fast_stops_the_run_after_the_first_failing_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x"), "").unwrap();
+    let run = |fail_fast: bool| {
+        let mut args = vec![
+            "run",
+            "--local",
+            "--source",
+            ".",
+            "--shards",
+            "4",
+            "--max-parallel",
+            "1",
+        ];
+        if fail_fast {
+            args.push("--fail-fast");
+        }
+        // Shard 1 fails at once; the others would pass after a second.
+        args.extend([
+            "--",
+            "sh",
+            "-c",
+            "test {index} -ne 1 && sleep 1 && echo ran {index}",
+        ]);
+        cli(dir.path(), &args)
+    };
+    let (code, stdout, stderr) = run(true);
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert!(
+        !stdout.contains("ran 3") && !stdout.contains("ran 4"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("0 passed, 1 failed"), "{stdout}");
+    assert!(
+        stderr.contains("--fail-fast: shard 1/4 failed") && stderr.contains("never started"),
+        "{stderr}"
+    );
+    // Without it, every shard runs.
+    let (code, stdout, _) = run(false);
+    assert_eq!(code, 1);
+    assert!(stdout.contains("3 passed, 1 failed"), "{stdout}");
+}
