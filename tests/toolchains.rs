@@ -221,6 +221,7 @@ async fn cargo_nextest_partition_passes_locally_as_written() {
         RUST_TESTS,
         "tests::fails_on_request",
         true,
+        None,
     )
     .await;
 }
@@ -236,6 +237,7 @@ async fn rust_recipe_runs_a_nextest_archive_in_the_shards() {
         RUST_TESTS,
         "tests::fails_on_request",
         true,
+        None,
     )
     .await;
 }
@@ -386,6 +388,7 @@ async fn check_recipe(
     tests: &[&str],
     failing: &str,
     passing_run: bool,
+    cache: Option<&str>,
 ) {
     let dir = project(fixture);
     let run = || async {
@@ -406,6 +409,11 @@ async fn check_recipe(
     let out = run().await;
     assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
     assert_each_once(&tally(&out.stdout, parse), tests, &[failing], &out);
+    if let Some(path) = cache {
+        // The first run saved the dependency cache; every shard of this one restored it.
+        let restored = format!("cache {path} restored");
+        assert_eq!(out.stdout.matches(&restored).count(), 2, "{}", out.stdout);
+    }
 }
 
 /// `go test -v`'s `--- PASS: TestName (0.00s)` (and `FAIL:`).
@@ -459,6 +467,7 @@ async fn go_recipe_deals_packages_out_and_a_failing_test_fails_the_run() {
         ],
         "TestFailsOnRequest",
         true,
+        None,
     )
     .await;
 }
@@ -478,6 +487,7 @@ async fn python_recipe_runs_pytest_with_uv_and_a_failing_test_fails_the_run() {
         ],
         "tests/test_request.py::test_fails_on_request",
         true,
+        Some(".venv"),
     )
     .await;
 }
@@ -497,7 +507,8 @@ async fn javascript_recipe_runs_jest_shards_and_a_failing_test_fails_the_run() {
             "strings upper",
         ],
         "fails on request",
-        false,
+        true,
+        Some("node_modules"),
     )
     .await;
 }
