@@ -426,11 +426,8 @@ fn has_channel(args: &RunArgs) -> bool {
 /// How long presigned links live: an hour, plus the shard timeout for every
 /// wave of `--max-parallel` shards and one more (a retried wave).
 fn link_lifetime(args: &RunArgs) -> Duration {
-    let selected = match &args.only {
-        Some(only) => only.split(',').count().max(1),
-        None => args.shards as usize,
-    };
-    let waves = selected.div_ceil(max_parallel(args)) as u32 + 1;
+    // All N shards bound the selected ones (`--only`) from above.
+    let waves = (args.shards as usize).div_ceil(max_parallel(args)) as u32 + 1;
     Duration::from_secs(3600) + args.timeout.saturating_mul(waves)
 }
 
