@@ -41,6 +41,13 @@ pub enum Concern {
         /// What fits in a request with this run's other fields.
         limit: u64,
     },
+    /// The `--include` archive is over what fits in an Invoke request.
+    IncludesTooLarge {
+        /// Compressed size of the includes.
+        size: u64,
+        /// What fits in a request.
+        limit: u64,
+    },
     /// A program the command starts is not in the default image.
     NotInImage {
         /// The program's name.
@@ -66,8 +73,15 @@ impl std::fmt::Display for Concern {
             Concern::SourceTooLarge { size, limit } => write!(
                 f,
                 "the source is {} compressed, over the {} a Lambda request carries: \
-                 this run would be refused on Lambda (in GitHub Actions, the default \
-                 `source: github` fetches it in each shard instead)",
+                 this run would be refused on Lambda without --artifacts (in GitHub \
+                 Actions, the default `source: github` fetches it in each shard instead)",
+                human_bytes(*size),
+                human_bytes(*limit)
+            ),
+            Concern::IncludesTooLarge { size, limit } => write!(
+                f,
+                "the includes are {} compressed, over the {} a Lambda request carries: \
+                 on Lambda this run needs --artifacts s3://BUCKET/PREFIX",
                 human_bytes(*size),
                 human_bytes(*limit)
             ),
@@ -145,6 +159,13 @@ pub fn concerns(
         }
     }
     found
+}
+
+/// The includes of `size` compressed bytes, if Lambda could not take them
+/// in a request (with `--local` and no store they are served over loopback).
+pub fn includes(size: u64) -> Option<Concern> {
+    let limit = ((crate::protocol::MAX_REQUEST_BYTES - 64 * 1024) / 4 * 3) as u64;
+    (size > limit).then_some(Concern::IncludesTooLarge { size, limit })
 }
 
 fn in_image(program: &str) -> bool {
@@ -355,6 +376,9 @@ mod tests {
             }]
         );
         assert!(found[0].to_string().contains("refused on Lambda"));
+        assert_eq!(includes(1024), None);
+        let big = includes(10 * 1024 * 1024).unwrap();
+        assert!(big.to_string().contains("--artifacts"), "{big}");
     }
 
     #[test]

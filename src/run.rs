@@ -366,11 +366,20 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
             None => plan::overlay(&packed.read().map_err(SourceError::from)?)?,
         };
         spec.overlays.push(overlay);
+        if args.local && args.artifacts.is_none() {
+            if let Some(concern) = lambda_fit::includes(packed.size) {
+                eprintln!("mvm-shard: warning: {concern}");
+            }
+        }
         include = Some(packed);
     }
     if args.local {
         let size = archive.size();
-        let budget = plan::inline_budget(&spec, &run_id)? as u64;
+        // Through a store, a source of any size reaches Lambda too.
+        let budget = match args.artifacts {
+            Some(_) => u64::MAX,
+            None => plan::inline_budget(&spec, &run_id)? as u64,
+        };
         let root = &archive.root;
         for concern in lambda_fit::concerns(&args.command, &spec.env, &cwd, root, size, budget) {
             eprintln!("mvm-shard: warning: {concern}");
