@@ -56,6 +56,21 @@ pub enum RunEvent {
     Secret(String),
 }
 
+/// Where [`dispatch`] sends its events: a bounded channel, so that a
+/// reporter that falls behind slows the shards' streams down (down to TCP)
+/// instead of letting their output pile up in memory.
+pub type EventSender = mpsc::Sender<RunEvent>;
+
+/// Events in flight between [`dispatch`] and the reporter. An output event
+/// holds at most one frame (1 MiB, 64 KiB as the agent coalesces), so this
+/// bounds what waits for the reporter to a few MiB whatever the log size.
+pub const EVENTS_IN_FLIGHT: usize = 64;
+
+/// The channel [`dispatch`] and [`consume`] send their events through.
+pub fn event_channel() -> (EventSender, mpsc::Receiver<RunEvent>) {
+    mpsc::channel(EVENTS_IN_FLIGHT)
+}
+
 /// A source decided at dispatch time, such as a tarball link that expires
 /// within minutes and must be fresh for every attempt.
 pub trait SourceResolver: Send + Sync {
@@ -247,7 +262,7 @@ pub async fn dispatch(
     run_id: &str,
     jobs: Vec<ShardJob>,
     options: &DispatchOptions,
-    events: mpsc::UnboundedSender<RunEvent>,
+    events: EventSender,
     cancel: CancellationToken,
 ) -> RunSummary {
     // Cancelled by the caller, or by the first configuration mistake.
@@ -313,7 +328,7 @@ pub async fn dispatch(
                 };
                 // After a configuration mistake the caller tells it once.
                 if !stopped() {
-                    let _ = events.send(RunEvent::Finished(record.clone()));
+                    let _ = events.send(RunEvent::Finished(record.clone())).await;
                 }
                 record
             }
@@ -334,7 +349,7 @@ async fn run_shard(
     run_id: &str,
     job: &ShardJob,
     options: &DispatchOptions,
-    events: &mpsc::UnboundedSender<RunEvent>,
+    events: &EventSender,
 ) -> Result<(ShardStatus, u32, Received), InvokeError> {
     let mut attempt = 1;
     loop {
@@ -358,10 +373,12 @@ async fn run_shard(
             run_id: run_id.to_string(),
             request,
         };
-        let _ = events.send(RunEvent::Started {
-            shard: job.shard,
-            attempt,
-        });
+        let _ = events
+            .send(RunEvent::Started {
+                shard: job.shard,
+                attempt,
+            })
+            .await;
         match backend.invoke(&invocation).await {
             Ok(stream) => {
                 let received = consume(job.shard, stream, events).await;
@@ -371,12 +388,14 @@ async fn run_shard(
             Err(error) if error.kind == InvokeErrorKind::Config => return Err(error),
             Err(error) => match retry_delay(&error, attempt, options) {
                 Some(delay) => {
-                    let _ = events.send(RunEvent::Retrying {
-                        shard: job.shard,
-                        next_attempt: attempt + 1,
-                        delay,
-                        reason: error.message.clone(),
-                    });
+                    let _ = events
+                        .send(RunEvent::Retrying {
+                            shard: job.shard,
+                            next_attempt: attempt + 1,
+                            delay,
+                            reason: error.message.clone(),
+                        })
+                        .await;
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
@@ -400,11 +419,11 @@ async fn run_shard(
 async fn with_resolved_source(
     request: &ShardRequest,
     resolver: &dyn SourceResolver,
-    events: &mpsc::UnboundedSender<RunEvent>,
+    events: &EventSender,
 ) -> Result<ShardRequest, String> {
     let resolved = resolver.resolve().await?;
     if let Some(secret) = resolved.secret {
-        let _ = events.send(RunEvent::Secret(secret));
+        let _ = events.send(RunEvent::Secret(secret)).await;
     }
     Ok(ShardRequest {
         source: resolved.spec,
@@ -449,11 +468,7 @@ pub struct Received {
 }
 
 /// Decodes a shard's stream, forwarding output as it arrives.
-pub async fn consume(
-    shard: ShardId,
-    mut stream: ShardStream,
-    events: &mpsc::UnboundedSender<RunEvent>,
-) -> Received {
+pub async fn consume(shard: ShardId, mut stream: ShardStream, events: &EventSender) -> Received {
     let mut codec = FrameCodec::new();
     let mut buf = BytesMut::new();
     let mut result = None;
@@ -469,11 +484,15 @@ pub async fn consume(
                 loop {
                     match codec.decode(&mut buf) {
                         Ok(Some(Frame::Output { stream, data })) => {
-                            let _ = events.send(RunEvent::Output {
-                                shard,
-                                stream,
-                                data,
-                            });
+                            // Waits while the reporter is behind: a slow stdout
+                            // slows the stream instead of piling the log up here.
+                            let _ = events
+                                .send(RunEvent::Output {
+                                    shard,
+                                    stream,
+                                    data,
+                                })
+                                .await;
                         }
                         Ok(Some(Frame::Heartbeat)) => {}
                         Ok(Some(Frame::File { path, data })) => match files.last_mut() {

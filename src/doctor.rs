@@ -5,7 +5,6 @@
 use std::time::{Duration, Instant};
 
 use crate::backend::errors::classify;
-use tokio::sync::mpsc;
 
 use crate::backend::{Backend, LambdaBackend, ShardInvocation};
 use crate::dispatch::{self, status_of, ShardStatus};
@@ -156,8 +155,11 @@ async fn round_trip(backend: &LambdaBackend) -> Check {
                 )
             }
         };
-        let (events, _drain) = mpsc::unbounded_channel();
+        let (events, mut drain) = dispatch::event_channel();
+        let drained = tokio::spawn(async move { while drain.recv().await.is_some() {} });
         let received = dispatch::consume(invocation.shard, stream, &events).await;
+        drop(events);
+        let _ = drained.await;
         match status_of(received.result.as_ref(), received.failure.clone()) {
             ShardStatus::Passed => latencies.push(started.elapsed()),
             ShardStatus::InfraFailed { reason } if reason.contains("not an mvm-shard frame stream") => {

@@ -18,6 +18,7 @@ pub mod emulator;
 pub mod github;
 pub mod lambda_fit;
 pub mod local_env;
+pub mod net;
 pub mod os;
 pub mod plan;
 pub mod protocol;

@@ -1,12 +1,21 @@
 //! Process-tree control on Linux: find, signal and reap every process a command
 //! started, including those that left its process group with `setsid`.
+//!
+//! Finding a tree walks only that tree (`/proc/<pid>/task/*/children`), never
+//! all of `/proc`: with a thousand shards in flight, whole-`/proc` scans made
+//! every teardown quadratic. The one scan that must look at every process
+//! (a marker variable, for processes that left the tree) runs on one thread
+//! for the whole process and serves every teardown waiting at that moment.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc as std_mpsc;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use tokio::sync::oneshot;
 
 /// Makes this process the reaper of every orphan below it, so that a daemon
 /// that double-forks or calls `setsid` stays in our tree and can be found.
@@ -14,26 +23,62 @@ pub fn become_subreaper() -> std::io::Result<()> {
     nix::sys::prctl::set_child_subreaper(true).map_err(std::io::Error::from)
 }
 
+/// Whether this process is a subreaper: then nothing it starts can leave its
+/// tree, and a marker scan for escaped processes cannot find any.
+pub fn is_subreaper() -> bool {
+    nix::sys::prctl::get_child_subreaper().unwrap_or(false)
+}
+
 /// Live (non-zombie) processes whose parent chain leads to `root`, excluding `root`.
 pub fn descendants(root: u32) -> Vec<u32> {
-    let mut parents: Vec<(u32, u32)> = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+    let mut found: HashSet<u32> = HashSet::new();
+    let mut queue = vec![root];
+    while let Some(pid) = queue.pop() {
+        let Some(children) = children_of(pid) else {
+            if pid == root && std::path::Path::new(&format!("/proc/{root}")).exists() {
+                // A kernel without /proc/<pid>/task/<tid>/children (CONFIG_PROC_CHILDREN).
+                return descendants_by_scan(root);
+            }
             continue;
         };
-        if let Some((state, ppid)) = stat_state_and_parent(pid) {
-            if state != 'Z' && state != 'X' {
-                parents.push((pid, ppid));
+        for child in children {
+            if found.insert(child) {
+                queue.push(child);
             }
         }
     }
+    let mut list: Vec<u32> = found.into_iter().filter(|&p| is_alive(p)).collect();
+    list.sort_unstable();
+    list
+}
+
+/// Direct children of `pid` (zombies included), from every thread's
+/// `children` file; `None` when they cannot be read.
+fn children_of(pid: u32) -> Option<Vec<u32>> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut children = Vec::new();
+    let mut readable = false;
+    for task in tasks.flatten() {
+        let Ok(text) = std::fs::read_to_string(task.path().join("children")) else {
+            continue;
+        };
+        readable = true;
+        children.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    readable.then_some(children)
+}
+
+/// [`descendants`] for kernels without `children` files: one pass over `/proc`.
+fn descendants_by_scan(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = all_pids()
+        .filter_map(|pid| match stat_state_and_parent(pid) {
+            Some((state, ppid)) if state != 'Z' && state != 'X' => Some((pid, ppid)),
+            _ => None,
+        })
+        .collect();
     let mut found: HashSet<u32> = HashSet::from([root]);
     let mut grew = true;
     while grew {
@@ -48,6 +93,14 @@ pub fn descendants(root: u32) -> Vec<u32> {
     let mut list: Vec<u32> = found.into_iter().collect();
     list.sort_unstable();
     list
+}
+
+fn all_pids() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
 }
 
 fn stat_state_and_parent(pid: u32) -> Option<(char, u32)> {
@@ -65,42 +118,125 @@ fn stat_state_and_parent(pid: u32) -> Option<(char, u32)> {
 /// the way Jenkins' process-tree killer finds a build's leftovers.
 pub fn processes_marked(name: &str, value: &str) -> Vec<u32> {
     let needle = format!("{name}={value}");
-    let me = std::process::id();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut found: Vec<u32> = dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != me && is_alive(pid))
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == needle.as_bytes()))
-        })
-        .collect();
+    let mut found = scan_marked(&[needle.as_bytes()]).remove(0);
     found.sort_unstable();
+    found
+}
+
+/// For each needle (`name=value`), the live processes other than this one
+/// whose environment holds it: one pass over `/proc` for all of them.
+fn scan_marked(needles: &[&[u8]]) -> Vec<Vec<u32>> {
+    let me = std::process::id();
+    let mut found = vec![Vec::new(); needles.len()];
+    for pid in all_pids().filter(|&pid| pid != me) {
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let mut marked = false;
+        for var in env.split(|b| *b == 0) {
+            if let Some(i) = needles.iter().position(|n| *n == var) {
+                found[i].push(pid);
+                marked = true;
+            }
+        }
+        if marked && !is_alive(pid) {
+            for list in &mut found {
+                list.retain(|p| *p != pid);
+            }
+        }
+    }
     found
 }
 
 /// Kills (SIGKILL) every process carrying the marker and everything below
 /// them; returns how many there were.
 pub fn kill_marked(name: &str, value: &str) -> u32 {
-    let mut killed = HashSet::new();
+    kill_marked_all(&[format!("{name}={value}")])[0]
+}
+
+/// [`kill_marked`] for many markers (`name=value`) at once, with one scan
+/// per round; returns how many processes each marker had.
+fn kill_marked_all(needles: &[String]) -> Vec<u32> {
+    let needles: Vec<&[u8]> = needles.iter().map(|n| n.as_bytes()).collect();
+    let mut killed: Vec<HashSet<u32>> = vec![HashSet::new(); needles.len()];
+    let mut pause = Duration::from_millis(1);
     for _ in 0..10 {
-        let mut targets = processes_marked(name, value);
-        for pid in targets.clone() {
-            targets.extend(descendants(pid));
+        let mut any = false;
+        for (i, marked) in scan_marked(&needles).into_iter().enumerate() {
+            let mut targets = marked.clone();
+            for pid in marked {
+                targets.extend(descendants(pid));
+            }
+            targets.retain(|p| !killed[i].contains(p));
+            if targets.is_empty() {
+                continue;
+            }
+            any = true;
+            signal_all(&targets, Signal::SIGSTOP);
+            signal_all(&targets, Signal::SIGKILL);
+            killed[i].extend(targets);
         }
-        targets.retain(|p| !killed.contains(p));
-        if targets.is_empty() {
+        if !any {
             break;
         }
-        signal_all(&targets, Signal::SIGSTOP);
-        signal_all(&targets, Signal::SIGKILL);
-        killed.extend(targets);
-        std::thread::sleep(Duration::from_millis(5));
+        // Give the kills a moment to land before looking for what forked meanwhile.
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
-    killed.len() as u32
+    killed.iter().map(|k| k.len() as u32).collect()
+}
+
+struct MarkerSweep {
+    needle: String,
+    done: oneshot::Sender<u32>,
+}
+
+/// Kills every process carrying `name=value` and everything below them, as
+/// [`kill_marked`] does, but shares the `/proc` scan with every other sweep
+/// waiting at the same moment: one thread serves them all in batches, so a
+/// thousand teardowns cost a few scans, not a thousand.
+pub async fn kill_marked_shared(name: &str, value: &str) -> u32 {
+    static SWEEPER: OnceLock<std::sync::Mutex<std_mpsc::Sender<MarkerSweep>>> = OnceLock::new();
+    let sweeper = SWEEPER.get_or_init(|| {
+        let (tx, rx) = std_mpsc::channel::<MarkerSweep>();
+        // Should the thread not start, sends fail and each sweep runs on its own below.
+        let _ = std::thread::Builder::new()
+            .name("marker-sweeper".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let batch: Vec<MarkerSweep> =
+                        std::iter::once(first).chain(rx.try_iter()).collect();
+                    let mut unique: Vec<String> = batch.iter().map(|s| s.needle.clone()).collect();
+                    unique.sort();
+                    unique.dedup();
+                    let counts: HashMap<String, u32> = unique
+                        .iter()
+                        .cloned()
+                        .zip(kill_marked_all(&unique))
+                        .collect();
+                    for sweep in batch {
+                        let _ = sweep
+                            .done
+                            .send(counts.get(&sweep.needle).copied().unwrap_or(0));
+                    }
+                }
+            });
+        std::sync::Mutex::new(tx)
+    });
+    let (done, answer) = oneshot::channel();
+    let needle = format!("{name}={value}");
+    let sent = sweeper
+        .lock()
+        .map(|tx| tx.send(MarkerSweep { needle, done }).is_ok())
+        .unwrap_or(false);
+    if !sent {
+        // No sweeper thread: do it here.
+        let (name, value) = (name.to_string(), value.to_string());
+        return tokio::task::spawn_blocking(move || kill_marked(&name, &value))
+            .await
+            .unwrap_or(0);
+    }
+    answer.await.unwrap_or(0)
 }
 
 /// Whether a process with this id is alive (a zombie counts as gone).
@@ -132,12 +268,20 @@ pub fn reap_exited_children() {
 
 /// Ends every descendant of `root`: SIGTERM, up to `grace` to exit, then SIGKILL
 /// until none is left. Returns how many distinct processes were found.
-/// With `reap`, exited children of this process are reaped as they die (for a
-/// subreaper whose orphans would otherwise stay zombies).
+/// With `reap`, exited children of this process are reaped as they die and
+/// before it returns, even when nothing was left to kill: a daemon the
+/// subreaper adopted and an earlier call killed (at a timeout, while the
+/// command's own status was still awaited) must not stay a zombie.
 pub async fn end_descendants(root: u32, grace: Duration, reap: bool) -> u32 {
+    let reap = || {
+        if reap {
+            reap_exited_children();
+        }
+    };
     let mut seen: HashSet<u32> = HashSet::new();
     let first = descendants(root);
     if first.is_empty() {
+        reap();
         return 0;
     }
     seen.extend(&first);
@@ -145,10 +289,10 @@ pub async fn end_descendants(root: u32, grace: Duration, reap: bool) -> u32 {
     let deadline = tokio::time::Instant::now() + grace;
     // A process in uninterruptible sleep may outlive SIGKILL for a while; never hang on it.
     let give_up = deadline + Duration::from_secs(10);
+    // Exits are looked for soon, then less often: most processes die at once.
+    let mut pause = Duration::from_millis(1);
     loop {
-        if reap {
-            reap_exited_children();
-        }
+        reap();
         let left = descendants(root);
         seen.extend(&left);
         if left.is_empty() {
@@ -166,11 +310,11 @@ pub async fn end_descendants(root: u32, grace: Duration, reap: bool) -> u32 {
             seen.extend(&left);
             signal_all(&left, Signal::SIGKILL);
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        let wake = (now + pause).min(if now < deadline { deadline } else { give_up });
+        tokio::time::sleep_until(wake).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
-    if reap {
-        reap_exited_children();
-    }
+    reap();
     seen.len() as u32
 }
 
@@ -237,4 +381,38 @@ pub fn rewrite_command_line(edit: impl FnOnce(&mut [u8])) -> std::io::Result<()>
     }
     mem.seek(SeekFrom::Start(start))?;
     mem.write_all(&args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tree_walk_finds_grandchildren_and_skips_zombies() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & sleep 30 & wait"])
+            .spawn()
+            .unwrap();
+        let mut zombie = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut below = descendants(pid);
+        while (below.len() < 2 || is_alive(zombie.id())) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            below = descendants(pid);
+        }
+        assert_eq!(below.len(), 2, "{below:?}");
+        assert_eq!(below, descendants_by_scan(pid));
+        let mine = descendants(std::process::id());
+        assert!(mine.contains(&pid), "{mine:?}");
+        assert!(below.iter().all(|p| mine.contains(p)), "{mine:?}");
+        assert!(
+            !mine.contains(&zombie.id()),
+            "a zombie is no live descendant"
+        );
+        signal_all(&below, Signal::SIGKILL);
+        child.kill().unwrap();
+        let _ = child.wait();
+        let _ = zombie.wait();
+    }
 }

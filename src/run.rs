@@ -507,6 +507,8 @@ async fn connect(
         let mut function =
             FunctionConfig::default_agent().map_err(|e| RunError::Local(e.to_string()))?;
         function.max_concurrency = max_parallel;
+        // Every attempt has a tenant id of its own: nothing could reuse a warm one.
+        function.keep_warm = false;
         let inherited = LocalEnvironment::from_host(source_root, |n| std::env::var(n).ok());
         for entry in &inherited.dropped_path {
             eprintln!(
@@ -600,7 +602,7 @@ async fn dispatch_and_report(
         cancel.clone(),
         target.backend.clone(),
     ));
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = dispatch::event_channel();
     let fail_fast = args.fail_fast.then(|| cancel.clone());
     let reporter = tokio::spawn(consume_events(
         reporter(args, planned, jobs.len()),
@@ -701,7 +703,7 @@ fn reporter(args: &RunArgs, planned: &PlannedRun, shards: usize) -> Box<dyn Repo
 /// timed out, and returns which one that was.
 async fn consume_events(
     mut reporter: Box<dyn Reporter>,
-    mut rx: mpsc::UnboundedReceiver<RunEvent>,
+    mut rx: mpsc::Receiver<RunEvent>,
     fail_fast: Option<CancellationToken>,
 ) -> (Box<dyn Reporter>, Option<ShardId>) {
     let mut failed_first = None;
@@ -719,6 +721,10 @@ async fn consume_events(
         }
         // A reporter that cannot write any more still lets fail-fast see the events.
         if !broken && reporter.handle(&event).is_err() {
+            broken = true;
+        }
+        // Buffered output goes out whenever no event is waiting.
+        if !broken && rx.is_empty() && reporter.flush().is_err() {
             broken = true;
         }
     }
@@ -808,7 +814,23 @@ async fn list_tests(
         }
     } else {
         let job = plan::listing_job(&planned.spec, &planned.run_id, &planned.source, command)?;
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = dispatch::event_channel();
+        // The channel is bounded: collect the listing while it runs.
+        let collected = tokio::spawn(async move {
+            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            while let Some(event) = rx.recv().await {
+                match event {
+                    RunEvent::Output {
+                        stream: OutputStream::Stdout,
+                        data,
+                        ..
+                    } => stdout.extend_from_slice(&data),
+                    RunEvent::Output { data, .. } => stderr.extend_from_slice(&data),
+                    _ => {}
+                }
+            }
+            (stdout, stderr)
+        });
         let options = DispatchOptions {
             max_parallel: 1,
             source: planned
@@ -827,18 +849,9 @@ async fn list_tests(
             CancellationToken::new(),
         )
         .await;
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-        while let Some(event) = rx.recv().await {
-            match event {
-                RunEvent::Output {
-                    stream: OutputStream::Stdout,
-                    data,
-                    ..
-                } => stdout.extend_from_slice(&data),
-                RunEvent::Output { data, .. } => stderr.extend_from_slice(&data),
-                _ => {}
-            }
-        }
+        let (stdout, stderr) = collected
+            .await
+            .map_err(|e| RunError::Local(format!("the listing's collector failed: {e}")))?;
         let Some(record) = summary.records.first() else {
             return Err(RunError::ListingNotRun("no result".into()));
         };

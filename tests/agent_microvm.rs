@@ -290,7 +290,7 @@ async fn an_empty_run_payload_means_the_request_comes_on_the_log_port() {
 async fn an_invalid_request_on_the_log_port_is_400_and_ends_the_log_rejected() {
     let agent = Agent::start().await;
     assert_eq!(agent.run(RunPayload::ViaLogPort).await.0, StatusCode::OK);
-    let (status, reason) = agent.post_shard(br#"{"version":1}"#.to_vec()).await;
+    let (status, reason) = agent.post_shard(br#"{"version":2}"#.to_vec()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(reason.contains("not a valid shard request"), "{reason}");
     let frames = frames(&agent.read_log(0).await);
@@ -303,7 +303,7 @@ async fn an_invalid_request_on_the_log_port_is_400_and_ends_the_log_rejected() {
 #[tokio::test]
 async fn a_malformed_run_payload_is_400_and_a_second_run_is_409() {
     let agent = Agent::start().await;
-    let (status, reason) = agent.hook("run", b"{\"version\":1}".to_vec()).await;
+    let (status, reason) = agent.hook("run", b"{\"version\":2}".to_vec()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(reason.contains("neither a request"), "{reason}");
     assert_eq!(

@@ -164,8 +164,8 @@ async fn a_malformed_request_gets_a_clear_refusal_not_a_crash() {
     let client = sdk_client(&emu.endpoint).await;
     // What no planner would send: cut-off JSON, and a shard index past its count.
     let payloads: [&[u8]; 2] = [
-        b"{\"version\":1,\"command\":",
-        b"{\"version\":1,\"run_id\":\"r\",\"shard\":{\"index\":9,\"count\":2},\"command\":[\"true\"],\"timeout_ms\":1000,\"source\":{\"kind\":\"empty\"}}",
+        b"{\"version\":2,\"command\":",
+        b"{\"version\":2,\"run_id\":\"r\",\"shard\":{\"index\":9,\"count\":2},\"command\":[\"true\"],\"timeout_ms\":1000,\"source\":{\"kind\":\"empty\"}}",
     ];
     for (i, payload) in payloads.into_iter().enumerate() {
         let result = final_result(&client, "f", &format!("malformed-{i}"), payload).await;
@@ -258,6 +258,61 @@ async fn a_daemon_the_command_leaves_behind_is_gone_afterwards() {
             .unwrap()
             .stragglers_killed
             >= 1
+    );
+    emu.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_function_not_kept_warm_gives_every_invocation_a_fresh_environment() {
+    let mut function = agent_function("f", false);
+    function.keep_warm = false;
+    let emu = emulator(vec![function]).await;
+    let backend = backend(&emu.endpoint, "f", false).await;
+    for _ in 0..2 {
+        let done = run(backend.clone(), vec![request("echo $$", 1, 1, MINUTE)], 1).await;
+        assert_eq!(done.summary.exit_code(), 0);
+        let result = done.summary.records[0].result.clone().unwrap();
+        assert!(result.fresh_environment, "an environment was kept warm");
+    }
+    emu.shutdown().await.unwrap();
+}
+
+/// The state letter of `/proc/<pid>/stat`, if the process still exists.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+#[tokio::test]
+async fn a_daemon_killed_at_the_timeout_is_reaped_not_left_a_zombie() {
+    // A warm environment: the agent lives on after the shard, so a zombie
+    // child of it would stay.
+    let emu = emulator(vec![agent_function("f", false)]).await;
+    let backend = backend(&emu.endpoint, "f", false).await;
+    let pidfile = tempfile::NamedTempFile::new().unwrap();
+    let script = format!(
+        "setsid sh -c 'sleep 300 & echo $! > {}'; sleep 300",
+        pidfile.path().display()
+    );
+    let run = run(
+        backend,
+        vec![request(&script, 1, 1, Duration::from_secs(2))],
+        1,
+    );
+    let done = tokio::time::timeout(MINUTE, run)
+        .await
+        .expect("the shard ended");
+    assert_eq!(done.summary.records[0].status, ShardStatus::TimedOut);
+    let pid: u32 = std::fs::read_to_string(pidfile.path())
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // The agent kills and reaps before it sends the result.
+    assert_eq!(
+        process_state(pid),
+        None,
+        "daemon {pid} is still there (Z: an unreaped zombie of the agent)"
     );
     emu.shutdown().await.unwrap();
 }

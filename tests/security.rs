@@ -398,7 +398,7 @@ async fn dispatch_as(
     run_id: &str,
     req: &ShardRequest,
 ) -> dispatch::ShardRecord {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = dispatch::event_channel();
     drop(rx);
     let jobs = vec![ShardJob {
         shard: req.shard,

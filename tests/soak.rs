@@ -19,7 +19,6 @@ use common::{agent_function, backend, request, start_emulator};
 use mvm_shard::dispatch::{self, DispatchOptions, RunEvent, ShardJob, ShardStatus};
 use mvm_shard::emulator::{EmulatorConfig, FaultCounts, FaultKind, LambdaFaults};
 use mvm_shard::protocol::{Outcome, OutputStream};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// What to soak.
@@ -102,7 +101,7 @@ async fn soak(soak: Soak) -> Report {
         backoff: Duration::from_millis(20),
         ..DispatchOptions::default()
     };
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mvm_shard::dispatch::event_channel();
     let started = Instant::now();
     let shards = soak.shards;
     let lines = soak.lines;

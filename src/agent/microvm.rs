@@ -148,12 +148,11 @@ pub async fn serve(
         phase: Mutex::new(Phase::Idle),
         log: watch::Sender::new(None),
     });
-    let nodelay = |tcp: &mut tokio::net::TcpStream| {
-        // Log chunks are small and latency matters more than packet count.
-        let _ = tcp.set_nodelay(true);
-    };
-    let hooks = axum::serve(hooks.tap_io(nodelay), hook_routes(agent.clone()));
-    let log = axum::serve(log.tap_io(nodelay), log_routes(agent));
+    let hooks = axum::serve(
+        hooks.tap_io(crate::net::no_delay),
+        hook_routes(agent.clone()),
+    );
+    let log = axum::serve(log.tap_io(crate::net::no_delay), log_routes(agent));
     let ended = tokio::select! {
         served = hooks => served.map_err(|source| MicrovmError::Serve { server: "hooks", source }),
         served = log => served.map_err(|source| MicrovmError::Serve { server: "log", source }),
@@ -487,7 +486,7 @@ mod tests {
         }
         assert_eq!(
             RunPayload::ViaLogPort.encode().unwrap(),
-            br#"{"version":1,"request_via_log_port":true}"#
+            br#"{"version":2,"request_via_log_port":true}"#
         );
     }
 
@@ -505,8 +504,8 @@ mod tests {
     fn malformed_payloads_are_told_from_invalid_requests() {
         for payload in [
             &b"{"[..],
-            br#"{"version":1}"#,
-            br#"{"version":1,"request_via_log_port":true,"request":{}}"#,
+            br#"{"version":2}"#,
+            br#"{"version":2,"request_via_log_port":true,"request":{}}"#,
         ] {
             assert!(
                 matches!(
@@ -518,11 +517,11 @@ mod tests {
             );
         }
         assert!(matches!(
-            RunPayload::decode(br#"{"version":2,"request_via_log_port":true}"#),
-            Err(RunPayloadError::Version(2))
+            RunPayload::decode(br#"{"version":3,"request_via_log_port":true}"#),
+            Err(RunPayloadError::Version(3))
         ));
         assert!(matches!(
-            RunPayload::decode(br#"{"version":1,"request":{"version":1}}"#),
+            RunPayload::decode(br#"{"version":2,"request":{"version":2}}"#),
             Err(RunPayloadError::Request(_))
         ));
     }

@@ -390,11 +390,12 @@ async fn run_command(
         }
     };
     let mut stragglers = os::end_descendants(me, STRAGGLER_GRACE, true).await;
-    let marker = scratch.display().to_string();
-    stragglers +=
-        tokio::task::spawn_blocking(move || os::kill_marked(workspace::SANDBOX_MARKER, &marker))
-            .await
-            .unwrap_or(0);
+    if !os::is_subreaper() {
+        // Without a subreaper, a daemon's orphans leave our tree; the marker
+        // finds them. As a subreaper, everything the command started is below us.
+        let marker = scratch.display().to_string();
+        stragglers += os::kill_marked_shared(workspace::SANDBOX_MARKER, &marker).await;
+    }
     let mut stderr_tail = Vec::new();
     for mut reader in readers {
         // With every writer gone the pipes are at EOF; the bound guards against

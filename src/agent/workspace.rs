@@ -42,10 +42,14 @@ pub async fn sweep(root: &Path) -> Leftovers {
         os::end_descendants(std::process::id(), Duration::from_millis(500), true).await;
     // Commands of an earlier agent process (Lambda restarted a crashed runtime
     // but kept the sandbox) are no descendants of ours; the marker finds them.
-    let marker = root.display().to_string();
-    processes += tokio::task::spawn_blocking(move || os::kill_marked(SANDBOX_MARKER, &marker))
-        .await
-        .unwrap_or(0);
+    // A shard's processes are all dead before its workspace is removed, so
+    // with nothing left in the scratch root there is nothing to find, unless
+    // we are no subreaper and orphans could have left our tree.
+    let anything_left = std::fs::read_dir(root).is_ok_and(|mut d| d.next().is_some());
+    if anything_left || !os::is_subreaper() {
+        let marker = root.display().to_string();
+        processes += os::kill_marked_shared(SANDBOX_MARKER, &marker).await;
+    }
     let root = root.to_path_buf();
     let paths = tokio::task::spawn_blocking(move || empty_dir(&root))
         .await

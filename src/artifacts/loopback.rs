@@ -47,7 +47,8 @@ impl LoopbackServer {
         let stop = tokio_util::sync::CancellationToken::new();
         let signal = stop.clone();
         let task = tokio::spawn(async move {
-            axum::serve(listener, router)
+            use axum::serve::ListenerExt;
+            axum::serve(listener.tap_io(crate::net::no_delay), router)
                 .with_graceful_shutdown(async move { signal.cancelled().await })
                 .await
         });

@@ -63,7 +63,8 @@ impl Environment {
         let server_stop = exited.clone();
         let router = runtime::router(runtime.clone());
         tokio::spawn(async move {
-            let served = axum::serve(listener, router)
+            use axum::serve::ListenerExt;
+            let served = axum::serve(listener.tap_io(crate::net::no_delay), router)
                 .with_graceful_shutdown(async move { server_stop.cancelled().await })
                 .await;
             if let Err(e) = served {
@@ -116,9 +117,7 @@ impl Environment {
             let _ = child.start_kill();
             let _ = child.wait().await;
             let marker = env_id.clone();
-            let _ =
-                tokio::task::spawn_blocking(move || os::kill_marked(ENVIRONMENT_MARKER, &marker))
-                    .await;
+            os::kill_marked_shared(ENVIRONMENT_MARKER, &marker).await;
             watch_exited.cancel();
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
         });

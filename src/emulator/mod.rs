@@ -61,6 +61,10 @@ pub struct FunctionConfig {
     /// for a caller without `lambda:InvokeFunction` on the function (its
     /// configuration stays readable), to test how clients tell it.
     pub deny_invoke: bool,
+    /// Keep environments warm for the next invocation of the same tenant, as
+    /// Lambda does. `run --local` turns it off: each attempt there has a
+    /// tenant id of its own, so a warm environment could never be reused.
+    pub keep_warm: bool,
 }
 
 impl FunctionConfig {
@@ -77,6 +81,7 @@ impl FunctionConfig {
             max_concurrency: 1000,
             env: Vec::new(),
             deny_invoke: false,
+            keep_warm: true,
         }
     }
 
@@ -191,10 +196,12 @@ impl Emulator {
     ) -> std::io::Result<()> {
         let stopping = CancellationToken::new();
         let router = invoke::router(self.clone());
-        let server = axum::serve(listener, router).with_graceful_shutdown({
-            let stopping = stopping.clone();
-            async move { stopping.cancelled().await }
-        });
+        use axum::serve::ListenerExt;
+        let server = axum::serve(listener.tap_io(crate::net::no_delay), router)
+            .with_graceful_shutdown({
+                let stopping = stopping.clone();
+                async move { stopping.cancelled().await }
+            });
         let state = self.state.clone();
         let watcher = tokio::spawn(async move {
             shutdown.await;
@@ -292,7 +299,7 @@ impl Lease {
     fn release(mut self, reusable: bool) {
         self.released = true;
         self.function.busy.fetch_sub(1, Ordering::SeqCst);
-        if !(reusable && self.env.is_alive()) {
+        if !(reusable && self.function.config.keep_warm && self.env.is_alive()) {
             self.env.destroy();
             return;
         }

@@ -3,19 +3,31 @@
 //! Layout: a 5-byte preamble `MVMS` + version, then frames of
 //! `kind u8 | length u32 BE | payload`. Frames may be split across transport
 //! chunks at any byte; [`FrameCodec`] reassembles them and bounds every length.
+//!
+//! The bodies of output and file frames are one zstd stream per shard
+//! stream, flushed at every frame: a frame decodes as soon as it arrives, and
+//! a line that repeats earlier ones (a test log) compresses against them,
+//! however small the frame. A frame under [`COMPRESS_FROM`] bytes goes raw.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
+use zstd::stream::raw::{Decoder as ZstdDecoder, Encoder as ZstdEncoder, Operation};
+use zstd::zstd_safe::{CParameter, DParameter, InBuffer, OutBuffer};
 
-use super::shard::{ShardResult, PROTOCOL_VERSION};
+use super::shard::{version_advice, ShardResult, PROTOCOL_VERSION};
 
 const MAGIC: &[u8; 4] = b"MVMS";
 const PREAMBLE_LEN: usize = MAGIC.len() + 1;
 const HEADER_LEN: usize = 5;
 /// Largest payload of one frame, compressed or not; larger output is split.
 pub const MAX_FRAME_PAYLOAD: usize = 1024 * 1024;
-/// Output chunks at least this big are zstd-compressed when that makes them smaller.
-const COMPRESS_FROM: usize = 512;
+/// Bodies at least this big go through the shard's zstd stream.
+const COMPRESS_FROM: usize = 16;
+/// zstd level: the fastest, as the agent compresses while the command runs.
+const ZSTD_LEVEL: i32 = 1;
+/// Window of the zstd stream (2^17 = 128 KiB): what a decoder of one shard
+/// holds in memory, and how far back a repeated line is found.
+const ZSTD_WINDOW_LOG: u32 = 17;
 
 const KIND_OUTPUT: u8 = 1;
 const KIND_HEARTBEAT: u8 = 2;
@@ -24,7 +36,8 @@ const KIND_FILE: u8 = 4;
 /// Longest path a file frame carries.
 pub const MAX_FILE_PATH: usize = 4096;
 const ENCODING_RAW: u8 = 0;
-const ENCODING_ZSTD: u8 = 1;
+/// A piece of the stream's zstd stream, flushed at the frame's end.
+const ENCODING_ZSTD_STREAM: u8 = 2;
 
 /// Which of the command's output streams a chunk came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -66,7 +79,10 @@ pub enum FrameError {
     #[error("stream is not an mvm-shard frame stream (starts with {0:?})")]
     NotAFrameStream(Vec<u8>),
     /// The peer speaks another protocol version.
-    #[error("stream uses protocol version {0}, expected {PROTOCOL_VERSION}")]
+    #[error(
+        "the agent answered with protocol version {0}, this invoker speaks {PROTOCOL_VERSION}; {advice}",
+        advice = version_advice(PROTOCOL_VERSION, u16::from(*.0))
+    )]
     Version(u8),
     /// A frame declares a payload over the bound.
     #[error("frame of {0} bytes exceeds the {MAX_FRAME_PAYLOAD}-byte bound")]
@@ -80,16 +96,117 @@ pub enum FrameError {
 }
 
 /// Encodes and decodes the shard stream; one codec per stream, since the
-/// preamble is written and checked once.
-#[derive(Debug, Default)]
+/// preamble is written and checked once and the zstd stream runs through it.
+#[derive(Default)]
 pub struct FrameCodec {
     preamble_done: bool,
+    /// Made at the first compressed body: a shard that prints nothing costs nothing.
+    compressor: Option<ZstdEncoder<'static>>,
+    decompressor: Option<ZstdDecoder<'static>>,
+    /// Reused for every compressed body.
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for FrameCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameCodec")
+            .field("preamble_done", &self.preamble_done)
+            .field("compressing", &self.compressor.is_some())
+            .field("decompressing", &self.decompressor.is_some())
+            .finish()
+    }
 }
 
 impl FrameCodec {
     /// A codec at the start of a stream.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The body of an output or file frame: through the zstd stream, flushed,
+    /// unless it is too small to gain anything.
+    fn encode_body<'a>(
+        &'a mut self,
+        data: &'a [u8],
+    ) -> Result<(u8, std::borrow::Cow<'a, [u8]>), FrameError> {
+        if data.len() < COMPRESS_FROM {
+            return Ok((ENCODING_RAW, data.into()));
+        }
+        let compressor = match &mut self.compressor {
+            Some(c) => c,
+            None => {
+                let mut c = ZstdEncoder::new(ZSTD_LEVEL)?;
+                c.set_parameter(CParameter::WindowLog(ZSTD_WINDOW_LOG))?;
+                self.compressor.insert(c)
+            }
+        };
+        let out = &mut self.scratch;
+        out.clear();
+        if out.capacity() > 4 * MAX_FRAME_PAYLOAD {
+            *out = Vec::new();
+        }
+        out.reserve(zstd::zstd_safe::compress_bound(data.len()) + 64);
+        let mut input = InBuffer::around(data);
+        while input.pos() < data.len() {
+            grow(out);
+            let len = out.len();
+            let mut piece = OutBuffer::around_pos(out, len);
+            compressor.run(&mut input, &mut piece)?;
+        }
+        loop {
+            grow(out);
+            let len = out.len();
+            let mut piece = OutBuffer::around_pos(out, len);
+            if compressor.flush(&mut piece)? == 0 {
+                break;
+            }
+        }
+        Ok((ENCODING_ZSTD_STREAM, self.scratch.as_slice().into()))
+    }
+
+    fn decode_body(&mut self, encoding: u8, payload: Bytes) -> Result<Bytes, FrameError> {
+        match encoding {
+            ENCODING_RAW => Ok(payload),
+            ENCODING_ZSTD_STREAM => {
+                let decompressor = match &mut self.decompressor {
+                    Some(d) => d,
+                    None => {
+                        let mut d = ZstdDecoder::new()?;
+                        // A window over ours is a foreign stream, and a memory bomb.
+                        d.set_parameter(DParameter::WindowLogMax(ZSTD_WINDOW_LOG))?;
+                        self.decompressor.insert(d)
+                    }
+                };
+                let bad =
+                    |e: std::io::Error| FrameError::Invalid(format!("bad compressed data: {e}"));
+                let mut out: Vec<u8> =
+                    Vec::with_capacity((payload.len() * 4).min(MAX_FRAME_PAYLOAD));
+                let mut input = InBuffer::around(&payload);
+                loop {
+                    if out.len() == out.capacity() {
+                        if out.len() >= MAX_FRAME_PAYLOAD {
+                            return Err(FrameError::TooLarge(out.len() + 1));
+                        }
+                        out.reserve_exact(out.len().clamp(4096, MAX_FRAME_PAYLOAD - out.len()));
+                    }
+                    let len = out.len();
+                    let mut piece = OutBuffer::around_pos(&mut out, len);
+                    decompressor.run(&mut input, &mut piece).map_err(bad)?;
+                    let room_left = piece.pos() < piece.capacity();
+                    if input.pos() == payload.len() && room_left {
+                        return Ok(Bytes::from(out));
+                    }
+                }
+            }
+            other => Err(FrameError::Invalid(format!("unknown encoding {other}"))),
+        }
+    }
+}
+
+/// Makes room for the next piece of compressed output.
+fn grow(out: &mut Vec<u8>) {
+    if out.capacity() - out.len() < 1024 {
+        out.reserve(64 * 1024);
     }
 }
 
@@ -126,72 +243,52 @@ impl Decoder for FrameCodec {
         }
         src.advance(HEADER_LEN);
         let payload = src.split_to(len).freeze();
-        decode_payload(kind, payload).map(Some)
+        self.decode_payload(kind, payload).map(Some)
     }
 }
 
-fn decode_payload(kind: u8, mut payload: Bytes) -> Result<Frame, FrameError> {
-    match kind {
-        KIND_OUTPUT => {
-            if payload.len() < 2 {
-                return Err(FrameError::Invalid("output frame too short".into()));
+impl FrameCodec {
+    fn decode_payload(&mut self, kind: u8, mut payload: Bytes) -> Result<Frame, FrameError> {
+        match kind {
+            KIND_OUTPUT => {
+                if payload.len() < 2 {
+                    return Err(FrameError::Invalid("output frame too short".into()));
+                }
+                let stream = match payload.get_u8() {
+                    1 => OutputStream::Stdout,
+                    2 => OutputStream::Stderr,
+                    other => return Err(FrameError::Invalid(format!("unknown stream {other}"))),
+                };
+                let encoding = payload.get_u8();
+                Ok(Frame::Output {
+                    stream,
+                    data: self.decode_body(encoding, payload)?,
+                })
             }
-            let stream = match payload.get_u8() {
-                1 => OutputStream::Stdout,
-                2 => OutputStream::Stderr,
-                other => return Err(FrameError::Invalid(format!("unknown stream {other}"))),
-            };
-            let encoding = payload.get_u8();
-            Ok(Frame::Output {
-                stream,
-                data: decode_body(encoding, payload)?,
-            })
+            KIND_FILE => {
+                if payload.len() < 2 {
+                    return Err(FrameError::Invalid("file frame too short".into()));
+                }
+                let len = payload.get_u16() as usize;
+                if len > MAX_FILE_PATH || payload.len() < len + 1 {
+                    return Err(FrameError::Invalid(
+                        "file frame path is out of bounds".into(),
+                    ));
+                }
+                let path = String::from_utf8(payload.split_to(len).to_vec())
+                    .map_err(|_| FrameError::Invalid("file path is not UTF-8".into()))?;
+                let encoding = payload.get_u8();
+                Ok(Frame::File {
+                    path,
+                    data: self.decode_body(encoding, payload)?,
+                })
+            }
+            KIND_HEARTBEAT => Ok(Frame::Heartbeat),
+            KIND_RESULT => serde_json::from_slice(&payload)
+                .map(Frame::Result)
+                .map_err(|e| FrameError::Invalid(format!("bad result: {e}"))),
+            other => Err(FrameError::Invalid(format!("unknown frame kind {other}"))),
         }
-        KIND_FILE => {
-            if payload.len() < 2 {
-                return Err(FrameError::Invalid("file frame too short".into()));
-            }
-            let len = payload.get_u16() as usize;
-            if len > MAX_FILE_PATH || payload.len() < len + 1 {
-                return Err(FrameError::Invalid(
-                    "file frame path is out of bounds".into(),
-                ));
-            }
-            let path = String::from_utf8(payload.split_to(len).to_vec())
-                .map_err(|_| FrameError::Invalid("file path is not UTF-8".into()))?;
-            let encoding = payload.get_u8();
-            Ok(Frame::File {
-                path,
-                data: decode_body(encoding, payload)?,
-            })
-        }
-        KIND_HEARTBEAT => Ok(Frame::Heartbeat),
-        KIND_RESULT => serde_json::from_slice(&payload)
-            .map(Frame::Result)
-            .map_err(|e| FrameError::Invalid(format!("bad result: {e}"))),
-        other => Err(FrameError::Invalid(format!("unknown frame kind {other}"))),
-    }
-}
-
-fn decode_body(encoding: u8, payload: Bytes) -> Result<Bytes, FrameError> {
-    match encoding {
-        ENCODING_RAW => Ok(payload),
-        ENCODING_ZSTD => zstd::bulk::decompress(&payload, MAX_FRAME_PAYLOAD)
-            .map(Bytes::from)
-            .map_err(|e| FrameError::Invalid(format!("bad compressed data: {e}"))),
-        other => Err(FrameError::Invalid(format!("unknown encoding {other}"))),
-    }
-}
-
-/// The body of an output or file frame: zstd when that is smaller.
-fn encode_body(data: &[u8]) -> (u8, std::borrow::Cow<'_, [u8]>) {
-    let compressed = (data.len() >= COMPRESS_FROM)
-        .then(|| zstd::bulk::compress(data, 1).ok())
-        .flatten()
-        .filter(|c| c.len() < data.len());
-    match compressed {
-        Some(c) => (ENCODING_ZSTD, c.into()),
-        None => (ENCODING_RAW, data.into()),
     }
 }
 
@@ -209,7 +306,10 @@ impl Encoder<Frame> for FrameCodec {
                 if data.len() > MAX_FRAME_PAYLOAD - 2 {
                     return Err(FrameError::TooLarge(data.len()));
                 }
-                let (encoding, body) = encode_body(&data);
+                let (encoding, body) = self.encode_body(&data)?;
+                if body.len() + 2 > MAX_FRAME_PAYLOAD {
+                    return Err(FrameError::TooLarge(body.len() + 2));
+                }
                 put_header(dst, KIND_OUTPUT, body.len() + 2);
                 dst.put_u8(match stream {
                     OutputStream::Stdout => 1,
@@ -222,7 +322,10 @@ impl Encoder<Frame> for FrameCodec {
                 if path.len() > MAX_FILE_PATH || data.len() + path.len() > MAX_FRAME_PAYLOAD - 3 {
                     return Err(FrameError::TooLarge(data.len() + path.len()));
                 }
-                let (encoding, body) = encode_body(&data);
+                let (encoding, body) = self.encode_body(&data)?;
+                if 2 + path.len() + 1 + body.len() > MAX_FRAME_PAYLOAD {
+                    return Err(FrameError::TooLarge(body.len() + path.len()));
+                }
                 put_header(dst, KIND_FILE, 2 + path.len() + 1 + body.len());
                 dst.put_u16(path.len() as u16);
                 dst.put_slice(path.as_bytes());
@@ -317,7 +420,7 @@ mod tests {
         ));
 
         let mut codec = FrameCodec::new();
-        let mut buf = BytesMut::from(&b"MVMS\x01\x01\xff\xff\xff\xff"[..]);
+        let mut buf = BytesMut::from(&b"MVMS\x02\x01\xff\xff\xff\xff"[..]);
         assert!(matches!(
             codec.decode(&mut buf),
             Err(FrameError::TooLarge(_))
@@ -325,9 +428,82 @@ mod tests {
 
         let mut codec = FrameCodec::new();
         let mut buf = BytesMut::from(&b"MVMS\x07"[..]);
+        let newer = codec.decode(&mut buf).unwrap_err();
+        assert!(matches!(newer, FrameError::Version(7)));
+        assert!(
+            newer
+                .to_string()
+                .contains("update the mvm-shard that runs `run`"),
+            "{newer}"
+        );
+
+        let mut codec = FrameCodec::new();
+        let mut buf = BytesMut::from(&b"MVMS\x01"[..]);
+        let older = codec.decode(&mut buf).unwrap_err();
+        assert!(
+            older
+                .to_string()
+                .contains("rebuild the function's or MicroVM's image"),
+            "{older}"
+        );
+    }
+
+    #[test]
+    fn small_frames_of_a_repetitive_log_compress_against_each_other() {
+        let lines: Vec<Frame> = (0..1000)
+            .map(|i| Frame::Output {
+                stream: OutputStream::Stdout,
+                data: Bytes::from(format!("tests/test_api.py::test_endpoint_{i} PASSED\n")),
+            })
+            .collect();
+        let log: usize = lines
+            .iter()
+            .map(|f| match f {
+                Frame::Output { data, .. } => data.len(),
+                _ => 0,
+            })
+            .sum();
+        // Even one frame per line (no coalescing) is smaller than the log.
+        let encoded = encode_all(&lines);
+        assert!(encoded.len() < log, "{} bytes for {log}", encoded.len());
+        let mut codec = FrameCodec::new();
+        let mut buf = encoded;
+        let mut back = Vec::new();
+        while let Some(f) = codec.decode(&mut buf).unwrap() {
+            back.push(f);
+        }
+        assert_eq!(back, lines);
+    }
+
+    #[test]
+    fn a_frame_that_inflates_past_the_bound_is_refused() {
+        let mut zstd = ZstdEncoder::new(1).unwrap();
+        zstd.set_parameter(CParameter::WindowLog(ZSTD_WINDOW_LOG))
+            .unwrap();
+        let zeros = vec![0u8; 2 * MAX_FRAME_PAYLOAD];
+        let mut body = Vec::with_capacity(MAX_FRAME_PAYLOAD);
+        let mut input = InBuffer::around(&zeros);
+        while input.pos() < zeros.len() {
+            let len = body.len();
+            zstd.run(&mut input, &mut OutBuffer::around_pos(&mut body, len))
+                .unwrap();
+        }
+        let len = body.len();
+        while zstd
+            .flush(&mut OutBuffer::around_pos(&mut body, len))
+            .unwrap()
+            != 0
+        {}
+        let mut stream = BytesMut::from(&b"MVMS\x02"[..]);
+        stream.put_u8(KIND_OUTPUT);
+        stream.put_u32(body.len() as u32 + 2);
+        stream.put_u8(1);
+        stream.put_u8(ENCODING_ZSTD_STREAM);
+        stream.put_slice(&body);
+        let mut codec = FrameCodec::new();
         assert!(matches!(
-            codec.decode(&mut buf),
-            Err(FrameError::Version(7))
+            codec.decode(&mut stream),
+            Err(FrameError::TooLarge(_))
         ));
     }
 }

@@ -61,7 +61,10 @@ pub enum RunPayloadError {
     #[error("run-hook payload is not valid: {0}")]
     Malformed(String),
     /// The payload speaks another protocol version.
-    #[error("run-hook payload uses protocol version {0}, this agent speaks {PROTOCOL_VERSION}")]
+    #[error(
+        "run-hook payload uses protocol version {0}, this agent speaks {PROTOCOL_VERSION}; {advice}",
+        advice = super::shard::version_advice(*.0, PROTOCOL_VERSION)
+    )]
     Version(u16),
     /// The payload is well formed but the request in it is not.
     #[error(transparent)]

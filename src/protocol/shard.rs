@@ -5,7 +5,20 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Version of the request and frame formats; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: output and file frames are one zstd stream per shard, flushed per frame.
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// Which of the two binaries to update when the invoker speaks protocol
+/// `invoker` and the agent `agent`: the older one.
+pub fn version_advice(invoker: u16, agent: u16) -> &'static str {
+    if invoker > agent {
+        "the agent is older than the invoker: rebuild the function's or MicroVM's image \
+         (lambda-image/) with the invoker's mvm-shard release"
+    } else {
+        "the invoker is older than the agent: update the mvm-shard that runs `run` \
+         (the action's `version` input) to the release the image was built with"
+    }
+}
 
 /// Lambda's synchronous request payload limit (6 MB), which every request must fit.
 pub const MAX_REQUEST_BYTES: usize = 6 * 1024 * 1024;
@@ -145,7 +158,10 @@ pub enum RequestError {
     #[error("request is not a valid shard request: {0}")]
     Malformed(String),
     /// The request speaks another protocol version.
-    #[error("request uses protocol version {0}, this agent speaks {PROTOCOL_VERSION}")]
+    #[error(
+        "request uses protocol version {0}, this agent speaks {PROTOCOL_VERSION}; {advice}",
+        advice = version_advice(*.0, PROTOCOL_VERSION)
+    )]
     Version(u16),
     /// A field is out of its bounds.
     #[error("invalid request: {0}")]
@@ -467,7 +483,7 @@ mod tests {
             b"null",
             b"[]",
             b"\xff\xfe",
-            b"{\"version\":1}",
+            b"{\"version\":2}",
         ] {
             assert!(matches!(
                 ShardRequest::decode(payload),

@@ -11,7 +11,6 @@ use mvm_shard::backend::{Backend, LambdaBackend, LambdaOptions};
 use mvm_shard::dispatch::{self, DispatchOptions, RunEvent, RunSummary, ShardJob};
 use mvm_shard::emulator::{EmulatorConfig, FunctionConfig, RunningEmulator};
 use mvm_shard::protocol::{OutputStream, ShardId, ShardRequest};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Path of the binary under test.
@@ -135,7 +134,15 @@ pub async fn run(
             request,
         })
         .collect();
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = dispatch::event_channel();
+    // The channel is bounded: collect while the shards run.
+    let collected = tokio::spawn(async move {
+        let mut events = Vec::new();
+        while let Some(event) = rx.recv().await {
+            events.push(event);
+        }
+        events
+    });
     let options = DispatchOptions {
         max_parallel,
         ..DispatchOptions::default()
@@ -156,7 +163,7 @@ pub async fn run(
         stderr: BTreeMap::new(),
         events: Vec::new(),
     };
-    while let Some(event) = rx.recv().await {
+    for event in collected.await.expect("the event collector panicked") {
         if let RunEvent::Output {
             shard,
             stream,

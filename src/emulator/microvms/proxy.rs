@@ -68,7 +68,8 @@ pub async fn serve(
         forwarder,
         cut_after,
     });
-    let served = axum::serve(listener, router)
+    use axum::serve::ListenerExt;
+    let served = axum::serve(listener.tap_io(crate::net::no_delay), router)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await;
     if let Err(e) = served {
@@ -128,15 +129,24 @@ async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
 fn cut_after(body: hyper::body::Incoming, limit: u64) -> Body {
     use futures::StreamExt;
     use http_body_util::BodyExt;
+    let cut = || std::io::Error::other("connection cut by fault injection");
     let mut sent = 0u64;
-    let stream = body.into_data_stream().map(move |chunk| {
-        let chunk = chunk.map_err(std::io::Error::other)?;
-        if sent >= limit {
-            return Err(std::io::Error::other("connection cut by fault injection"));
-        }
-        let keep = (limit - sent).min(chunk.len() as u64) as usize;
-        sent += keep as u64;
-        Ok(chunk.slice(..keep))
+    let stream = body.into_data_stream().flat_map(move |chunk| {
+        let pieces = match chunk {
+            Err(e) => vec![Err(std::io::Error::other(e))],
+            Ok(_) if sent >= limit => vec![Err(cut())],
+            Ok(chunk) => {
+                let keep = (limit - sent).min(chunk.len() as u64) as usize;
+                sent += keep as u64;
+                if keep < chunk.len() {
+                    // Broken off mid-chunk: an error, even if the log ends with this chunk.
+                    vec![Ok(chunk.slice(..keep)), Err(cut())]
+                } else {
+                    vec![Ok(chunk)]
+                }
+            }
+        };
+        futures::stream::iter(pieces)
     });
     Body::from_stream(stream)
 }

@@ -390,7 +390,7 @@ async fn lifecycle(
     let _ = child.start_kill();
     let _ = child.wait().await;
     let marker = vm.id.clone();
-    let _ = tokio::task::spawn_blocking(move || os::kill_marked(ENVIRONMENT_MARKER, &marker)).await;
+    os::kill_marked_shared(ENVIRONMENT_MARKER, &marker).await;
     {
         let mut status = vm.status.lock().expect("lock poisoned");
         status.state = MicrovmState::Terminated;
