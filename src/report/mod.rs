@@ -13,8 +13,6 @@ pub mod terminal;
 pub use github::GithubReporter;
 pub use terminal::TerminalReporter;
 
-use tokio::sync::mpsc;
-
 use crate::dispatch::{RunEvent, RunSummary};
 
 /// What every renderer does.
@@ -53,29 +51,4 @@ pub fn timing_line(summary: &RunSummary, wall: std::time::Duration) -> String {
         line.push_str(&format!("; slowest: {}", slowest.join(", ")));
     }
     line
-}
-
-/// Hands every event to `reporter` until the channel closes or the output
-/// fails, flushing whenever no event is waiting: output goes out in large
-/// writes while it streams and never sits in a buffer while the run is quiet.
-/// It blocks: run it on a thread of its own (`spawn_blocking`).
-pub fn forward(events: &mut mpsc::Receiver<RunEvent>, reporter: &mut dyn Reporter) {
-    loop {
-        let event = match events.try_recv() {
-            Ok(event) => event,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                if reporter.flush().is_err() {
-                    return;
-                }
-                match events.blocking_recv() {
-                    Some(event) => event,
-                    None => return,
-                }
-            }
-            Err(mpsc::error::TryRecvError::Disconnected) => return,
-        };
-        if reporter.handle(&event).is_err() {
-            return;
-        }
-    }
 }
