@@ -571,3 +571,58 @@ async fn output_held_open_outside_the_tree_does_not_hold_the_shard_back() {
     assert_eq!(done.stdout_of(1), "done\n");
     emu.shutdown().await.unwrap();
 }
+
+/// A tar.zst holding only `w`, a symbolic link to `/proc/self`.
+fn archive_with_proc_link() -> String {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut link = tar::Header::new_gnu();
+    link.set_entry_type(tar::EntryType::Symlink);
+    link.set_size(0);
+    link.set_mode(0o777);
+    builder
+        .append_link(&mut link, "w", "/proc/self")
+        .expect("a link entry");
+    let tar = builder.into_inner().unwrap();
+    base64::engine::general_purpose::STANDARD.encode(zstd::encode_all(&tar[..], 3).unwrap())
+}
+
+#[tokio::test]
+async fn collected_files_never_come_from_outside_the_source_through_links() {
+    let emu = emulator(vec![agent_function("f", true)]).await;
+    let backend = backend(&emu.endpoint, "f", true).await;
+    // 1. The request makes its working directory a link to the agent's /proc entry.
+    let mut through_workdir = request("echo ran", 1, 3, MINUTE);
+    through_workdir.source = mvm_shard::protocol::SourceSpec::Inline {
+        archive: archive_with_proc_link(),
+    };
+    through_workdir.workdir = "w".into();
+    through_workdir.collect = vec!["environ".into()];
+    // 2. The command links to the agent (its parent) and asks for what is behind.
+    let mut through_link = request("ln -s /proc/$PPID agent", 2, 3, MINUTE);
+    through_link.collect = vec!["agent/environ".into(), "*/environ".into()];
+    // 3. The command replaces its own folder by a link to the agent.
+    let swap = r#"here=$PWD; cd / && mv "$here" "$here.gone" && ln -s /proc/$PPID "$here""#;
+    let mut swapped = request(swap, 3, 3, MINUTE);
+    swapped.collect = vec!["environ".into()];
+    let done = bounded(
+        MINUTE,
+        run(backend, vec![through_workdir, through_link, swapped], 3),
+    )
+    .await;
+    for rec in &done.summary.records {
+        let sent: Vec<&str> = rec.files.iter().map(|f| f.path.as_str()).collect();
+        assert!(sent.is_empty(), "shard {} sent back {sent:?}", rec.shard);
+        for file in &rec.files {
+            let text = String::from_utf8_lossy(&file.data);
+            assert!(!text.contains("emulated-secret-"), "{text}");
+        }
+    }
+    let first = &done.summary.records[0];
+    let outcome = &first.result.as_ref().expect("a result").outcome;
+    assert!(
+        matches!(outcome, Outcome::Rejected { reason } if reason.contains("leads outside the source")),
+        "{outcome:?}"
+    );
+    assert_eq!(done.stdout_of(1), "", "the command must not start there");
+    emu.shutdown().await.unwrap();
+}

@@ -82,6 +82,23 @@ pub async fn save(caches: &[CacheSpec], ws: &Workspace, workdir: &Path, frames: 
             continue;
         };
         let dir = folder(cache, ws, workdir);
+        // The command may have made the folder a link out of its workspace
+        // (to /proc/self, say): only a real folder inside it is saved.
+        if !dir
+            .canonicalize()
+            .is_ok_and(|real| real.starts_with(&ws.dir))
+            && dir.exists()
+        {
+            say(
+                frames,
+                format!(
+                    "cache {} not saved: it leads outside the shard's workspace",
+                    cache.path
+                ),
+            )
+            .await;
+            continue;
+        }
         if !dir.is_dir() {
             say(
                 frames,

@@ -108,6 +108,21 @@ pub async fn run(
         return result;
     }
     let workdir = ws.src.join(&req.workdir);
+    // The archive may have made the working directory a symbolic link (to
+    // /proc/self, say): the command must not start, nor files be collected, there.
+    if let Ok(real) = workdir.canonicalize() {
+        if !real.starts_with(&ws.src) {
+            result.outcome = Outcome::Rejected {
+                reason: format!(
+                    "the working directory {:?} leads outside the source (a symbolic link): refused",
+                    req.workdir
+                ),
+            };
+            result.setup_ms = elapsed_ms(setup_started);
+            ws.remove().await;
+            return result;
+        }
+    }
     super::cache::restore(&req.caches, &ws, &workdir, frames).await;
     result.setup_ms = elapsed_ms(setup_started);
 
@@ -128,23 +143,25 @@ pub async fn run(
         super::cache::save(&req.caches, &ws, &workdir, frames).await;
     }
     if !req.collect.is_empty() {
-        result.files_skipped = send_files(&ws.src.join(&req.workdir), &req.collect, frames).await;
+        result.files_skipped = send_files(&ws.src, &req.workdir, &req.collect, frames).await;
     }
     ws.remove().await;
     result
 }
 
-/// Sends back the files matching `patterns` under `workdir`, in pieces, up to
-/// [`MAX_COLLECT_BYTES`]; returns the paths that did not fit.
+/// Sends back the files matching `patterns` under `workdir` (relative to the
+/// source folder `src`), in pieces, up to [`MAX_COLLECT_BYTES`]; returns the
+/// paths that did not fit.
 async fn send_files(
-    workdir: &std::path::Path,
+    src: &std::path::Path,
+    workdir: &str,
     patterns: &[String],
     frames: &FrameSender,
 ) -> Vec<String> {
     let found = {
-        let workdir = workdir.to_path_buf();
+        let (src, workdir) = (src.to_path_buf(), workdir.to_string());
         let patterns = patterns.to_vec();
-        tokio::task::spawn_blocking(move || matching_files(&workdir, &patterns))
+        tokio::task::spawn_blocking(move || matching_files(&src, &workdir, &patterns))
             .await
             .unwrap_or_default()
     };
@@ -179,18 +196,20 @@ async fn send_files(
     skipped
 }
 
-/// Regular files under `workdir` matching any glob, as (relative, absolute),
-/// never outside `workdir` (symlinks included).
+/// Regular files under `workdir` (relative to `src`) matching any glob, as
+/// (relative, absolute), never outside `src`: `src` is the canonical path the
+/// agent made before the command ran, and every match is resolved (symbolic
+/// links, a working directory the command replaced by a link) and must stay
+/// under it. The function's own `/proc/self/environ` is one link away.
 fn matching_files(
-    workdir: &std::path::Path,
+    src: &std::path::Path,
+    workdir: &str,
     patterns: &[String],
 ) -> Vec<(String, std::path::PathBuf)> {
-    let Ok(root) = workdir.canonicalize() else {
-        return Vec::new();
-    };
+    let base = src.join(workdir);
     let mut found = std::collections::BTreeMap::new();
     for pattern in patterns {
-        let full = root.join(pattern);
+        let full = base.join(pattern);
         let Ok(paths) = glob::glob(&full.to_string_lossy()) else {
             continue;
         };
@@ -198,10 +217,10 @@ fn matching_files(
             let Ok(real) = path.canonicalize() else {
                 continue;
             };
-            if !real.starts_with(&root) || !real.is_file() {
+            if !real.starts_with(src) || !real.is_file() {
                 continue;
             }
-            if let Ok(rel) = path.strip_prefix(&root) {
+            if let Ok(rel) = path.strip_prefix(&base) {
                 found.insert(rel.to_string_lossy().into_owned(), real);
             }
         }

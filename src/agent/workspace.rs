@@ -113,6 +113,10 @@ pub struct Workspace {
 impl Workspace {
     /// Makes `root/shard-<uuid>/{src,tmp,home}`.
     pub fn create(root: &Path) -> std::io::Result<Self> {
+        // Canonical from the start: what is checked against these paths later
+        // (collected files, caches) is resolved, so a symbolic link the
+        // command plants, even in place of these folders, cannot pass for them.
+        let root = root.canonicalize()?;
         let dir = root.join(format!("shard-{}", uuid::Uuid::new_v4().simple()));
         let ws = Workspace {
             src: dir.join("src"),
