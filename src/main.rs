@@ -70,10 +70,17 @@ fn main() -> ExitCode {
     let default_filter = match cli.command {
         Command::Agent(_) => "info",
         // A GitHub Actions re-run "with debug logging" sets RUNNER_DEBUG=1.
-        _ if std::env::var("RUNNER_DEBUG").as_deref() == Ok("1") => "warn,mvm_shard=debug",
-        _ => "warn",
+        // The credential chain warns of every provider it tried; the one-line
+        // error that follows says what matters.
+        _ if std::env::var("RUNNER_DEBUG").as_deref() == Ok("1") => {
+            "warn,aws_config=error,mvm_shard=debug"
+        }
+        _ => "warn,aws_config=error",
     };
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
+        // No colour codes in a log file or a CI log.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),

@@ -314,6 +314,22 @@ fn never_connected(error: &aws_smithy_runtime_api::client::result::ConnectorErro
     false
 }
 
+/// An error and its causes in words, outermost first ("response stream
+/// failed: connection closed before message completed"), with no Debug dump
+/// of the SDK's types (which `DisplayErrorContext` appends).
+pub fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut source = Some(error);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = e.source();
+    }
+    one_line(&parts.join(": "))
+}
+
 /// The innermost cause of a transport error, in words (an OS error or a
 /// resolver's message; a transport error holds no request).
 fn connector_cause(error: &aws_smithy_runtime_api::client::result::ConnectorError) -> String {
@@ -407,5 +423,33 @@ mod tests {
         );
         let multi = answer(400, "X", "line one\nline two").message;
         assert!(!multi.contains('\n'), "{multi}");
+    }
+
+    #[test]
+    fn causes_are_words_outermost_first_without_debug_dumps() {
+        let inner = std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        );
+        let outer = StreamFailure(inner);
+        assert_eq!(
+            causes(&outer),
+            "response stream failed: connection reset by peer"
+        );
+    }
+
+    #[derive(Debug)]
+    struct StreamFailure(std::io::Error);
+
+    impl std::fmt::Display for StreamFailure {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("response stream failed")
+        }
+    }
+
+    impl std::error::Error for StreamFailure {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
     }
 }

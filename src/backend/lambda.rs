@@ -1,7 +1,6 @@
 //! The Lambda functions backend: `InvokeWithResponseStream` through the real
 //! aws-sdk-lambda client, one tenant id per shard and attempt.
 
-use aws_sdk_lambda::error::DisplayErrorContext;
 use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::InvokeWithResponseStreamResponseEvent as Event;
 use aws_smithy_types::retry::RetryConfig;
@@ -185,10 +184,9 @@ impl Backend for LambdaBackend {
                         },
                         Ok(Some(_)) => continue,
                         Ok(None) => None,
-                        Err(e) => Some((
-                            Err(StreamError::Transport(DisplayErrorContext(&e).to_string())),
-                            None,
-                        )),
+                        Err(e) => {
+                            Some((Err(StreamError::Transport(super::errors::causes(&e))), None))
+                        }
                     };
                 }
             });

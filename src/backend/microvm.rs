@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_sdk_lambdamicrovms::error::{DisplayErrorContext, SdkError};
+use aws_sdk_lambdamicrovms::error::SdkError;
 use aws_sdk_lambdamicrovms::operation::run_microvm::builders::RunMicrovmFluentBuilder;
 use aws_sdk_lambdamicrovms::types::{MicrovmState, PortSpecification};
 use bytes::Bytes;
@@ -345,7 +345,7 @@ impl MicrovmBackend {
                     return Ok(None);
                 }
                 Err(e) => {
-                    last = DisplayErrorContext(&e).to_string();
+                    last = super::errors::causes(&e);
                     tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
                 }
             }
@@ -474,7 +474,7 @@ impl Terminator {
                     return Ok(());
                 }
                 Err(e) => {
-                    last = DisplayErrorContext(&e).to_string();
+                    last = super::errors::causes(&e);
                     tracing::warn!(microvm = %self.id, error = %last, "terminating failed");
                     tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
                 }
@@ -522,7 +522,7 @@ impl LogReader {
                 format!(
                     "cannot get an auth token for microVM {}: {}",
                     self.id,
-                    DisplayErrorContext(&e)
+                    super::errors::causes(&e)
                 )
             })?;
         let mut headers = token.auth_token;
