@@ -147,6 +147,16 @@ pub struct RunArgs {
     /// Pass NAME from this environment, or set NAME=VALUE, in every shard.
     #[arg(long = "env", value_name = "NAME[=VALUE]")]
     pub env: Vec<String>,
+    /// Colour: `auto` (on a terminal, unless NO_COLOR is set; CLICOLOR_FORCE
+    /// forces it), `always` or `never`.
+    #[arg(long, value_enum, default_value = "auto", value_name = "WHEN")]
+    pub color: crate::report::color::ColorChoice,
+    /// Whose output is shown as the run goes: `all`, `failed` (a shard that
+    /// did not pass, whole, when it ends) or `none`. The end of every failure's
+    /// output is repeated at the end either way. Default: `all` up to 24
+    /// shards, `failed` past that.
+    #[arg(long, value_enum, value_name = "WHICH")]
+    pub output: Option<crate::report::terminal::OutputMode>,
     /// In GitHub Actions, mask the value of this `--env` variable in the log
     /// (repeatable). Values from `secrets.*` are masked by GitHub already;
     /// nothing else is masked unless named here.

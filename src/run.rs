@@ -684,8 +684,17 @@ fn reporter(args: &RunArgs, planned: &PlannedRun, shards: usize) -> Box<dyn Repo
         }
         Box::new(github)
     } else {
-        let terminal = TerminalReporter::new(std::io::stdout());
         use std::io::IsTerminal;
+        let options = report::terminal::TerminalOptions {
+            palette: report::color::Palette::new(
+                args.color.enabled(std::io::stdout().is_terminal()),
+            ),
+            output: args
+                .output
+                .unwrap_or(report::terminal::OutputMode::default_for(shards)),
+            timeout: Some(args.timeout),
+        };
+        let terminal = TerminalReporter::new(std::io::stdout()).with_options(options);
         if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
             // Cleared however the run ends (a stopped run has no summary to draw it away).
             let bar = indicatif::ProgressBar::new(shards as u64)

@@ -481,3 +481,97 @@ fn masking_a_variable_that_is_not_passed_is_a_usage_error() {
         "{stderr}"
     );
 }
+
+/// `mvm-shard run ARGS` on a pseudo-terminal (util-linux `script`), with `env`.
+fn on_a_terminal(dir: &std::path::Path, args: &str, env: &[(&str, &str)]) -> String {
+    let command = format!("exec '{}' {args}", binary());
+    let mut script = Command::new("script");
+    script
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .env("TERM", "xterm-256color")
+        .env_remove("NO_COLOR")
+        .env_remove("CLICOLOR_FORCE")
+        .env_remove("CLICOLOR")
+        .current_dir(dir);
+    for (name, value) in env {
+        script.env(name, value);
+    }
+    let out = script.output().expect("util-linux script runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const GREEN: &str = "\u{1b}[32mpassed";
+const RED: &str = "\u{1b}[1m\u{1b}[31mFAILED";
+
+#[test]
+fn statuses_are_coloured_on_a_terminal_and_plain_on_a_pipe() {
+    let dir = plain_dir();
+    let args =
+        |extra: &str| format!("run --local --shards 2 {extra} -- sh -c 'test {{index}} = 1'");
+    let tty = on_a_terminal(dir.path(), &args(""), &[]);
+    assert!(tty.contains(GREEN) && tty.contains(RED), "{tty:?}");
+
+    let no_color = on_a_terminal(dir.path(), &args(""), &[("NO_COLOR", "1")]);
+    assert!(no_color.contains("FAILED"), "{no_color:?}");
+    assert!(
+        !no_color.contains(GREEN) && !no_color.contains(RED),
+        "{no_color:?}"
+    );
+    let forced = on_a_terminal(
+        dir.path(),
+        &args("--color never"),
+        &[("CLICOLOR_FORCE", "1")],
+    );
+    assert!(!forced.contains(RED), "--color never wins: {forced:?}");
+
+    let pipe = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(binary());
+        cmd.args(["run", "--local", "--shards", "2"])
+            .args(extra)
+            .args(["--", "sh", "-c", "test {index} = 1"])
+            .env_remove("NO_COLOR")
+            .env_remove("CLICOLOR_FORCE")
+            .current_dir(dir.path());
+        for (name, value) in env {
+            cmd.env(name, value);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let plain = pipe(&[], &[]);
+    assert!(
+        plain.contains("FAILED") && !plain.contains('\u{1b}'),
+        "{plain:?}"
+    );
+    assert!(pipe(&[], &[("CLICOLOR_FORCE", "1")]).contains(RED));
+    assert!(pipe(&["--color", "always"], &[]).contains(RED));
+}
+
+#[test]
+fn output_failed_hides_passing_shards_and_shows_failures_whole() {
+    let dir = plain_dir();
+    let (code, stdout, stderr) = cli(
+        dir.path(),
+        &[
+            "run",
+            "--local",
+            "--shards",
+            "3",
+            "--output",
+            "failed",
+            "--",
+            "sh",
+            "-c",
+            "echo line of {index}; test {index} != 2",
+        ],
+    );
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        !stdout.contains("line of 1") && !stdout.contains("line of 3"),
+        "{stdout}"
+    );
+    // Shown when it ended, and once more with the failures at the end.
+    assert_eq!(stdout.matches("[2/3] line of 2").count(), 2, "{stdout}");
+    assert!(stdout.contains("3 shards: 2 passed, 1 failed"), "{stdout}");
+}

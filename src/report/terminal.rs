@@ -2,11 +2,14 @@
 //! prefix as it arrives, then a summary table and the failed tests.
 
 use std::collections::HashMap;
-use std::io::{BufWriter, Write};
-use std::time::Duration;
+use std::fs::File;
+use std::io::{BufWriter, Seek, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::color::Palette;
 use super::junit::TestReport;
 use super::Reporter;
 use crate::dispatch::{RunEvent, RunSummary, ShardStatus};
@@ -17,6 +20,57 @@ use crate::protocol::{OutputStream, ShardId};
 const MAX_HELD_LINE: usize = 16 * 1024 * 1024;
 /// Output is written in pieces of about this size while it streams.
 const WRITE_BUFFER: usize = 64 * 1024;
+/// The end of each shard's output kept to repeat at the end of the run if
+/// the shard does not pass (dropped when it passes).
+const TAIL_BYTES: usize = 32 * 1024;
+/// Up to this many selected shards, their output is shown live by default:
+/// about a screen of shards. Past it only failures are shown, as a long run
+/// of passing logs buries the failures a reader is looking for.
+pub const LIVE_OUTPUT_UP_TO: usize = 24;
+
+/// `--output`: whose output is shown while the run goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputMode {
+    /// Every shard's output, live.
+    All,
+    /// Only the output of shards that did not pass, whole, when they end.
+    Failed,
+    /// None; the end of each failure's output is still repeated at the end.
+    None,
+}
+
+impl OutputMode {
+    /// The default for a run of `shards` selected shards: `all` up to
+    /// [`LIVE_OUTPUT_UP_TO`], `failed` past it.
+    pub fn default_for(shards: usize) -> Self {
+        if shards <= LIVE_OUTPUT_UP_TO {
+            OutputMode::All
+        } else {
+            OutputMode::Failed
+        }
+    }
+}
+
+/// How a run is shown on a terminal or in a plain log.
+#[derive(Debug, Clone, Copy)]
+pub struct TerminalOptions {
+    /// Colours, or none.
+    pub palette: Palette,
+    /// Whose output is shown live.
+    pub output: OutputMode,
+    /// Each shard's time limit, named when a shard runs out of it.
+    pub timeout: Option<Duration>,
+}
+
+impl Default for TerminalOptions {
+    fn default() -> Self {
+        TerminalOptions {
+            palette: Palette::new(false),
+            output: OutputMode::All,
+            timeout: None,
+        }
+    }
+}
 
 /// Writes shard output with `[i/n] ` prefixes, whole lines at a time, so
 /// lines of concurrent shards never interleave mid-line. Output is buffered
@@ -27,6 +81,57 @@ pub struct TerminalReporter<W: Write> {
     partial: HashMap<(ShardId, OutputStream), Held>,
     progress: Option<ProgressBar>,
     not_passed: usize,
+    options: TerminalOptions,
+    /// Per shard: the end of its output, and with `--output failed` all of
+    /// it, spilled to a temporary file until the shard ends.
+    logs: HashMap<ShardId, ShardLog>,
+    /// Ends of the output of shards that did not pass, for the end of the run.
+    failed_tails: Vec<(ShardId, String, Vec<u8>)>,
+    /// Shards in flight and since when, for the progress line.
+    running: Arc<Mutex<HashMap<ShardId, Instant>>>,
+    started: Instant,
+}
+
+/// What is kept of one shard's output while it runs.
+#[derive(Default)]
+struct ShardLog {
+    tail: Vec<u8>,
+    spill: Option<BufWriter<File>>,
+}
+
+/// Where a shard's prefixed lines go: the terminal (with `--output all`),
+/// the spill file (with `--output failed`), and always the tail.
+struct Sinks<'a, W: Write> {
+    out: Option<&'a mut BufWriter<W>>,
+    spill: Option<&'a mut BufWriter<File>>,
+    tail: &'a mut Vec<u8>,
+}
+
+impl<W: Write> Write for Sinks<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        if let Some(out) = self.out.as_mut() {
+            out.write_all(buf)?;
+        }
+        if let Some(spill) = self.spill.as_mut() {
+            spill.write_all(buf)?;
+        }
+        let keep = &buf[buf.len().saturating_sub(TAIL_BYTES)..];
+        self.tail.extend_from_slice(keep);
+        if self.tail.len() > 2 * TAIL_BYTES {
+            let cut = self.tail.len() - TAIL_BYTES;
+            self.tail.drain(..cut);
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A shard stream's prefix and the start of a line still waiting for its end.
@@ -44,15 +149,39 @@ impl<W: Write> TerminalReporter<W> {
             partial: HashMap::new(),
             progress: None,
             not_passed: 0,
+            options: TerminalOptions::default(),
+            logs: HashMap::new(),
+            failed_tails: Vec::new(),
+            running: Arc::default(),
+            started: Instant::now(),
         }
     }
 
+    /// Shows the run with these options (colour, whose output, time limit).
+    pub fn with_options(mut self, options: TerminalOptions) -> Self {
+        self.options = options;
+        self
+    }
+
     /// Adds a progress line below the output (for a terminal): shards done,
-    /// how many did not pass, time so far. Output is printed above it.
+    /// how many did not pass, time so far, and the shards still running with
+    /// how long each has run (the longest first). Output is printed above it.
     pub fn with_progress(mut self, bar: ProgressBar) -> Self {
-        if let Ok(style) =
-            ProgressStyle::with_template("{spinner} {elapsed_precise} {pos}/{len} shards done{msg}")
-        {
+        let running = self.running.clone();
+        let style = ProgressStyle::with_template(
+            "{spinner} {elapsed_precise} {pos}/{len} shards done{msg}{running}",
+        )
+        .map(|style| {
+            style.with_key(
+                "running",
+                move |_: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    if let Ok(running) = running.lock() {
+                        let _ = w.write_str(&running_list(&running, Instant::now()));
+                    }
+                },
+            )
+        });
+        if let Ok(style) = style {
             bar.set_style(style);
         }
         self.progress = Some(bar);
@@ -62,7 +191,13 @@ impl<W: Write> TerminalReporter<W> {
     /// Shows one event.
     pub fn handle(&mut self, event: &RunEvent) -> std::io::Result<()> {
         match event {
-            RunEvent::Started { .. } | RunEvent::Secret(_) => Ok(()),
+            RunEvent::Started { shard, .. } => {
+                if let Ok(mut running) = self.running.lock() {
+                    running.entry(*shard).or_insert_with(Instant::now);
+                }
+                Ok(())
+            }
+            RunEvent::Secret(_) => Ok(()),
             RunEvent::Output {
                 shard,
                 stream,
@@ -75,7 +210,16 @@ impl<W: Write> TerminalReporter<W> {
                         prefix: format!("[{shard}] ").into_bytes(),
                         line: Vec::new(),
                     });
-                write_lines(&mut self.out, held, data)
+                let log = self.logs.entry(*shard).or_default();
+                if self.options.output == OutputMode::Failed && log.spill.is_none() {
+                    log.spill = Some(BufWriter::new(tempfile::tempfile()?));
+                }
+                let mut sinks = Sinks {
+                    out: (self.options.output == OutputMode::All).then_some(&mut self.out),
+                    spill: log.spill.as_mut(),
+                    tail: &mut log.tail,
+                };
+                write_lines(&mut sinks, held, data)
             }
             RunEvent::Retrying {
                 shard,
@@ -88,26 +232,50 @@ impl<W: Write> TerminalReporter<W> {
                 secs(*delay)
             ),
             RunEvent::Finished(record) => {
+                if let Ok(mut running) = self.running.lock() {
+                    running.remove(&record.shard);
+                }
+                let mut log = self.logs.remove(&record.shard).unwrap_or_default();
                 for stream in [OutputStream::Stdout, OutputStream::Stderr] {
                     if let Some(held) = self.partial.remove(&(record.shard, stream)) {
                         if !held.line.is_empty() {
-                            self.out.write_all(&held.prefix)?;
-                            self.out.write_all(&held.line)?;
-                            self.out.write_all(b"\n")?;
+                            let mut sinks = Sinks {
+                                out: (self.options.output == OutputMode::All)
+                                    .then_some(&mut self.out),
+                                spill: log.spill.as_mut(),
+                                tail: &mut log.tail,
+                            };
+                            sinks.write_all(&held.prefix)?;
+                            sinks.write_all(&held.line)?;
+                            sinks.write_all(b"\n")?;
                         }
                     }
                 }
+                let passed = record.status == ShardStatus::Passed;
+                if let (false, Some(spill)) = (passed, log.spill.take()) {
+                    // --output failed: the whole output of a shard that did not pass.
+                    let mut file = spill.into_inner().map_err(|e| e.into_error())?;
+                    file.rewind()?;
+                    std::io::copy(&mut file, &mut self.out)?;
+                }
                 let detail = match &record.status {
                     ShardStatus::Passed => String::new(),
-                    other => format!(" ({})", other.describe()),
+                    other => format!(" ({})", self.describe(other)),
                 };
+                let label = self
+                    .options
+                    .palette
+                    .status(&record.status, record.status.label());
                 writeln!(
                     self.out,
-                    "[{}] {}{detail} in {}",
+                    "[{}] {label}{detail} in {}",
                     record.shard,
-                    record.status.label(),
                     secs(record.duration)
                 )?;
+                if !passed && !log.tail.is_empty() {
+                    let heading = format!("{}{detail}", record.status.label());
+                    self.failed_tails.push((record.shard, heading, log.tail));
+                }
                 self.out.flush()
             }
         }
@@ -115,27 +283,43 @@ impl<W: Write> TerminalReporter<W> {
 
     /// Writes the summary table, the failed tests and the closing count line.
     pub fn summary(&mut self, summary: &RunSummary, tests: &TestReport) -> std::io::Result<()> {
+        let palette = self.options.palette;
+        // Failures together, where the reader's eyes are when the run ends.
+        let tails = std::mem::take(&mut self.failed_tails);
+        if !tails.is_empty()
+            && (summary.records.len() > 1 || self.options.output != OutputMode::All)
+        {
+            writeln!(
+                self.out,
+                "\n{}",
+                palette.bold("output of the shards that did not pass (their last lines):")
+            )?;
+            for (shard, heading, tail) in &tails {
+                writeln!(self.out, "──── [{shard}] {heading} ────")?;
+                let start = if tail.len() >= TAIL_BYTES {
+                    writeln!(self.out, "[{shard}] …")?;
+                    memchr::memchr(b'\n', tail).map_or(0, |i| i + 1)
+                } else {
+                    0
+                };
+                self.out.write_all(&tail[start..])?;
+            }
+        }
         writeln!(self.out)?;
         writeln!(
             self.out,
-            "{:<8} {:<10} {:>9} {:>5}  environment",
+            "{:<8} {:<11} {:>9} {:>5}  environment",
             "shard", "status", "duration", "exit"
         )?;
         for r in &summary.records {
-            let exit = match (&r.status, &r.result) {
-                (
-                    ShardStatus::Failed {
-                        exit_code: Some(c), ..
-                    },
-                    _,
-                ) => c.to_string(),
-                (ShardStatus::Passed, _) => "0".into(),
-                (
-                    ShardStatus::Failed {
-                        signal: Some(s), ..
-                    },
-                    _,
-                ) => format!("sig{s}"),
+            let exit = match &r.status {
+                ShardStatus::Failed {
+                    exit_code: Some(c), ..
+                } => c.to_string(),
+                ShardStatus::Passed => "0".into(),
+                ShardStatus::Failed {
+                    signal: Some(s), ..
+                } => format!("sig{s}"),
                 _ => "-".into(),
             };
             let environment = match &r.result {
@@ -143,11 +327,12 @@ impl<W: Write> TerminalReporter<W> {
                 Some(_) => "reused, wiped",
                 None => "-",
             };
+            // Padded before it is painted, so colours keep the columns.
+            let status = palette.status(&r.status, &format!("{:<11}", r.status.label()));
             writeln!(
                 self.out,
-                "{:<8} {:<10} {:>9} {:>5}  {}",
+                "{:<8} {status} {:>9} {:>5}  {}",
                 r.shard.to_string(),
-                r.status.label(),
                 secs(r.duration),
                 exit,
                 environment
@@ -157,14 +342,20 @@ impl<W: Write> TerminalReporter<W> {
             writeln!(self.out, "[{shard}] {path}: {error}")?;
         }
         if !tests.failures.is_empty() {
-            writeln!(self.out, "\nfailed tests:")?;
+            writeln!(self.out, "\n{}", palette.bold("failed tests:"))?;
             for f in tests.failures.iter().take(MAX_LISTED_FAILURES) {
                 let place = match (&f.file, f.line) {
                     (Some(file), Some(line)) => format!(" ({file}:{line})"),
                     (Some(file), None) => format!(" ({file})"),
                     _ => String::new(),
                 };
-                writeln!(self.out, "  [{}] {}{place}: {}", f.shard, f.name, f.message)?;
+                // A multi-line message keeps its own indentation, under the name.
+                let mut lines = f.message.lines();
+                let first = lines.next().unwrap_or("");
+                writeln!(self.out, "  [{}] {}{place}: {first}", f.shard, f.name)?;
+                for line in lines {
+                    writeln!(self.out, "      {line}")?;
+                }
             }
             if tests.failures.len() > MAX_LISTED_FAILURES {
                 writeln!(
@@ -180,15 +371,19 @@ impl<W: Write> TerminalReporter<W> {
             .filter(|r| r.status != ShardStatus::Passed)
             .map(|r| r.shard.index.to_string())
             .collect();
+        let count = |f: fn(&ShardStatus) -> bool| summary.count(f);
+        let timed_out = match (count(|s| *s == ShardStatus::TimedOut), self.options.timeout) {
+            (n, Some(limit)) if n > 0 => format!("{n} timed out (limit {})", limit_text(limit)),
+            (n, _) => format!("{n} timed out"),
+        };
         writeln!(
             self.out,
-            "{} shards: {} passed, {} failed, {} timed out, {} could not run{}{}",
-            summary.records.len(),
-            summary.count(|s| *s == ShardStatus::Passed),
-            summary.count(|s| matches!(s, ShardStatus::Failed { .. })),
-            summary.count(|s| *s == ShardStatus::TimedOut),
-            summary.count(|s| matches!(s, ShardStatus::InfraFailed { .. })),
-            match summary.count(|s| matches!(s, ShardStatus::Interrupted { .. })) {
+            "{}: {} passed, {} failed, {timed_out}, {} could not run{}{}",
+            super::plural(summary.records.len(), "shard"),
+            count(|s| *s == ShardStatus::Passed),
+            count(|s| matches!(s, ShardStatus::Failed { .. })),
+            count(|s| matches!(s, ShardStatus::InfraFailed { .. })),
+            match count(|s| matches!(s, ShardStatus::Interrupted { .. })) {
                 0 => String::new(),
                 n => format!(", {n} interrupted"),
             },
@@ -198,8 +393,53 @@ impl<W: Write> TerminalReporter<W> {
                 format!(" (not passed: {})", failed.join(", "))
             }
         )?;
+        writeln!(
+            self.out,
+            "{}",
+            super::timing_line(summary, self.started.elapsed())
+        )?;
+        if let Some(cost) = super::cost::estimate(summary) {
+            writeln!(self.out, "{}", cost.describe())?;
+        }
         self.out.flush()
     }
+
+    /// A status in words, naming the time limit a timed-out shard ran out of.
+    fn describe(&self, status: &ShardStatus) -> String {
+        match (status, self.options.timeout) {
+            (ShardStatus::TimedOut, Some(limit)) => {
+                format!("ran out of its {} time limit", limit_text(limit))
+            }
+            _ => status.describe(),
+        }
+    }
+}
+
+/// A time limit as people write it: `90s`, `10m`, `1h 30m`.
+fn limit_text(limit: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(limit.as_secs().max(1))).to_string()
+}
+
+/// " · running: 3/8 45s, 6/8 12s, +2 more", the longest-running first.
+fn running_list(running: &HashMap<ShardId, Instant>, now: Instant) -> String {
+    if running.is_empty() {
+        return String::new();
+    }
+    let mut shards: Vec<(&ShardId, Duration)> = running
+        .iter()
+        .map(|(shard, since)| (shard, now.saturating_duration_since(*since)))
+        .collect();
+    shards.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let shown: Vec<String> = shards
+        .iter()
+        .take(4)
+        .map(|(shard, d)| format!("{shard} {}s", d.as_secs()))
+        .collect();
+    let more = match shards.len().saturating_sub(4) {
+        0 => String::new(),
+        n => format!(", +{n} more"),
+    };
+    format!(" · running: {}{more}", shown.join(", "))
 }
 
 /// Writes the whole lines of `data`, each with the prefix, completing the
@@ -510,5 +750,150 @@ mod tests {
         drop(r);
         assert_eq!(out.len(), log.len() + 20_000 * "[1/2] ".len());
         assert!(writes < 30, "{writes} writes for 20,000 lines");
+    }
+
+    fn record(index: u32, status: ShardStatus) -> ShardRecord {
+        ShardRecord {
+            shard: shard(index),
+            status,
+            duration: Duration::from_millis(1000 * u64::from(index)),
+            attempts: 1,
+            result: None,
+            files: Vec::new(),
+        }
+    }
+
+    fn failed() -> ShardStatus {
+        ShardStatus::Failed {
+            exit_code: Some(1),
+            signal: None,
+        }
+    }
+
+    /// Shard 1 passes and shard 2 fails, each printing a line; then the summary.
+    fn two_shards(options: TerminalOptions) -> String {
+        let mut out = Vec::new();
+        let mut r = TerminalReporter::new(&mut out).with_options(options);
+        r.handle(&output(1, b"one says hi\n")).unwrap();
+        r.handle(&output(2, b"two says hi\nno newline")).unwrap();
+        let records = vec![record(1, ShardStatus::Passed), record(2, failed())];
+        for rec in &records {
+            r.handle(&RunEvent::Finished(rec.clone())).unwrap();
+        }
+        let summary = RunSummary {
+            records,
+            stopped_by: None,
+        };
+        r.summary(&summary, &TestReport::default()).unwrap();
+        drop(r);
+        String::from_utf8(out).unwrap()
+    }
+
+    fn with_output(output: OutputMode) -> TerminalOptions {
+        TerminalOptions {
+            output,
+            ..TerminalOptions::default()
+        }
+    }
+
+    #[test]
+    fn with_output_failed_only_failures_are_shown_whole_when_they_end() {
+        let text = two_shards(with_output(OutputMode::Failed));
+        assert!(!text.contains("one says hi"), "{text}");
+        let live =
+            "[2/2] two says hi\n[2/2] no newline\n[2/2] FAILED (exited with code 1) in 2.00s\n";
+        assert!(
+            text.starts_with(&format!("[1/2] passed in 1.00s\n{live}")),
+            "{text}"
+        );
+        // ...and repeated with the other failures at the end.
+        assert!(text.contains("──── [2/2] FAILED (exited with code 1) ────\n[2/2] two says hi\n[2/2] no newline\n"), "{text}");
+    }
+
+    #[test]
+    fn with_output_none_nothing_is_shown_live_but_failures_are_repeated() {
+        let text = two_shards(with_output(OutputMode::None));
+        assert!(!text.contains("one says hi"), "{text}");
+        assert_eq!(text.matches("two says hi").count(), 1, "{text}");
+        assert!(text.contains("──── [2/2] FAILED"), "{text}");
+    }
+
+    #[test]
+    fn with_output_all_everything_is_live_and_failures_come_again_at_the_end() {
+        let text = two_shards(TerminalOptions::default());
+        assert_eq!(text.matches("one says hi").count(), 1, "{text}");
+        assert_eq!(text.matches("two says hi").count(), 2, "{text}");
+        let end = text.find("──── [2/2]").unwrap();
+        assert!(end > text.find("[2/2] FAILED (exited").unwrap());
+    }
+
+    #[test]
+    fn the_summary_counts_in_words_names_the_time_limit_and_keeps_message_indentation() {
+        let mut out = Vec::new();
+        let options = TerminalOptions {
+            timeout: Some(Duration::from_secs(600)),
+            ..TerminalOptions::default()
+        };
+        let mut r = TerminalReporter::new(&mut out).with_options(options);
+        let rec = record(1, ShardStatus::TimedOut);
+        r.handle(&RunEvent::Finished(rec.clone())).unwrap();
+        let tests = TestReport {
+            failures: vec![crate::report::junit::TestFailure {
+                shard: shard(1),
+                name: "t".into(),
+                file: None,
+                line: None,
+                message: "assert 1 == 2\n  where 1 = f()\n    and more".into(),
+            }],
+            ..TestReport::default()
+        };
+        let summary = RunSummary {
+            records: vec![rec],
+            stopped_by: None,
+        };
+        r.summary(&summary, &tests).unwrap();
+        drop(r);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with("[1/2] TIMED OUT (ran out of its 10m time limit) in 1.00s\n"),
+            "{text}"
+        );
+        assert!(text.contains("1 shard: 0 passed, 0 failed, 1 timed out (limit 10m), 0 could not run (not passed: 1)\n"), "{text}");
+        assert!(
+            text.contains("  [1/2] t: assert 1 == 2\n        where 1 = f()\n          and more\n"),
+            "{text}"
+        );
+        assert!(text.contains("\nwall time "), "{text}");
+        assert!(!text.contains('\u{1b}'), "no colour unless asked: {text}");
+    }
+
+    #[test]
+    fn colour_paints_statuses_and_keeps_the_columns() {
+        let text = two_shards(TerminalOptions {
+            palette: Palette::new(true),
+            ..TerminalOptions::default()
+        });
+        assert!(
+            text.contains("[2/2] \u{1b}[1m\u{1b}[31mFAILED\u{1b}[0m (exited"),
+            "{text}"
+        );
+        assert!(
+            text.contains("1/2      \u{1b}[32mpassed     \u{1b}[0m     1.00s"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_running_list_shows_the_longest_running_first() {
+        let now = Instant::now();
+        let mut running = HashMap::new();
+        for (index, secs) in [(1, 5), (2, 45), (3, 12), (4, 1), (5, 30), (6, 2)] {
+            running.insert(shard(index), now - Duration::from_secs(secs));
+        }
+        assert_eq!(
+            running_list(&running, now),
+            " · running: 2/2 45s, 5/2 30s, 3/2 12s, 1/2 5s, +2 more"
+        );
+        assert_eq!(running_list(&HashMap::new(), now), "");
     }
 }
