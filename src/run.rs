@@ -685,13 +685,13 @@ fn reporter(args: &RunArgs, planned: &PlannedRun, shards: usize) -> Box<dyn Repo
         Box::new(github)
     } else {
         use std::io::IsTerminal;
-        let options = report::terminal::TerminalOptions {
-            palette: report::color::Palette::new(
+        let options = crate::report::terminal::TerminalOptions {
+            palette: crate::report::color::Palette::new(
                 args.color.enabled(std::io::stdout().is_terminal()),
             ),
             output: args
                 .output
-                .unwrap_or(report::terminal::OutputMode::default_for(shards)),
+                .unwrap_or(crate::report::terminal::OutputMode::default_for(shards)),
             timeout: Some(args.timeout),
         };
         let terminal = TerminalReporter::new(std::io::stdout()).with_options(options);
