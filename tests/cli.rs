@@ -571,7 +571,11 @@ fn output_failed_hides_passing_shards_and_shows_failures_whole() {
         !stdout.contains("line of 1") && !stdout.contains("line of 3"),
         "{stdout}"
     );
-    // Shown when it ended, and once more with the failures at the end.
-    assert_eq!(stdout.matches("[2/3] line of 2").count(), 2, "{stdout}");
+    // Shown when it ended, and once more, marked as a repeat, with the failures at the end.
+    assert_eq!(stdout.matches("[2/3] line of 2").count(), 1, "{stdout}");
+    assert!(
+        stdout.contains("──── [2/3] FAILED (exited with code 1) ────\n  │ line of 2\n"),
+        "{stdout}"
+    );
     assert!(stdout.contains("3 shards: 2 passed, 1 failed"), "{stdout}");
 }

@@ -23,6 +23,8 @@ const WRITE_BUFFER: usize = 64 * 1024;
 /// The end of each shard's output kept to repeat at the end of the run if
 /// the shard does not pass (dropped when it passes).
 const TAIL_BYTES: usize = 32 * 1024;
+/// What a line repeated at the end of the run starts with, in place of its shard's prefix.
+const REPEATED: &str = "  │ ";
 /// Up to this many selected shards, their output is shown live by default:
 /// about a screen of shards. Past it only failures are shown, as a long run
 /// of passing logs buries the failures a reader is looking for.
@@ -297,12 +299,19 @@ impl<W: Write> TerminalReporter<W> {
             for (shard, heading, tail) in &tails {
                 writeln!(self.out, "──── [{shard}] {heading} ────")?;
                 let start = if tail.len() >= TAIL_BYTES {
-                    writeln!(self.out, "[{shard}] …")?;
+                    writeln!(self.out, "{REPEATED}…")?;
                     memchr::memchr(b'\n', tail).map_or(0, |i| i + 1)
                 } else {
                     0
                 };
-                self.out.write_all(&tail[start..])?;
+                // Marked as a repeat, not with the shard's prefix: `[i/n]`
+                // lines stay each line of the live log, once, for readers and greps.
+                let prefix = format!("[{shard}] ");
+                for line in tail[start..].split_inclusive(|b| *b == b'\n') {
+                    self.out.write_all(REPEATED.as_bytes())?;
+                    self.out
+                        .write_all(line.strip_prefix(prefix.as_bytes()).unwrap_or(line))?;
+                }
             }
         }
         writeln!(self.out)?;
@@ -807,7 +816,12 @@ mod tests {
             "{text}"
         );
         // ...and repeated with the other failures at the end.
-        assert!(text.contains("──── [2/2] FAILED (exited with code 1) ────\n[2/2] two says hi\n[2/2] no newline\n"), "{text}");
+        assert!(
+            text.contains(
+                "──── [2/2] FAILED (exited with code 1) ────\n  │ two says hi\n  │ no newline\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
