@@ -160,17 +160,7 @@ fn a_killed_agent_exits_3() {
 #[test]
 fn the_default_source_is_the_git_working_tree_with_uncommitted_changes() {
     let repo = tempfile::tempdir().unwrap();
-    let git = |args: &[&str]| {
-        let ok = Command::new("git")
-            .arg("-C")
-            .arg(repo.path())
-            .args(args)
-            .output()
-            .unwrap()
-            .status
-            .success();
-        assert!(ok, "git {args:?}");
-    };
+    let git = |args: &[&str]| common::git(repo.path(), args);
     git(&["init", "-q"]);
     std::fs::write(repo.path().join(".gitignore"), "build/\n").unwrap();
     std::fs::write(repo.path().join("committed.txt"), "old\n").unwrap();

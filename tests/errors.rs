@@ -371,17 +371,7 @@ async fn usage_mistakes_are_refused_before_any_invoke() {
 async fn a_directory_with_nothing_shipped_is_refused_before_any_invoke() {
     let emulator = emulator().await;
     let repo = tempfile::tempdir().unwrap();
-    let git = |args: &[&str]| {
-        let ok = std::process::Command::new("git")
-            .arg("-C")
-            .arg(repo.path())
-            .args(args)
-            .output()
-            .unwrap()
-            .status
-            .success();
-        assert!(ok, "git {args:?}");
-    };
+    let git = |args: &[&str]| common::git(repo.path(), args);
     git(&["init", "-q"]);
     std::fs::write(repo.path().join(".gitignore"), "build/\n").unwrap();
     std::fs::write(repo.path().join("tracked"), "x").unwrap();

@@ -335,3 +335,16 @@ pub async fn cli_isolated(
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Runs `git -C dir ARGS`, failing the test if git fails.
+pub fn git(dir: &std::path::Path, args: &[&str]) {
+    let ok = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap()
+        .status
+        .success();
+    assert!(ok, "git {args:?}");
+}
