@@ -221,6 +221,16 @@ pub struct RunArgs {
     /// and stop those in flight (they are reported as interrupted).
     #[arg(long)]
     pub fail_fast: bool,
+    /// Rerun what failed up to N times, each time in a new fresh
+    /// environment: with --runner, only the failed tests (by the runner's
+    /// report; the shard's whole part when it has none); without, the whole
+    /// shard. What passes on a rerun is flaky: reported, and the run passes
+    /// unless --no-flaky is given.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub retries: u32,
+    /// Fail the run when a test (or shard) passed only on a rerun.
+    #[arg(long)]
+    pub no_flaky: bool,
     /// The command each shard runs; `{index}` and `{count}` are replaced.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,

@@ -50,6 +50,18 @@ pub enum RunEvent {
         /// Why the last one failed.
         reason: String,
     },
+    /// A shard that did not pass runs again in a new fresh environment
+    /// (`--retries`); its next [`RunEvent::Finished`] replaces the last.
+    Rerunning {
+        /// Which shard.
+        shard: ShardId,
+        /// 1-based rerun.
+        round: u32,
+        /// Reruns allowed (`--retries`).
+        of: u32,
+        /// The failed tests it reruns, or `None` for the whole shard.
+        tests: Option<usize>,
+    },
     /// A shard is done, one way or another.
     Finished(ShardRecord),
     /// A value that must not appear in logs from now on (a fresh source link).

@@ -23,6 +23,7 @@ pub mod os;
 pub mod plan;
 pub mod protocol;
 pub mod report;
+pub mod retry;
 pub mod run;
 pub mod runner;
 pub mod shutdown;

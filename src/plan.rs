@@ -323,14 +323,42 @@ pub fn jobs(spec: &RunSpec, run_id: &str, source: &SourceSpec) -> Result<Vec<Sha
         .collect()
 }
 
+/// The job that runs `shard` again (`--retries`): with `tests`, only those
+/// in `{tests}`; else the shard's command as first planned.
+pub fn rerun_job(
+    spec: &RunSpec,
+    run_id: &str,
+    source: &SourceSpec,
+    shard: ShardId,
+    tests: Option<&[String]>,
+) -> Result<ShardJob, PlanError> {
+    let request = match tests {
+        Some(tests) => request_for(spec, run_id, shard, source.clone(), Some(tests)),
+        None => request(spec, run_id, shard, source.clone()),
+    };
+    request.encode()?;
+    Ok(ShardJob { shard, request })
+}
+
 fn request(spec: &RunSpec, run_id: &str, shard: ShardId, source: SourceSpec) -> ShardRequest {
-    let command = match &spec.shares {
-        Some(shares) => {
-            let tests = shares
-                .get(shard.index as usize - 1)
-                .map_or(&[][..], |s| &s.tests[..]);
-            crate::runner::select(&spec.command, tests)
-        }
+    let tests = spec.shares.as_ref().map(|shares| {
+        shares
+            .get(shard.index as usize - 1)
+            .map_or(&[][..], |s| &s.tests[..])
+    });
+    request_for(spec, run_id, shard, source, tests)
+}
+
+/// The request for `shard`, with `tests` in the command's `{tests}` (with `--runner`).
+fn request_for(
+    spec: &RunSpec,
+    run_id: &str,
+    shard: ShardId,
+    source: SourceSpec,
+    tests: Option<&[String]>,
+) -> ShardRequest {
+    let command = match tests {
+        Some(tests) => crate::runner::select(&spec.command, tests),
         None => spec.command.clone(),
     };
     ShardRequest {

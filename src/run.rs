@@ -17,7 +17,9 @@ use crate::backend::{
     Backend, InvokeError, LambdaBackend, LambdaOptions, MicrovmBackend, MicrovmOptions, Released,
 };
 use crate::cli::{RunArgs, SourceFrom};
-use crate::dispatch::{self, DispatchOptions, RunEvent, RunSummary, ShardJob, ShardStatus};
+use crate::dispatch::{
+    self, DispatchOptions, RunEvent, RunSummary, ShardJob, ShardRecord, ShardStatus,
+};
 use crate::emulator::{
     EmulatorConfig, FunctionConfig, MicrovmImageConfig, RunningEmulator, DEFAULT_FUNCTION,
 };
@@ -134,7 +136,7 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
         let _ = emulator.shutdown().await;
     }
     planned.channel.shutdown().await;
-    let (summary, left_running, failed_fast) = outcome?;
+    let (summary, left_running, failed_fast, code_floor) = outcome?;
     if let Some(error) = summary.stopped_by.clone() {
         // Told once, by the caller, with what had happened by then.
         return Err(RunError::Stopped {
@@ -147,6 +149,7 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
         Some(_) if summary.count(|s| matches!(s, ShardStatus::InfraFailed { .. })) == 0 => 1,
         _ => summary.exit_code(),
     };
+    let code = code.max(code_floor);
     Ok(if left_running { code.max(3) } else { code })
 }
 
@@ -157,7 +160,7 @@ async fn run_on(
     planned: &mut PlannedRun,
     target: &Target,
     max_parallel: usize,
-) -> Result<(RunSummary, bool, Option<ShardId>), RunError> {
+) -> Result<(RunSummary, bool, Option<ShardId>, i32), RunError> {
     let shares = match &planned.suite {
         Some(suite) => {
             let tests = list_tests(args, planned, suite, target).await?;
@@ -200,14 +203,27 @@ async fn run_on(
         },
     );
     let jobs = std::mem::take(&mut planned.jobs);
-    let (summary, left_running, failed_fast) =
-        dispatch_and_report(args, planned, jobs, target, max_parallel).await?;
+    let dispatched = dispatch_and_report(args, planned, jobs, target, max_parallel).await?;
+    let summary = dispatched.summary;
     let learnable = summary.stopped_by.is_none();
     if let (Some(suite), Some((tests, shares)), true) = (&mut planned.suite, &shares, learnable) {
-        tell_balance(shares, &summary);
+        tell_balance(shares, &dispatched.first);
         suite.learn(tests, shares, &summary);
     }
-    Ok((summary, left_running, failed_fast))
+    let mut code_floor = 0;
+    if args.no_flaky && dispatched.flaky > 0 {
+        eprintln!(
+            "mvm-shard: --no-flaky: {} failed, then passed on a rerun: the run fails",
+            crate::report::plural(dispatched.flaky, "flaky test")
+        );
+        code_floor = 1;
+    }
+    Ok((
+        summary,
+        dispatched.left_running,
+        dispatched.failed_fast,
+        code_floor,
+    ))
 }
 
 /// What the plan stage produced: the jobs, and what must live while they run.
@@ -584,16 +600,30 @@ async fn connect(
     }
 }
 
-/// Runs the jobs with the reporter consuming the events, releases what the
-/// backend holds, then writes the merged JUnit report and the summary; true
-/// with the summary when something may still be running.
+/// How the dispatch stage ended.
+struct Dispatched {
+    /// Every shard's record, reruns folded in.
+    summary: RunSummary,
+    /// Every shard's first attempt, before any rerun (expected against actual).
+    first: Vec<ShardRecord>,
+    /// Something may still be running.
+    left_running: bool,
+    /// The shard `--fail-fast` stopped the run at.
+    failed_fast: Option<ShardId>,
+    /// Tests (or shards without a report) that passed only on a rerun.
+    flaky: usize,
+}
+
+/// Runs the jobs with the reporter consuming the events, reruns what did
+/// not pass (`--retries`), releases what the backend holds, then writes the
+/// merged JUnit report and the summary.
 async fn dispatch_and_report(
     args: &RunArgs,
     planned: &PlannedRun,
     jobs: Vec<ShardJob>,
     target: &Target,
     max_parallel: usize,
-) -> Result<(RunSummary, bool, Option<ShardId>), RunError> {
+) -> Result<Dispatched, RunError> {
     let shutdown = Shutdown::from_os()
         .map_err(|e| RunError::Local(format!("cannot handle SIGINT and SIGTERM: {e}")))?;
     let cancel = CancellationToken::new();
@@ -622,19 +652,67 @@ async fn dispatch_and_report(
         &planned.run_id,
         jobs,
         &dispatch_options,
-        tx,
-        cancel,
+        tx.clone(),
+        cancel.clone(),
     )
     .await;
+    let first = summary.records.clone();
+    let reran = rerun_failed(
+        args,
+        planned,
+        target,
+        &dispatch_options,
+        summary,
+        &tx,
+        &cancel,
+    )
+    .await;
+    drop(tx);
     // Whatever happened, nothing the run started may outlive it (MicroVMs cost money).
     let released = target.backend.shutdown().await;
     signals.abort();
     let left_running = tell_released(&released, shutdown.last());
     let (mut reporter, failed_fast) = reporter.await.map_err(|e| RunError::Local(e.to_string()))?;
+    let mut summary = reran?;
     if summary.stopped_by.is_some() {
-        return Ok((summary, left_running, None));
+        return Ok(Dispatched {
+            summary,
+            first,
+            left_running,
+            failed_fast: None,
+            flaky: 0,
+        });
     }
-    let tests = TestReport::from_summary(&summary);
+    // Shards that did not pass at first and did in the end.
+    let passed_on_rerun: Vec<ShardId> = summary
+        .records
+        .iter()
+        .zip(&first)
+        .filter(|(last, first)| last.status == ShardStatus::Passed && first.status != last.status)
+        .map(|(last, _)| last.shard)
+        .collect();
+    if args.no_flaky {
+        // Flakiness fails the run: such a shard keeps its first failure.
+        for (last, first) in summary.records.iter_mut().zip(&first) {
+            if passed_on_rerun.contains(&last.shard) {
+                last.status = first.status.clone();
+            }
+        }
+    }
+    let mut tests = TestReport::from_summary(&summary);
+    for shard in &passed_on_rerun {
+        if tests.flaky.iter().any(|f| f.shard == *shard) {
+            continue;
+        }
+        let earlier = first.iter().find(|r| r.shard == *shard);
+        tests.flaky.push(crate::report::junit::TestFailure {
+            shard: *shard,
+            name: "the whole shard".into(),
+            file: None,
+            line: None,
+            message: earlier.map_or_else(String::new, |r| r.status.describe()),
+        });
+    }
     if let Some(merged) = &tests.merged {
         let written = std::fs::File::create(&args.report)
             .map_err(|e| e.to_string())
@@ -661,7 +739,94 @@ async fn dispatch_and_report(
             )
         );
     }
-    Ok((summary, left_running, failed_fast))
+    let flaky = tests.flaky.len();
+    Ok(Dispatched {
+        summary,
+        first,
+        left_running,
+        failed_fast,
+        flaky,
+    })
+}
+
+/// `--retries`: reruns what did not pass, round after round, each round in
+/// new fresh environments (a run id of its own gives every attempt a new
+/// tenant id or microVM), until everything passed, the reruns are used up,
+/// or the run was stopped. Each rerun is folded into its shard's record.
+async fn rerun_failed(
+    args: &RunArgs,
+    planned: &PlannedRun,
+    target: &Target,
+    options: &DispatchOptions,
+    mut summary: RunSummary,
+    tx: &dispatch::EventSender,
+    cancel: &CancellationToken,
+) -> Result<RunSummary, RunError> {
+    let adapter = planned.suite.as_ref().map(|s| &s.adapter);
+    // What each shard's last attempt ran, with --runner.
+    let mut ran: BTreeMap<u32, Vec<String>> = planned
+        .spec
+        .shares
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, share)| (i as u32 + 1, share.tests.clone()))
+        .collect();
+    for round in 1..=args.retries {
+        if summary.stopped_by.is_some() || cancel.is_cancelled() {
+            break;
+        }
+        let mut jobs = Vec::new();
+        for record in &summary.records {
+            let last = ran.get(&record.shard.index).map(Vec::as_slice);
+            let tests = match crate::retry::rerun_of(record, last, adapter) {
+                None => continue,
+                Some(crate::retry::Rerun::Whole) => None,
+                Some(crate::retry::Rerun::Tests(tests)) => Some(tests),
+            };
+            let _ = tx
+                .send(RunEvent::Rerunning {
+                    shard: record.shard,
+                    round,
+                    of: args.retries,
+                    tests: tests.as_ref().map(Vec::len),
+                })
+                .await;
+            jobs.push(plan::rerun_job(
+                &planned.spec,
+                &planned.run_id,
+                &planned.source,
+                record.shard,
+                tests.as_deref(),
+            )?);
+            if let Some(tests) = tests {
+                ran.insert(record.shard.index, tests);
+            }
+        }
+        if jobs.is_empty() {
+            break;
+        }
+        let run_id = format!("{}-r{round}", planned.run_id);
+        let again = dispatch::dispatch(
+            target.backend.clone(),
+            &run_id,
+            jobs,
+            options,
+            tx.clone(),
+            cancel.clone(),
+        )
+        .await;
+        for rerun in again.records {
+            if let Some(slot) = summary.records.iter_mut().find(|r| r.shard == rerun.shard) {
+                *slot = crate::retry::fold(slot.clone(), rerun);
+            }
+        }
+        if again.stopped_by.is_some() {
+            summary.stopped_by = again.stopped_by;
+            break;
+        }
+    }
+    Ok(summary)
 }
 
 /// The reporter for where the run is shown: GitHub Actions (with the
@@ -931,8 +1096,8 @@ fn command_ran(status: &ShardStatus) -> bool {
 
 /// Shows each shard's expected and actual duration (the command's time, and
 /// the wall time with start-up as this side saw it).
-fn tell_balance(shares: &[Share], summary: &RunSummary) {
-    for record in &summary.records {
+fn tell_balance(shares: &[Share], records: &[ShardRecord]) {
+    for record in records {
         let Some(share) = shares.get(record.shard.index as usize - 1) else {
             continue;
         };

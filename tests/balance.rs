@@ -29,7 +29,11 @@ fn shard_lines(stderr: &str) -> BTreeMap<u32, (usize, f64, f64)> {
 
 /// Test cases (`classname::name`) in a JUnit report, with how often each appears.
 fn cases(report: &Path) -> BTreeMap<String, usize> {
-    let text = std::fs::read_to_string(report).unwrap();
+    cases_in(&std::fs::read_to_string(report).unwrap())
+}
+
+/// Test cases (`classname::name`) in a JUnit report's text, with how often each appears.
+fn cases_in(text: &str) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();
     for part in text.split("<testcase ").skip(1) {
         let head = part.split('>').next().unwrap();
@@ -413,4 +417,158 @@ fn fail_fast_stops_the_run_after_the_first_failing_shard() {
     let (code, stdout, _) = run(false);
     assert_eq!(code, 1);
     assert!(stdout.contains("3 passed, 1 failed"), "{stdout}");
+}
+
+/// A pytest suite whose tests write their name to `$RUNS_DIR/runs` each
+/// time they run: `test_flaky` fails the first time (it leaves a marker in
+/// `$RUNS_DIR`, which outlives the fresh environments), `test_broken`
+/// fails whenever `BROKEN` is set, six others pass.
+fn flaky_suite(dir: &Path) {
+    std::fs::write(
+        dir.join("test_flaky.py"),
+        "import os, pathlib, pytest\n\
+         RUNS = pathlib.Path(os.environ['RUNS_DIR'])\n\
+         def ran(name):\n    with open(RUNS / 'runs', 'a') as f:\n        f.write(name + '\\n')\n\
+         def test_flaky():\n    ran('flaky')\n    marker = RUNS / 'flaky-failed-once'\n    \
+             if not marker.exists():\n        marker.write_text('')\n        assert False, 'fails the first time'\n\
+         def test_broken():\n    ran('broken')\n    assert not os.environ.get('BROKEN'), 'fails every time'\n\
+         @pytest.mark.parametrize('i', range(6))\n\
+         def test_ok(i):\n    ran(f'ok{i}')\n",
+    )
+    .unwrap();
+}
+
+/// `--runner pytest` on 2 local shards of the flaky suite with `extra`
+/// options; returns the exit code, the output, and how often each test ran.
+fn run_flaky(dir: &Path, extra: &[&str]) -> (i32, String, String, BTreeMap<String, usize>, String) {
+    let runs = tempfile::tempdir().unwrap();
+    let report = runs.path().join("junit.xml");
+    let timings = runs.path().join("timings.json");
+    let runs_env = format!("RUNS_DIR={}", runs.path().display());
+    let mut args = vec![
+        "run",
+        "--local",
+        "--shards",
+        "2",
+        "--source",
+        ".",
+        "--runner",
+        "pytest",
+        "--timeout",
+        "60s",
+        "--env",
+        &runs_env,
+        "--timings",
+        timings.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    args.extend([
+        "--",
+        "python3",
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "{tests}",
+    ]);
+    let (code, stdout, stderr) = cli(dir, &args);
+    let mut counted = BTreeMap::new();
+    let log = std::fs::read_to_string(runs.path().join("runs")).unwrap_or_default();
+    for name in log.lines() {
+        *counted.entry(name.to_string()).or_default() += 1;
+    }
+    let junit = std::fs::read_to_string(&report).unwrap_or_default();
+    (code, stdout, stderr, counted, junit)
+}
+
+#[test]
+fn retries_rerun_only_the_failed_tests_and_a_test_failing_again_fails_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    flaky_suite(dir.path());
+    let (code, stdout, stderr, runs, junit) =
+        run_flaky(dir.path(), &["--retries", "2", "--env", "BROKEN=1"]);
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    // Each failed test reran twice at most; the others ran once.
+    assert_eq!(runs["broken"], 3, "{runs:?}");
+    assert_eq!(runs["flaky"], 2, "{runs:?}");
+    for i in 0..6 {
+        assert_eq!(runs[&format!("ok{i}")], 1, "{runs:?}");
+    }
+    assert!(stdout.contains("rerun 2 of 2: 1 failed test"), "{stdout}");
+    assert!(
+        stdout.contains("flaky (failed, then passed on a rerun):")
+            && stdout.contains("test_flaky::test_flaky: AssertionError: fails the first time"),
+        "{stdout}"
+    );
+    // The merged report: each test once, the reruns marked.
+    let seen = cases_in(&junit);
+    assert_eq!(seen.len(), 8, "{junit}");
+    assert!(seen.values().all(|n| *n == 1), "{seen:?}");
+    assert_eq!(junit.matches("<flakyFailure").count(), 1, "{junit}");
+    assert_eq!(junit.matches("<rerunFailure").count(), 2, "{junit}");
+}
+
+#[test]
+fn a_flaky_test_passes_the_run_unless_no_flaky() {
+    let dir = tempfile::tempdir().unwrap();
+    flaky_suite(dir.path());
+    let (code, stdout, stderr, runs, junit) = run_flaky(dir.path(), &["--retries", "1"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(runs["flaky"], 2, "{runs:?}");
+    assert_eq!(runs["broken"], 1, "{runs:?}");
+    assert!(stdout.contains("; 1 test flaky"), "{stdout}");
+    assert!(junit.contains("<flakyFailure"), "{junit}");
+
+    let (code, stdout, stderr, runs, _) = run_flaky(dir.path(), &["--retries", "1", "--no-flaky"]);
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert_eq!(runs["flaky"], 2, "{runs:?}");
+    assert!(
+        stderr.contains("--no-flaky: 1 flaky test failed, then passed on a rerun"),
+        "{stderr}"
+    );
+    // Without --retries nothing reruns: the flaky test fails the run.
+    let (code, _, _, runs, _) = run_flaky(dir.path(), &[]);
+    assert_eq!(code, 1);
+    assert_eq!(runs["flaky"], 1, "{runs:?}");
+}
+
+#[test]
+fn without_a_runner_retries_rerun_the_whole_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x"), "").unwrap();
+    let runs_env = format!("RUNS_DIR={}", runs.path().display());
+    // Shard 2 fails the first time only; shard 1 passes.
+    let (code, stdout, stderr) = cli(
+        dir.path(),
+        &[
+            "run",
+            "--local",
+            "--source",
+            ".",
+            "--shards",
+            "2",
+            "--retries",
+            "3",
+            "--env",
+            &runs_env,
+            "--",
+            "sh",
+            "-c",
+            "echo {index} >> \"$RUNS_DIR/runs\"; test {index} = 1 || test -e \"$RUNS_DIR/m\" || { touch \"$RUNS_DIR/m\"; exit 1; }",
+        ],
+    );
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let log = std::fs::read_to_string(runs.path().join("runs")).unwrap();
+    let mut lines: Vec<&str> = log.lines().collect();
+    lines.sort();
+    assert_eq!(lines, ["1", "2", "2"], "shard 2 ran twice, shard 1 once");
+    assert!(
+        stdout.contains("rerun 1 of 3: the whole shard")
+            && stdout.contains("[2/2] the whole shard: exited with code 1"),
+        "{stdout}"
+    );
 }

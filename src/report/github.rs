@@ -221,6 +221,9 @@ impl<W: Write> GithubReporter<W> {
             writeln!(self.out, "{reason}")?;
         }
         writeln!(self.out, "::endgroup::")?;
+        // A rerun's end replaces the shard's earlier one.
+        self.failed_shards
+            .retain(|(shard, _)| *shard != record.shard);
         if record.status != ShardStatus::Passed {
             // Annotated at the end, after the failed tests, which say more.
             self.failed_shards
@@ -293,6 +296,27 @@ impl<W: Write> GithubReporter<W> {
                 md.push_str(&format!(
                     "- … and {} more\n",
                     tests.failures.len() - MAX_SUMMARY_FAILURES
+                ));
+            }
+            md.push_str("\n</details>\n");
+        }
+        if !tests.flaky.is_empty() {
+            md.push_str(&format!(
+                "\n<details open><summary>Flaky: failed, then passed on a rerun ({})</summary>\n\n",
+                tests.flaky.len()
+            ));
+            for f in tests.flaky.iter().take(MAX_SUMMARY_FAILURES) {
+                md.push_str(&format!(
+                    "- shard {}: `{}`: {}\n",
+                    f.shard,
+                    f.name.replace('`', "'"),
+                    markdown_line(&f.message)
+                ));
+            }
+            if tests.flaky.len() > MAX_SUMMARY_FAILURES {
+                md.push_str(&format!(
+                    "- … and {} more\n",
+                    tests.flaky.len() - MAX_SUMMARY_FAILURES
                 ));
             }
             md.push_str("\n</details>\n");
@@ -378,6 +402,16 @@ impl<W: Write + Send> Reporter for GithubReporter<W> {
                 escape_data(reason),
                 secs(*delay)
             ),
+            RunEvent::Rerunning {
+                shard,
+                round,
+                of,
+                tests,
+            } => writeln!(
+                self.out,
+                "shard {shard}: rerun {round} of {of}: {} in a new fresh environment",
+                super::terminal::rerun_what(*tests)
+            ),
             RunEvent::Finished(record) => self.show_shard(record),
             RunEvent::Secret(value) => self.mask(value),
         }
@@ -403,6 +437,26 @@ impl<W: Write + Send> Reporter for GithubReporter<W> {
             writeln!(
                 self.out,
                 "::notice title=More warnings::{warnings_left} more lost JUnit reports; see the log above"
+            )?;
+        }
+        let mut flaky_left = 0;
+        for f in &tests.flaky {
+            let mut props = vec![("title", format!("Flaky: {} (shard {})", f.name, f.shard))];
+            if let Some(file) = &f.file {
+                props.push(("file", file.clone()));
+            }
+            let message = format!(
+                "failed, then passed on a rerun; it failed with: {}",
+                f.message
+            );
+            if !self.warn(&props, &message)? {
+                flaky_left += 1;
+            }
+        }
+        if flaky_left > 0 {
+            writeln!(
+                self.out,
+                "::notice title=More flaky tests::{flaky_left} more flaky tests; the job summary lists them all"
             )?;
         }
         if tests.merged.is_none() && !self.files.junit.is_empty() {
@@ -686,6 +740,45 @@ mod tests {
             errors[3],
             "::error title=shard 1/3 TIMED OUT::ran out of time"
         );
+    }
+
+    #[test]
+    fn flaky_tests_are_warnings_within_the_limit_and_all_in_the_job_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = GithubFiles {
+            step_summary: Some(dir.path().join("summary.md")),
+            ..GithubFiles::default()
+        };
+        let mut out = Vec::new();
+        let mut r = GithubReporter::new(&mut out, files);
+        let shard = ShardId { index: 1, count: 1 };
+        let report = TestReport {
+            flaky: (0..12)
+                .map(|i| TestFailure {
+                    shard,
+                    name: format!("t.py::test_{i}"),
+                    file: Some("t.py".into()),
+                    line: None,
+                    message: "assert 1 == 2".into(),
+                })
+                .collect(),
+            ..TestReport::default()
+        };
+        let summary = RunSummary {
+            stopped_by: None,
+            records: vec![record(1, ShardStatus::Passed)],
+        };
+        r.finish(&summary, &report).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.matches("::warning ").count(), MAX_WARNING_ANNOTATIONS);
+        assert!(text.contains("::warning title=Flaky%3A t.py%3A%3Atest_0 (shard 1/1),file=t.py::failed, then passed on a rerun; it failed with: assert 1 == 2"), "{text}");
+        assert!(text.contains("2 more flaky tests"), "{text}");
+        let md = std::fs::read_to_string(dir.path().join("summary.md")).unwrap();
+        assert!(
+            md.contains("Flaky: failed, then passed on a rerun (12)"),
+            "{md}"
+        );
+        assert_eq!(md.matches("- shard 1/1: `t.py::test_").count(), 12, "{md}");
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub struct TestReport {
     pub counts: BTreeMap<ShardId, TestCounts>,
     /// Every failed test, by shard.
     pub failures: Vec<TestFailure>,
+    /// Tests that failed, then passed on a rerun (`--retries`), with their
+    /// first failure; and shards with no report that did the same.
+    pub flaky: Vec<TestFailure>,
     /// Reports that are lost: not valid JUnit XML, or not sent back because
     /// they were over the shard's budget for collected files: (shard, path, why).
     pub problems: Vec<(ShardId, String, String)>,
@@ -78,8 +81,36 @@ impl TestReport {
                     // pytest names its suite "pytest"; its xunit1 `line` is 0-based.
                     let pytest = suite.name.as_str() == "pytest";
                     for case in &suite.test_cases {
+                        let name = match &case.classname {
+                            Some(class) if !class.is_empty() => {
+                                format!("{}::{}", class.as_str(), case.name.as_str())
+                            }
+                            _ => case.name.to_string(),
+                        };
+                        let attr = |key: &str| {
+                            case.extra
+                                .iter()
+                                .find(|(k, _)| k.as_str() == key)
+                                .map(|(_, v)| v.to_string())
+                        };
                         match &case.status {
-                            TestCaseStatus::Success { .. } => counts.passed += 1,
+                            TestCaseStatus::Success { flaky_runs } => {
+                                counts.passed += 1;
+                                if let Some(first) = flaky_runs.first() {
+                                    let message = first
+                                        .message
+                                        .as_ref()
+                                        .map_or_else(|| "failed".into(), |m| m.to_string());
+                                    out.flaky.push(TestFailure {
+                                        shard: record.shard,
+                                        name,
+                                        file: attr("file")
+                                            .map(|f| workspace_relative(&f).unwrap_or(f)),
+                                        line: None,
+                                        message,
+                                    });
+                                }
+                            }
                             TestCaseStatus::Skipped { .. } => counts.skipped += 1,
                             TestCaseStatus::NonSuccess {
                                 kind,
@@ -88,18 +119,6 @@ impl TestReport {
                                 ..
                             } => {
                                 counts.failed += 1;
-                                let name = match &case.classname {
-                                    Some(class) if !class.is_empty() => {
-                                        format!("{}::{}", class.as_str(), case.name.as_str())
-                                    }
-                                    _ => case.name.to_string(),
-                                };
-                                let attr = |key: &str| {
-                                    case.extra
-                                        .iter()
-                                        .find(|(k, _)| k.as_str() == key)
-                                        .map(|(_, v)| v.to_string())
-                                };
                                 let message: String = message
                                     .as_ref()
                                     .map(|m| m.to_string())

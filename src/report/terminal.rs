@@ -83,6 +83,8 @@ pub struct TerminalReporter<W: Write> {
     partial: HashMap<(ShardId, OutputStream), Held>,
     progress: Option<ProgressBar>,
     not_passed: usize,
+    /// How each shard that ended last ended (a rerun replaces it).
+    ended: HashMap<ShardId, ShardStatus>,
     options: TerminalOptions,
     /// Per shard: the end of its output, and with `--output failed` all of
     /// it, spilled to a temporary file until the shard ends.
@@ -151,6 +153,7 @@ impl<W: Write> TerminalReporter<W> {
             partial: HashMap::new(),
             progress: None,
             not_passed: 0,
+            ended: HashMap::new(),
             options: TerminalOptions::default(),
             logs: HashMap::new(),
             failed_tails: Vec::new(),
@@ -233,6 +236,16 @@ impl<W: Write> TerminalReporter<W> {
                 "[{shard}] could not start ({reason}); attempt {next_attempt} in {}",
                 secs(*delay)
             ),
+            RunEvent::Rerunning {
+                shard,
+                round,
+                of,
+                tests,
+            } => writeln!(
+                self.out,
+                "[{shard}] rerun {round} of {of}: {} in a new fresh environment",
+                rerun_what(*tests)
+            ),
             RunEvent::Finished(record) => {
                 if let Ok(mut running) = self.running.lock() {
                     running.remove(&record.shard);
@@ -274,6 +287,9 @@ impl<W: Write> TerminalReporter<W> {
                     record.shard,
                     secs(record.duration)
                 )?;
+                // A rerun's end replaces the shard's earlier one.
+                self.failed_tails
+                    .retain(|(shard, ..)| *shard != record.shard);
                 if !passed && !log.tail.is_empty() {
                     let heading = format!("{}{detail}", record.status.label());
                     self.failed_tails.push((record.shard, heading, log.tail));
@@ -374,6 +390,21 @@ impl<W: Write> TerminalReporter<W> {
                 )?;
             }
         }
+        if !tests.flaky.is_empty() {
+            writeln!(
+                self.out,
+                "\n{}",
+                palette.bold("flaky (failed, then passed on a rerun):")
+            )?;
+            for f in tests.flaky.iter().take(MAX_LISTED_FAILURES) {
+                let first = f.message.lines().next().unwrap_or("");
+                writeln!(self.out, "  [{}] {}: {first}", f.shard, f.name)?;
+            }
+            if tests.flaky.len() > MAX_LISTED_FAILURES {
+                let more = tests.flaky.len() - MAX_LISTED_FAILURES;
+                writeln!(self.out, "  ... and {more} more")?;
+            }
+        }
         let failed: Vec<String> = summary
             .records
             .iter()
@@ -387,7 +418,7 @@ impl<W: Write> TerminalReporter<W> {
         };
         writeln!(
             self.out,
-            "{}: {} passed, {} failed, {timed_out}, {} could not run{}{}",
+            "{}: {} passed, {} failed, {timed_out}, {} could not run{}{}{}",
             super::plural(summary.records.len(), "shard"),
             count(|s| *s == ShardStatus::Passed),
             count(|s| matches!(s, ShardStatus::Failed { .. })),
@@ -395,6 +426,10 @@ impl<W: Write> TerminalReporter<W> {
             match count(|s| matches!(s, ShardStatus::Interrupted { .. })) {
                 0 => String::new(),
                 n => format!(", {n} interrupted"),
+            },
+            match tests.flaky.len() {
+                0 => String::new(),
+                n => format!("; {} flaky", super::plural(n, "test")),
             },
             if failed.is_empty() {
                 String::new()
@@ -512,11 +547,21 @@ impl<W: Write + Send> Reporter for TerminalReporter<W> {
             let written = TerminalReporter::handle(self, event);
             self.out.flush().and(written)
         });
+        if let RunEvent::Rerunning { .. } = event {
+            bar.inc_length(1);
+        }
         if let RunEvent::Finished(record) = event {
+            let earlier = self.ended.insert(record.shard, record.status.clone());
+            if earlier.is_some_and(|s| s != ShardStatus::Passed) {
+                self.not_passed -= 1;
+            }
             if record.status != ShardStatus::Passed {
                 self.not_passed += 1;
-                bar.set_message(format!(", {} not passed", self.not_passed));
             }
+            bar.set_message(match self.not_passed {
+                0 => String::new(),
+                n => format!(", {n} not passed"),
+            });
             bar.inc(1);
         }
         written
@@ -527,6 +572,14 @@ impl<W: Write + Send> Reporter for TerminalReporter<W> {
             bar.finish_and_clear();
         }
         self.summary(summary, tests)
+    }
+}
+
+/// What a rerun runs: `1 failed test`, or `the whole shard`.
+pub fn rerun_what(tests: Option<usize>) -> String {
+    match tests {
+        Some(n) => super::plural(n, "failed test"),
+        None => "the whole shard".into(),
     }
 }
 
