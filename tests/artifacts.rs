@@ -5,97 +5,37 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::{Moto, MOTO_SECRET_KEY};
 use sha2::{Digest, Sha256};
 
+/// The bucket of the 100 MB test, which keeps every version (one moto
+/// serves the whole file, each test in its own bucket).
 const BUCKET: &str = "mvm-artifacts";
-/// The invoker's own secret: it must never reach a shard or a log.
-const SECRET_KEY: &str = "invoker-secret-key-5f2c";
 /// Size of the include: random, so it does not compress.
 const BIG: u64 = 100 * 1024 * 1024;
 /// Peak resident memory allowed to the invoker while shipping [`BIG`] bytes.
 const MAX_INVOKER_RSS_KB: i64 = 80 * 1024;
 
-/// moto's standalone S3 server on a free loopback port, stopped on drop.
-struct Moto {
-    child: Child,
-    endpoint: String,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let mut child = Command::new("python3")
-            .args(["-u", "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("python3 with moto[server] is installed (.ci/run installs it)");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(at) = line.find("http://127.0.0.1:") {
-                    let _ = tx.send(line[at..].trim().to_string());
-                }
-            }
-        });
-        let endpoint = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("moto says where it listens");
-        Moto { child, endpoint }
-    }
-
-    async fn client(&self) -> aws_sdk_s3::Client {
-        let config = aws_sdk_s3::config::Builder::new()
-            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-            .region(aws_sdk_s3::config::Region::new("us-east-1"))
-            .endpoint_url(&self.endpoint)
-            .force_path_style(true)
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                "testing", SECRET_KEY, None, None, "test",
-            ))
-            .build();
-        aws_sdk_s3::Client::from_conf(config)
-    }
-
-    /// A bucket that keeps every version, so uploads can be counted.
-    async fn versioned_bucket(&self) -> aws_sdk_s3::Client {
-        let client = self.client().await;
-        client.create_bucket().bucket(BUCKET).send().await.unwrap();
-        client
-            .put_bucket_versioning()
-            .bucket(BUCKET)
-            .versioning_configuration(
-                aws_sdk_s3::types::VersioningConfiguration::builder()
-                    .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
-                    .build(),
-            )
-            .send()
-            .await
-            .unwrap();
-        client
-    }
-
-    /// Environment for the invoker: the SDK finds moto through its own setting.
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ENDPOINT_URL_S3", self.endpoint.clone()),
-            ("AWS_ACCESS_KEY_ID", "testing".into()),
-            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
-            ("AWS_REGION", "us-east-1".into()),
-        ]
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A bucket that keeps every version, so uploads can be counted.
+async fn versioned_bucket(moto: &Moto) -> aws_sdk_s3::Client {
+    let client = moto.bucket(BUCKET).await;
+    client
+        .put_bucket_versioning()
+        .bucket(BUCKET)
+        .versioning_configuration(
+            aws_sdk_s3::types::VersioningConfiguration::builder()
+                .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    client
 }
 
 /// A git repository with a small tracked file and `big.bin` (ignored, so
@@ -222,8 +162,8 @@ fn assert_every_shard_got(ran: &Ran, shards: usize, hash: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_100_mb_include_reaches_every_shard_through_s3_and_is_uploaded_once() {
-    let moto = Moto::start();
-    let s3 = moto.versioned_bucket().await;
+    let moto = Moto::shared();
+    let s3 = versioned_bucket(moto).await;
     let work = tempfile::tempdir().unwrap();
     let hash = project(work.path());
     let args = [
@@ -302,7 +242,7 @@ async fn a_100_mb_include_reaches_every_shard_through_s3_and_is_uploaded_once() 
             .filter(|l| !l.starts_with("::add-mask::"))
             .any(|l| l.contains("X-Amz-Signature"));
         assert!(!unmasked, "no presigned link in the {what}: {out}");
-        assert!(!out.contains(SECRET_KEY), "{out}");
+        assert!(!out.contains(MOTO_SECRET_KEY), "{out}");
     }
 }
 
@@ -345,15 +285,15 @@ async fn a_100_mb_include_reaches_every_shard_over_loopback_with_local() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrupted_store_object_is_refused_by_every_shard() {
-    let moto = Moto::start();
-    let s3 = moto.versioned_bucket().await;
+    let moto = Moto::shared();
+    let s3 = moto.bucket("mvm-corrupted").await;
     let work = tempfile::tempdir().unwrap();
     std::fs::write(work.path().join("data.txt"), "the real content\n").unwrap();
     let args = [
         "run",
         "--local",
         "--artifacts",
-        "s3://mvm-artifacts",
+        "s3://mvm-corrupted",
         "--shards",
         "2",
         "--timeout",
@@ -370,7 +310,12 @@ async fn a_corrupted_store_object_is_refused_by_every_shard() {
     assert_eq!(first.stdout.matches("the real content").count(), 2);
 
     // Someone with write access to the bucket swaps the bytes (same size).
-    let listed = s3.list_objects_v2().bucket(BUCKET).send().await.unwrap();
+    let listed = s3
+        .list_objects_v2()
+        .bucket("mvm-corrupted")
+        .send()
+        .await
+        .unwrap();
     let key = listed
         .contents()
         .iter()
@@ -380,7 +325,7 @@ async fn a_corrupted_store_object_is_refused_by_every_shard() {
         .to_string();
     let size = s3
         .head_object()
-        .bucket(BUCKET)
+        .bucket("mvm-corrupted")
         .key(&key)
         .send()
         .await
@@ -388,7 +333,7 @@ async fn a_corrupted_store_object_is_refused_by_every_shard() {
         .content_length()
         .unwrap();
     s3.put_object()
-        .bucket(BUCKET)
+        .bucket("mvm-corrupted")
         .key(&key)
         .body(vec![b'x'; size as usize].into())
         .send()
@@ -525,14 +470,8 @@ fn a_local_cache_is_saved_once_restored_and_a_broken_one_is_ignored() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cache_in_the_s3_store_is_saved_then_restored_with_no_credential_in_the_shards() {
-    let moto = Moto::start();
-    moto.client()
-        .await
-        .create_bucket()
-        .bucket(BUCKET)
-        .send()
-        .await
-        .unwrap();
+    let moto = Moto::shared();
+    moto.bucket("mvm-caches").await;
     let work = tempfile::tempdir().unwrap();
     git_project(work.path());
     let check = format!("{BUILD_DEPS}; {}", CHECK.split_once("; ").unwrap().1);
@@ -540,7 +479,7 @@ async fn a_cache_in_the_s3_store_is_saved_then_restored_with_no_credential_in_th
         "run",
         "--local",
         "--artifacts",
-        "s3://mvm-artifacts/ci",
+        "s3://mvm-caches/ci",
         "--shards",
         "2",
         "--timeout",
@@ -589,4 +528,171 @@ fn a_cache_without_a_store_is_a_clear_error() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--cache \"deps=deps.lock\""), "{stderr}");
     assert!(stderr.contains("--artifacts"), "{stderr}");
+}
+
+/// Prints CREDENTIAL-SEEN when a shard's environment holds an AWS credential
+/// or a presigned link.
+const NO_CREDENTIAL: &str = "if env | grep -qE '^AWS_(ACCESS_KEY_ID|SECRET_ACCESS_KEY|SESSION_TOKEN)=|X-Amz-'; then echo CREDENTIAL-SEEN; fi";
+
+/// As on AWS (`run --function` on `mvm-shard emulate`, the store on moto): a
+/// shard holds no AWS credential and no link, every link carries its expiry,
+/// and a cache that breaks in the bucket (corrupted, or deleted while the run
+/// goes on) never fails a run: the shards build it as on a miss.
+#[tokio::test(flavor = "multi_thread")]
+async fn through_a_function_a_broken_store_cache_never_fails_a_run_and_shards_hold_no_credential() {
+    const BUCKET: &str = "mvm-broken-caches";
+    let moto = Moto::shared();
+    let s3 = moto.bucket(BUCKET).await;
+    let emulator = common::Emulate::start();
+    let work = tempfile::tempdir().unwrap();
+    git_project(work.path());
+    let gate = work.path().join("gate");
+    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    // With `--max-parallel 1`, shard 2 starts once shard 1, held at the gate, ends.
+    let script = format!(
+        "if [ -n \"$HOLD\" ] && [ $MVM_SHARD_INDEX = 1 ]; then echo HELD; cat '{}' >/dev/null; fi; {BUILD_DEPS}; {NO_CREDENTIAL}",
+        gate.display()
+    );
+    let mut env = moto.env();
+    env.push(("AWS_ENDPOINT_URL_LAMBDA", emulator.endpoint.clone()));
+    env.push(("MVM_SHARD_ARTIFACTS", format!("s3://{BUCKET}/ci")));
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--function",
+            "mvm-shard",
+            "--shards",
+            "2",
+            "--timeout",
+            "60s",
+            "--cache",
+            "deps=deps.lock",
+        ];
+        args.extend_from_slice(extra);
+        args.extend(["--", "sh", "-c", &script]);
+        let mut command = tokio::process::Command::new(common::binary());
+        command
+            .args(args)
+            .current_dir(work.path())
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command.spawn().unwrap()
+    };
+    let finish = |child: tokio::process::Child| async {
+        let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+            .await
+            .expect("the run ends in time")
+            .unwrap();
+        let ran = (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert_eq!(ran.0, 0, "a cache never fails a run: {}{}", ran.1, ran.2);
+        assert!(ran.2.contains("on function mvm-shard"), "{}", ran.2);
+        for text in [&ran.1, &ran.2] {
+            assert!(!text.contains("CREDENTIAL-SEEN"), "{text}");
+            assert!(!text.contains("X-Amz-"), "{text}");
+            assert!(!text.contains(MOTO_SECRET_KEY), "{text}");
+        }
+        ran.1
+    };
+
+    // A miss: both build, one saves through a presigned PUT that expires
+    // (an hour plus the timeout per wave of shards and one more: 3,720 s).
+    let miss = finish(run(&[])).await;
+    assert_eq!(miss.matches("MISS").count(), 2, "{miss}");
+    assert_eq!(miss.matches("cache deps saved").count(), 1, "{miss}");
+    let requests = moto.requests_once(BUCKET, "PUT /");
+    let links: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.contains("X-Amz-Signature="))
+        .collect();
+    assert!(!links.is_empty(), "{requests:#?}");
+    for link in links {
+        assert!(link.contains("X-Amz-Expires=3720&"), "{link}");
+    }
+    let key = s3
+        .list_objects_v2()
+        .bucket(BUCKET)
+        .prefix("ci/caches/")
+        .send()
+        .await
+        .unwrap()
+        .contents()
+        .iter()
+        .find_map(|o| o.key().map(str::to_string))
+        .expect("the cache was saved");
+
+    // Corrupted in the bucket: every shard ignores it, builds, passes.
+    s3.put_object()
+        .bucket(BUCKET)
+        .key(&key)
+        .body(b"not a tar.zst at all".to_vec().into())
+        .send()
+        .await
+        .unwrap();
+    let corrupted = finish(run(&[])).await;
+    assert_eq!(
+        corrupted.matches("cache deps ignored").count(),
+        2,
+        "{corrupted}"
+    );
+    assert_eq!(corrupted.matches("MISS").count(), 2, "{corrupted}");
+
+    // A good cache again (another key), then deleted while the run goes
+    // on: shard 1 restored it, shard 2 finds it gone and builds it.
+    std::fs::write(work.path().join("deps.lock"), "v2\n").unwrap();
+    let rebuilt = finish(run(&[])).await;
+    assert_eq!(rebuilt.matches("cache deps saved").count(), 1, "{rebuilt}");
+    let mut held = run(&["--max-parallel", "1", "--env", "HOLD=1"]);
+    let mut stdout = tokio::io::BufReader::new(held.stdout.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("HELD") {
+        let mut line = String::new();
+        let n = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line),
+        )
+        .await
+        .expect("shard 1 reaches the gate")
+        .unwrap();
+        assert!(
+            n > 0,
+            "the run ended before shard 1 reached the gate: {seen}"
+        );
+        seen.push_str(&line);
+    }
+    let listed = s3
+        .list_objects_v2()
+        .bucket(BUCKET)
+        .prefix("ci/caches/")
+        .send()
+        .await
+        .unwrap();
+    for object in listed.contents() {
+        s3.delete_object()
+            .bucket(BUCKET)
+            .key(object.key().unwrap())
+            .send()
+            .await
+            .unwrap();
+    }
+    tokio::fs::write(&gate, b"go\n").await.unwrap();
+    let mut rest = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut rest)
+        .await
+        .unwrap();
+    held.stdout = None;
+    let _ = finish(held).await;
+    let deleted = seen + &rest;
+    assert_eq!(deleted.matches("HIT").count(), 1, "{deleted}");
+    assert_eq!(
+        deleted.matches("cache deps ignored").count(),
+        1,
+        "{deleted}"
+    );
+    assert_eq!(deleted.matches("MISS").count(), 1, "{deleted}");
 }

@@ -1,6 +1,10 @@
 //! The README's usage examples and recipes, run as written through `--local`
-//! on the toy projects in `tests/fixtures/`: every test runs exactly once
-//! across the shards, and a failing test fails the run.
+//! on the toy projects in `tests/fixtures/`, and again as on AWS (`--local`
+//! replaced by `--function mvm-shard`, as the README says) against
+//! `mvm-shard emulate` with the artifact store on moto's S3 server: every
+//! test runs exactly once across the shards, and a failing test fails the run.
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -86,6 +90,12 @@ struct Ran {
 /// none of the variables cargo sets for this test (CARGO_TARGET_DIR...), and
 /// killed with its whole process group after [`RECIPE_LIMIT`].
 async fn run_in(dir: &Path, argv: &[&str]) -> Ran {
+    run_in_with(dir, argv, &[]).await
+}
+
+/// [`run_in`] with `env` set, and no AWS, GitHub or mvm-shard setting of
+/// this process.
+async fn run_in_with(dir: &Path, argv: &[&str], env: &[(&str, String)]) -> Ran {
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_mvm-shard")).parent().unwrap();
     let path = format!(
         "{}:{}",
@@ -102,10 +112,14 @@ async fn run_in(dir: &Path, argv: &[&str]) -> Ran {
         .process_group(0)
         .kill_on_drop(true);
     for (name, _) in std::env::vars() {
-        if name.starts_with("CARGO") && name != "CARGO_HOME" {
+        let setting = ["AWS_", "GITHUB_", "MVM_SHARD_", "RUNNER_"]
+            .iter()
+            .any(|p| name.starts_with(p));
+        if setting || (name.starts_with("CARGO") && name != "CARGO_HOME") {
             cmd.env_remove(name);
         }
     }
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     let child = cmd.spawn().unwrap();
     let pgid = child.id().unwrap();
     match tokio::time::timeout(RECIPE_LIMIT, child.wait_with_output()).await {
@@ -127,10 +141,87 @@ async fn run_in(dir: &Path, argv: &[&str]) -> Ran {
     }
 }
 
-async fn run_recipe(dir: &Path, name: &str) -> Ran {
+/// Runs recipe `name` in `dir`: as written, or as on AWS (see [`Via`]).
+async fn run_recipe(dir: &Path, name: &str, via: &Target) -> Ran {
+    let mut text = recipe(name);
+    if let Target::Emulator { .. } = via {
+        let local = "mvm-shard run --local ";
+        assert_eq!(text.matches(local).count(), 1, "{name}: {text}");
+        text = text.replace(local, "mvm-shard run --function mvm-shard ");
+    }
     let script = dir.join(".recipe.sh");
-    std::fs::write(&script, recipe(name)).unwrap();
-    run_in(dir, &["bash", script.to_str().unwrap()]).await
+    std::fs::write(&script, text).unwrap();
+    run_in_with(dir, &["bash", script.to_str().unwrap()], via.env()).await
+}
+
+/// Where a recipe test runs its recipe.
+enum Via {
+    /// As written: `--local`.
+    Local,
+    /// As a user with AWS would: `--function mvm-shard`, with
+    /// `MVM_SHARD_ARTIFACTS` naming a bucket of its own on the file's moto
+    /// and the SDK's endpoint settings pointing at `mvm-shard emulate` and moto.
+    Emulator,
+}
+
+/// The emulated `mvm-shard` function's bootstrap: our agent, in an
+/// environment that has this machine's toolchains and way to the network
+/// (proxy, CA bundle), as the Lambda image has its own. The emulator gives a
+/// function the host's PATH and nothing else of it.
+fn agent_bootstrap() -> String {
+    let quote = |v: &str| format!("'{}'", v.replace('\'', "'\\''"));
+    let mut line = "exec env".to_string();
+    for name in mvm_shard::local_env::names().filter(|n| *n != "PATH") {
+        if let Ok(value) = std::env::var(name) {
+            line.push_str(&format!(" {name}={}", quote(&value)));
+        }
+    }
+    format!("{line} {} agent", quote(common::binary()))
+}
+
+/// A started [`Via`]: what runs the shards, and the invoker's environment.
+enum Target {
+    Local,
+    Emulator {
+        _emulator: common::Emulate,
+        env: Vec<(&'static str, String)>,
+    },
+}
+
+impl Target {
+    async fn start(via: Via, fixture: &str) -> Target {
+        match via {
+            Via::Local => Target::Local,
+            Via::Emulator => {
+                let moto = common::Moto::shared();
+                let bucket = format!(
+                    "recipe-{fixture}-{}",
+                    &uuid::Uuid::new_v4().simple().to_string()[..8]
+                );
+                moto.bucket(&bucket).await;
+                let emulator = common::Emulate::start_with(&[
+                    "--function",
+                    &format!("mvm-shard={}", agent_bootstrap()),
+                    "--tenant-isolated",
+                    "mvm-shard",
+                ]);
+                let mut env = moto.env();
+                env.push(("AWS_ENDPOINT_URL_LAMBDA", emulator.endpoint.clone()));
+                env.push(("MVM_SHARD_ARTIFACTS", format!("s3://{bucket}/ci")));
+                Target::Emulator {
+                    _emulator: emulator,
+                    env,
+                }
+            }
+        }
+    }
+
+    fn env(&self) -> &[(&'static str, String)] {
+        match self {
+            Target::Local => &[],
+            Target::Emulator { env, .. } => env,
+        }
+    }
 }
 
 /// How often each test passed and failed, by name, from the shards' logs
@@ -220,8 +311,8 @@ async fn cargo_nextest_partition_passes_locally_as_written() {
         nextest_line,
         RUST_TESTS,
         "tests::fails_on_request",
-        true,
         None,
+        Via::Local,
     )
     .await;
 }
@@ -230,14 +321,24 @@ async fn cargo_nextest_partition_passes_locally_as_written() {
 /// archive's test binary looks for fail-me in the shard's copy of the source).
 #[tokio::test]
 async fn rust_recipe_runs_a_nextest_archive_in_the_shards() {
+    rust_recipe(Via::Local).await;
+}
+
+/// The Rust recipe as on AWS: the archive travels through the S3 store.
+#[tokio::test]
+async fn rust_recipe_through_the_emulator_and_the_artifact_store() {
+    rust_recipe(Via::Emulator).await;
+}
+
+async fn rust_recipe(via: Via) {
     check_recipe(
         "rust",
         Recipe::Script("rust-nextest-archive.sh"),
         nextest_line,
         RUST_TESTS,
         "tests::fails_on_request",
-        true,
         None,
+        via,
     )
     .await;
 }
@@ -371,6 +472,11 @@ async fn a_local_run_warns_of_what_lambda_would_not_have() {
     assert!(!out.stderr.contains("`sh`"), "{}", out.stderr);
 }
 
+/// Whether recipe `name` ships files with `--include`.
+fn recipe_includes(name: &str) -> bool {
+    recipe(name).contains(" --include ")
+}
+
 /// What a recipe test runs: a command line as the README writes it, or a
 /// script of `examples/recipes/`.
 enum Recipe<'a> {
@@ -378,32 +484,53 @@ enum Recipe<'a> {
     Script(&'a str),
 }
 
-/// Runs a recipe on a fixture: with `passing_run`, once as it is (every test
-/// passes, exactly once); then with `fail-me` in place (`failing` fails, the
-/// others pass, each exactly once, and the run exits 1).
+/// Runs a recipe on a fixture, `via` the emulator or not: once as it is
+/// (every test passes, exactly once); then with `fail-me` in place
+/// (`failing` fails, the others pass, each exactly once, and the run exits 1).
 async fn check_recipe(
     fixture: &str,
     recipe: Recipe<'_>,
     parse: impl Fn(&[&str]) -> Option<(String, bool)> + Copy,
     tests: &[&str],
     failing: &str,
-    passing_run: bool,
     cache: Option<&str>,
+    via: Via,
 ) {
     let dir = project(fixture);
+    let target = Target::start(via, fixture).await;
     let run = || async {
-        match recipe {
+        let out = match recipe {
             Recipe::Line(line) => {
                 let argv: Vec<&str> = line.split(' ').collect();
-                run_in(dir.path(), &argv).await
+                run_in_with(dir.path(), &argv, target.env()).await
             }
-            Recipe::Script(name) => run_recipe(dir.path(), name).await,
+            Recipe::Script(name) => run_recipe(dir.path(), name, &target).await,
+        };
+        if let Target::Emulator { .. } = target {
+            assert!(
+                out.stderr.contains("on function mvm-shard"),
+                "{}",
+                out.stderr
+            );
         }
+        // The store's links are secrets, and the invoker's key stays with it.
+        for text in [&out.stdout, &out.stderr] {
+            assert!(!text.contains("X-Amz-Signature"), "{text}");
+            assert!(!text.contains(common::MOTO_SECRET_KEY), "{text}");
+        }
+        out
     };
-    if passing_run {
-        let out = run().await;
-        assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
-        assert_each_once(&tally(&out.stdout, parse), tests, &[], &out);
+    let out = run().await;
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    assert_each_once(&tally(&out.stdout, parse), tests, &[], &out);
+    if let (Target::Emulator { .. }, Recipe::Script(name)) = (&target, &recipe) {
+        if recipe_includes(name) {
+            assert!(
+                out.stderr.contains("uploaded to the artifact store"),
+                "the include travels through the store: {}",
+                out.stderr
+            );
+        }
     }
     std::fs::write(dir.path().join("fail-me"), "").unwrap();
     let out = run().await;
@@ -459,6 +586,15 @@ fn jest_line(words: &[&str]) -> Option<(String, bool)> {
 
 #[tokio::test]
 async fn go_recipe_deals_packages_out_and_a_failing_test_fails_the_run() {
+    go_recipe(Via::Local).await;
+}
+
+#[tokio::test]
+async fn go_recipe_through_the_emulator_and_the_artifact_store() {
+    go_recipe(Via::Emulator).await;
+}
+
+async fn go_recipe(via: Via) {
     check_recipe(
         "go",
         Recipe::Script("go.sh"),
@@ -472,14 +608,24 @@ async fn go_recipe_deals_packages_out_and_a_failing_test_fails_the_run() {
             "TestShoutEmpty",
         ],
         "TestFailsOnRequest",
-        true,
         None,
+        via,
     )
     .await;
 }
 
 #[tokio::test]
 async fn python_recipe_runs_pytest_with_uv_and_a_failing_test_fails_the_run() {
+    python_recipe(Via::Local).await;
+}
+
+/// The Python recipe as on AWS: the virtualenv is cached in the S3 store.
+#[tokio::test]
+async fn python_recipe_through_the_emulator_and_the_artifact_store() {
+    python_recipe(Via::Emulator).await;
+}
+
+async fn python_recipe(via: Via) {
     check_recipe(
         "python",
         Recipe::Script("python-uv.sh"),
@@ -492,14 +638,24 @@ async fn python_recipe_runs_pytest_with_uv_and_a_failing_test_fails_the_run() {
             "tests/test_request.py::test_joins",
         ],
         "tests/test_request.py::test_fails_on_request",
-        true,
         Some(".venv"),
+        via,
     )
     .await;
 }
 
 #[tokio::test]
 async fn javascript_recipe_runs_jest_shards_and_a_failing_test_fails_the_run() {
+    javascript_recipe(Via::Local).await;
+}
+
+/// The JavaScript recipe as on AWS: node_modules is cached in the S3 store.
+#[tokio::test]
+async fn javascript_recipe_through_the_emulator_and_the_artifact_store() {
+    javascript_recipe(Via::Emulator).await;
+}
+
+async fn javascript_recipe(via: Via) {
     check_recipe(
         "js",
         Recipe::Script("javascript-jest.sh"),
@@ -513,8 +669,8 @@ async fn javascript_recipe_runs_jest_shards_and_a_failing_test_fails_the_run() {
             "strings upper",
         ],
         "fails on request",
-        true,
         Some("node_modules"),
+        via,
     )
     .await;
 }

@@ -255,9 +255,15 @@ pub async fn microvm_states(endpoint: &str) -> Vec<String> {
 /// Starts `mvm-shard emulate` on a free loopback port; returns the process and
 /// the endpoint URL it printed.
 pub fn start_emulate() -> (std::process::Child, String) {
+    start_emulate_with(&[])
+}
+
+/// [`start_emulate`] with more arguments (functions, faults...).
+pub fn start_emulate_with(args: &[&str]) -> (std::process::Child, String) {
     use std::io::{BufRead, BufReader};
     let mut emulator = Command::new(binary())
         .args(["emulate", "--listen", "127.0.0.1:0"])
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -347,4 +353,184 @@ pub fn git(dir: &std::path::Path, args: &[&str]) {
         .status
         .success();
     assert!(ok, "git {args:?}");
+}
+
+/// The AWS secret key the tests give the invoker for moto: it must never
+/// reach a shard or a log.
+pub const MOTO_SECRET_KEY: &str = "invoker-secret-key-5f2c";
+
+/// moto's standalone S3 server (a real third-party implementation, with
+/// presigned URLs) on a free loopback port. It stops when dropped, and in
+/// any case when this test process ends: it exits when its stdin closes.
+pub struct Moto {
+    child: std::process::Child,
+    /// Its URL, for `AWS_ENDPOINT_URL_S3`.
+    pub endpoint: String,
+    /// The request lines it logged (`"GET /bucket/key?query HTTP/1.1" 200 -`).
+    requests: Arc<(std::sync::Mutex<Vec<String>>, std::sync::Condvar)>,
+}
+
+impl Moto {
+    /// A moto of this test's own.
+    pub fn start() -> Moto {
+        use std::io::{BufRead, BufReader};
+        use std::process::Stdio;
+        let script = concat!(
+            "import os, sys, threading\n",
+            "threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()\n",
+            "from moto.server import main\n",
+            "main(sys.argv[1:])\n",
+        );
+        let mut child = Command::new("python3")
+            .args(["-u", "-c", script, "-H", "127.0.0.1", "-p", "0"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 with moto[server] is installed (.ci/run installs it)");
+        let stderr = child.stderr.take().expect("moto's stderr is piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let requests = Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Condvar::new()));
+        let logged = requests.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(at) = line.find("http://127.0.0.1:") {
+                    let _ = tx.send(line[at..].trim().to_string());
+                } else if let Some((_, request)) = line.split_once("] \"") {
+                    if let Ok(mut lines) = logged.0.lock() {
+                        lines.push(request.to_string());
+                        logged.1.notify_all();
+                    }
+                }
+            }
+        });
+        let endpoint = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("moto says where it listens");
+        Moto {
+            child,
+            endpoint,
+            requests,
+        }
+    }
+
+    /// One moto for every test of this file that asks (each in buckets of
+    /// its own): it ends with the test process.
+    pub fn shared() -> &'static Moto {
+        static SHARED: std::sync::OnceLock<Moto> = std::sync::OnceLock::new();
+        SHARED.get_or_init(Moto::start)
+    }
+
+    /// The requests it served for `bucket`, as logged (method, path and
+    /// query, presigned links included, status), once one of them contains
+    /// `needle` (moto logs a request after answering it); panics after 30 s.
+    pub fn requests_once(&self, bucket: &str, needle: &str) -> Vec<String> {
+        let path = format!(" /{bucket}/");
+        let for_bucket = |lines: &[String]| -> Vec<String> {
+            lines
+                .iter()
+                .filter(|r| r.contains(&path))
+                .cloned()
+                .collect()
+        };
+        let (lines, logged) = &*self.requests;
+        let lines = lines.lock().expect("the log reader never panics");
+        let (lines, waited) = logged
+            .wait_timeout_while(lines, Duration::from_secs(30), |lines| {
+                !for_bucket(lines).iter().any(|r| r.contains(needle))
+            })
+            .expect("the log reader never panics");
+        let found = for_bucket(&lines);
+        assert!(
+            !waited.timed_out(),
+            "moto never logged {needle}: {found:#?}"
+        );
+        found
+    }
+
+    /// The real S3 client, pointed at this server.
+    pub fn client(&self) -> aws_sdk_s3::Client {
+        let config = aws_sdk_s3::config::Builder::new()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .endpoint_url(&self.endpoint)
+            .force_path_style(true)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "testing",
+                MOTO_SECRET_KEY,
+                None,
+                None,
+                "test",
+            ))
+            .build();
+        aws_sdk_s3::Client::from_conf(config)
+    }
+
+    /// Creates `bucket`; returns a client.
+    pub async fn bucket(&self, bucket: &str) -> aws_sdk_s3::Client {
+        let client = self.client();
+        client
+            .create_bucket()
+            .bucket(bucket)
+            .send()
+            .await
+            .expect("moto creates the bucket");
+        client
+    }
+
+    /// Environment for the invoker: the SDK finds moto through its own setting.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL_S3", self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", MOTO_SECRET_KEY.into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `mvm-shard emulate` on a free loopback port, hosting the `mvm-shard`
+/// function (this binary's agent); stopped with SIGTERM when dropped.
+pub struct Emulate {
+    child: std::process::Child,
+    /// Its URL, for `--endpoint-url` or `AWS_ENDPOINT_URL_LAMBDA`.
+    pub endpoint: String,
+}
+
+impl Emulate {
+    /// Starts it and waits until it says where it listens.
+    pub fn start() -> Emulate {
+        Emulate::start_with(&[])
+    }
+
+    /// Starts it with more arguments.
+    pub fn start_with(args: &[&str]) -> Emulate {
+        let (child, endpoint) = start_emulate_with(args);
+        Emulate { child, endpoint }
+    }
+}
+
+impl Drop for Emulate {
+    fn drop(&mut self) {
+        // SIGTERM lets it end its functions' environments; SIGKILL after 30 s.
+        sigterm(&self.child);
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let (done, watchdog) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                watchdog.recv_timeout(Duration::from_secs(30))
+            {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        });
+        let _ = self.child.wait();
+        let _ = done.send(());
+    }
 }
