@@ -51,6 +51,41 @@ pub enum Command {
     Emulate(Box<EmulateArgs>),
     /// Check a deployment: credentials, region, the function, its configuration, a real round trip.
     Doctor(DoctorArgs),
+    /// Take into a timings file what another job of the same workflow run
+    /// learned (the GitHub Action's matrix jobs, before saving the cache).
+    /// Hidden: only the action calls it.
+    #[command(hide = true)]
+    MergeTimings(MergeTimingsArgs),
+}
+
+/// `mvm-shard merge-timings`.
+#[derive(Debug, Args)]
+pub struct MergeTimingsArgs {
+    /// This job's timings file (`--timings`), updated in place.
+    #[arg(value_name = "INTO")]
+    pub into: PathBuf,
+    /// Another job's file of the same workflow run; missing is nothing to add.
+    #[arg(value_name = "FROM")]
+    pub from: PathBuf,
+}
+
+/// `mvm-shard merge-timings`: exit 0, or 2 when a file cannot be read or written.
+pub fn merge_timings(args: &MergeTimingsArgs) -> i32 {
+    use crate::runner::timings::Timings;
+    let merged = Timings::load(&args.into).and_then(|mut into| {
+        let added = into.merge_run(&Timings::load(&args.from)?);
+        into.save(&args.into).map(|()| added)
+    });
+    match merged {
+        Ok(added) => {
+            eprintln!("mvm-shard: took in the durations of {added} tests another job of this workflow run learned");
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            2
+        }
+    }
 }
 
 /// `mvm-shard agent`.

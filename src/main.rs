@@ -123,6 +123,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Doctor(args) => runtime.block_on(cli::doctor(args)),
+        Command::MergeTimings(args) => cli::merge_timings(&args),
         Command::Emulate(args) => match runtime.block_on(cli::emulate(*args)) {
             Ok(()) => 0,
             Err(e) => {

@@ -226,10 +226,40 @@ fn job_results(records: &[&Value]) -> Vec<String> {
         .collect()
 }
 
+/// The commit of `actions/cache` that action.yml pins (`uses:
+/// actions/cache/restore@SHA`): the one the stand-in replaces.
+fn pinned_actions_cache() -> String {
+    let action = std::fs::read_to_string(Path::new(MANIFEST_DIR).join("action.yml")).unwrap();
+    let (_, rest) = action
+        .split_once("uses: actions/cache/restore@")
+        .expect("action.yml uses actions/cache/restore");
+    rest.chars().take_while(char::is_ascii_hexdigit).collect()
+}
+
+/// What one act run of a workflow gets beyond the usual.
+#[derive(Default)]
+struct ActOptions<'a> {
+    /// The workflow run (`GITHUB_RUN_ID`); act's default is 1.
+    run_id: Option<u32>,
+    /// The event's JSON (default `{}`): e.g. its `ref`, which is the branch
+    /// act reports, and `repository.default_branch`.
+    event: Option<Value>,
+    /// The caches of the stand-in for actions/cache, shared by several runs
+    /// (`MVM_SHARD_TEST_CACHE_DIR`); default: a folder of this run.
+    cache_dir: Option<&'a Path>,
+    /// More `--env NAME=VALUE` for the jobs.
+    env: Vec<(&'a str, String)>,
+}
+
 /// Runs `tests/workflows/<workflow>` under act in a temporary folder of its
 /// own: its checkout, act's HOME, XDG folders, action cache and TMPDIR are
 /// all in there, so nothing is shared between tests or left behind.
 async fn run_workflow(workflow: &str) -> Run {
+    run_workflow_with(workflow, ActOptions::default()).await
+}
+
+/// [`run_workflow`] with more options.
+async fn run_workflow_with(workflow: &str, options: ActOptions<'_>) -> Run {
     let act = act_binary();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
@@ -238,11 +268,24 @@ async fn run_workflow(workflow: &str) -> Run {
     let results = root.join("results");
     let home = root.join("home");
     let tmpdir = root.join("tmp");
-    for dir in [&results, &home, &tmpdir] {
+    let own_cache = root.join("actions-cache");
+    for dir in [&results, &home, &tmpdir, &own_cache] {
         std::fs::create_dir_all(dir).unwrap();
     }
     let event = root.join("event.json");
-    std::fs::write(&event, "{}\n").unwrap();
+    let event_json = options.event.unwrap_or_else(|| serde_json::json!({}));
+    std::fs::write(&event, event_json.to_string()).unwrap();
+    let cache_dir = options.cache_dir.unwrap_or(&own_cache);
+    // GitHub is out of reach, so actions/cache cannot be fetched: act runs
+    // the stand-in of tests/fixtures/actions-cache in its place (the only
+    // stand-in; see its README).
+    let stand_in = format!(
+        "actions/cache@{}={}",
+        pinned_actions_cache(),
+        Path::new(MANIFEST_DIR)
+            .join("tests/fixtures/actions-cache")
+            .display()
+    );
 
     let env_arg = |name: &str, value: &Path| format!("{name}={}", value.display());
     let mut cmd = Command::new(&act);
@@ -271,6 +314,22 @@ async fn run_workflow(workflow: &str) -> Run {
         .arg(env_arg("MVM_SHARD_PREBUILT", Path::new(common::binary())))
         .arg("--env")
         .arg(env_arg("MVM_SHARD_TEST_RESULTS", &results))
+        .arg("--local-repository")
+        .arg(stand_in)
+        .arg("--env")
+        .arg(env_arg("MVM_SHARD_TEST_CACHE_DIR", cache_dir))
+        .args(
+            options
+                .env
+                .iter()
+                .flat_map(|(name, value)| ["--env".to_string(), format!("{name}={value}")]),
+        )
+        .args(
+            options
+                .run_id
+                .iter()
+                .flat_map(|id| ["--env".to_string(), format!("GITHUB_RUN_ID={id}")]),
+        )
         .current_dir(root)
         // act hands its own environment to the steps: keep it to the
         // essentials (nothing of a CI runner's GITHUB_* or RUNNER_*).
@@ -612,4 +671,430 @@ async fn a_pytest_project_is_annotated_at_its_failing_assertion_and_masks_nothin
             .is_some_and(|a| a.contains("'function' input is required"))),
         "{ctx}"
     );
+}
+
+// ---- learned timings in the Actions cache ----------------------------------
+
+/// The caches the stand-in for actions/cache saved into `dir`, oldest first:
+/// each key and the timings file inside.
+fn saved_timings(dir: &Path) -> Vec<(String, Value)> {
+    let mut keys: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "key"))
+        .collect();
+    keys.sort();
+    keys.iter()
+        .map(|key_file| {
+            let key = std::fs::read_to_string(key_file).unwrap();
+            let out = StdCommand::new("tar")
+                .arg("--absolute-names")
+                .arg("-xOf")
+                .arg(key_file.with_extension("tar"))
+                .output()
+                .expect("tar runs");
+            assert!(out.status.success(), "{key}: {out:?}");
+            let timings = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("{key}: not a timings file: {e}"));
+            (key, timings)
+        })
+        .collect()
+}
+
+/// The cache key the action saves under, without its OS part.
+fn timings_key_tail(branch: &str, run_id: u32, job: &str) -> String {
+    format!("-files:{branch}:{run_id}-1-{job}")
+}
+
+/// Every test file of tests/workflows/timings*.yml ran exactly once, in one
+/// job or another.
+fn assert_each_test_ran_once(lines: &[&str], context: &str) {
+    let mut expected = vec!["slow passed".to_string()];
+    expected.extend((1..=5).map(|n| format!("quick {n} passed")));
+    for line in expected {
+        let times = lines.iter().filter(|l| **l == line).count();
+        assert_eq!(times, 1, "{line:?} ran {times} times\n{context}");
+    }
+}
+
+async fn timings_run(caches: &Path, run_id: u32, branch: &str, fail: bool) -> Run {
+    run_workflow_with(
+        "timings.yml",
+        ActOptions {
+            run_id: Some(run_id),
+            event: Some(serde_json::json!({
+                "ref": format!("refs/heads/{branch}"),
+                "repository": { "default_branch": "main" },
+            })),
+            cache_dir: Some(caches),
+            env: vec![("MVM_SHARD_TEST_FAIL", fail.to_string())],
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_action_keeps_learned_timings_in_the_actions_cache_by_branch_then_default_branch() {
+    let caches = tempfile::tempdir().unwrap();
+    let all = |run: &Run| -> Vec<String> {
+        let records: Vec<&Value> = run.records.iter().collect();
+        raw_lines(&records)
+            .into_iter()
+            .map(str::to_string)
+            .collect()
+    };
+    let restored_from = |lines: &[String], key: &str| {
+        lines
+            .iter()
+            .any(|l| *l == format!("Cache restored from key: {key}"))
+    };
+
+    // Run 1 on main: nothing learned yet; it learns every test and saves.
+    let run = timings_run(caches.path(), 101, "main", false).await;
+    let (ctx, lines) = (run.context(), all(&run));
+    assert!(run.status.success(), "{ctx}");
+    assert!(
+        lines.contains(&"mvm-shard: 6 tests listed, 0 with learned durations".to_string()),
+        "{ctx}"
+    );
+    assert_each_test_ran_once(&lines.iter().map(String::as_str).collect::<Vec<_>>(), &ctx);
+    let saved = saved_timings(caches.path());
+    assert_eq!(saved.len(), 1, "{saved:?}\n{ctx}");
+    let main_1 = saved[0].0.clone();
+    assert!(
+        main_1.starts_with("mvm-shard-timings-v1-")
+            && main_1.ends_with(&timings_key_tail("main", 101, "shards")),
+        "{main_1}"
+    );
+    let learned = saved[0].1["tests"].as_object().unwrap();
+    assert_eq!(learned.len(), 6, "{saved:?}");
+
+    // Run 2 on main restores them and plans with them; its shards fail, and
+    // what it learned is saved all the same.
+    let run = timings_run(caches.path(), 102, "main", true).await;
+    let (ctx, lines) = (run.context(), all(&run));
+    assert!(!run.status.success(), "the shards fail\n{ctx}");
+    assert_outputs(&run, "shards", &[("result", "failed")]);
+    assert!(restored_from(&lines, &main_1), "{ctx}");
+    assert!(
+        lines.contains(&"mvm-shard: 6 tests listed, 6 with learned durations".to_string()),
+        "{ctx}"
+    );
+    let saved = saved_timings(caches.path());
+    assert_eq!(saved.len(), 2, "saved although the shards failed\n{ctx}");
+    let main_2 = saved[1].0.clone();
+    assert!(
+        main_2.ends_with(&timings_key_tail("main", 102, "shards")),
+        "{main_2}"
+    );
+
+    // Run 3 on a new branch: nothing of its own yet, so the default branch's newest.
+    let run = timings_run(caches.path(), 103, "feature", false).await;
+    let (ctx, lines) = (run.context(), all(&run));
+    assert!(run.status.success(), "{ctx}");
+    assert!(restored_from(&lines, &main_2), "{ctx}");
+    assert!(
+        lines.contains(&"mvm-shard: 6 tests listed, 6 with learned durations".to_string()),
+        "{ctx}"
+    );
+    let saved = saved_timings(caches.path());
+    let feature_3 = saved.last().unwrap().0.clone();
+    assert!(
+        feature_3.ends_with(&timings_key_tail("feature", 103, "shards")),
+        "{feature_3}"
+    );
+
+    // Run 4 on main: its own branch's newest, not the newer one of the other branch.
+    let run = timings_run(caches.path(), 104, "main", false).await;
+    let (ctx, lines) = (run.context(), all(&run));
+    assert!(run.status.success(), "{ctx}");
+    assert!(restored_from(&lines, &main_2), "{ctx}");
+    assert_eq!(saved_timings(caches.path()).len(), 4, "{ctx}");
+}
+
+#[tokio::test]
+async fn matrix_jobs_that_run_at_once_each_add_their_learning_to_the_cache() {
+    let caches = tempfile::tempdir().unwrap();
+    let signal = caches.path().join("signal.fifo");
+    nix::unistd::mkfifo(&signal, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let run_with = |run_id: u32, signal: String| {
+        run_workflow_with(
+            "timings-matrix.yml",
+            ActOptions {
+                run_id: Some(run_id),
+                event: Some(serde_json::json!({ "ref": "refs/heads/main" })),
+                cache_dir: Some(caches.path()),
+                env: vec![("MVM_SHARD_TEST_CACHE_SIGNAL", signal)],
+            },
+        )
+    };
+    let job_lines = |run: &Run, shard: u32| -> Vec<String> {
+        raw_lines(&run.job(&serde_json::json!({ "shard": shard })))
+            .into_iter()
+            .map(str::to_string)
+            .collect()
+    };
+
+    // Run 1: job 2 restored before job 1 saved (the FIFO orders them), so
+    // it takes in job 1's file before it saves its own.
+    let run = run_with(201, signal.display().to_string()).await;
+    let ctx = run.context();
+    assert!(run.status.success(), "{ctx}");
+    assert!(
+        job_lines(&run, 2).contains(
+            &"mvm-shard: took in the durations of 3 tests another job of this workflow run learned"
+                .to_string()
+        ),
+        "{ctx}"
+    );
+    let saved = saved_timings(caches.path());
+    let keys: Vec<&str> = saved.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(
+        keys[0].ends_with(&timings_key_tail("main", 201, "shards-only-1")),
+        "{keys:?}"
+    );
+    assert!(
+        keys[1].ends_with(&timings_key_tail("main", 201, "shards-only-2")),
+        "{keys:?}"
+    );
+    let newest = &saved[1].1;
+    assert_eq!(
+        newest["observed"].as_array().map(Vec::len),
+        Some(6),
+        "the newest cache holds both jobs' learning: {newest}"
+    );
+    assert_eq!(
+        newest["tests"].as_object().map(|t| t.len()),
+        Some(6),
+        "{newest}"
+    );
+
+    // Run 2: both jobs plan with every test's learned duration, and reach
+    // the same plan: each test runs once.
+    let run = run_with(202, "none".into()).await;
+    let ctx = run.context();
+    assert!(run.status.success(), "{ctx}");
+    let mut lines = Vec::new();
+    for shard in [1, 2] {
+        let job = job_lines(&run, shard);
+        assert!(
+            job.contains(&"mvm-shard: 6 tests listed, 6 with learned durations".to_string()),
+            "shard {shard}\n{ctx}"
+        );
+        lines.extend(job);
+    }
+    assert_each_test_ran_once(&lines.iter().map(String::as_str).collect::<Vec<_>>(), &ctx);
+}
+
+// ---- action.yml's inputs reach the invoker through env: ---------------------
+
+/// A step of action.yml's composite run.
+struct ActionStep {
+    id: String,
+    env: BTreeMap<String, String>,
+    run: String,
+}
+
+fn action_steps() -> (serde_norway::Value, Vec<ActionStep>) {
+    let text = std::fs::read_to_string(Path::new(MANIFEST_DIR).join("action.yml")).unwrap();
+    let action: serde_norway::Value = serde_norway::from_str(&text).unwrap();
+    let steps = action["runs"]["steps"]
+        .as_sequence()
+        .expect("runs.steps")
+        .iter()
+        .filter(|s| s.get("run").is_some())
+        .map(|s| ActionStep {
+            id: s["id"].as_str().unwrap_or_default().to_string(),
+            env: s
+                .get("env")
+                .and_then(|e| e.as_mapping())
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().unwrap().to_string(),
+                        v.as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect(),
+            run: s["run"].as_str().unwrap().to_string(),
+        })
+        .collect();
+    (action, steps)
+}
+
+/// Runs one `run:` step of action.yml as the runner would: its `env:`
+/// evaluated (`inputs.*` from `inputs`, else the input's default;
+/// `steps.ID.outputs.*` from earlier steps' outputs; anything else empty),
+/// RUNNER_TEMP and GITHUB_OUTPUT set. Returns its outputs and its stdout.
+fn run_action_step(
+    action: &serde_norway::Value,
+    step: &ActionStep,
+    inputs: &BTreeMap<&str, &str>,
+    outputs: &BTreeMap<String, BTreeMap<String, String>>,
+    temp: &Path,
+) -> (BTreeMap<String, String>, String) {
+    let mut cmd = StdCommand::new("bash");
+    cmd.arg("-c").arg(&step.run).env_clear();
+    cmd.env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    for (name, value) in &step.env {
+        let expr = value
+            .trim()
+            .strip_prefix("${{")
+            .and_then(|v| v.strip_suffix("}}"))
+            .map(str::trim);
+        let value = match expr {
+            Some(e) if e.starts_with("inputs.") => {
+                let input = &e["inputs.".len()..];
+                let default = action["inputs"][input]["default"].as_str().unwrap_or("");
+                inputs.get(input).copied().unwrap_or(default).to_string()
+            }
+            Some(e) if e.starts_with("steps.") => {
+                let mut parts = e.split('.');
+                let (id, out) = (parts.nth(1).unwrap(), parts.nth(1).unwrap());
+                outputs
+                    .get(id)
+                    .and_then(|o| o.get(out))
+                    .cloned()
+                    .unwrap_or_default()
+            }
+            Some(_) => String::new(),
+            None => value.clone(),
+        };
+        cmd.env(name, value);
+    }
+    let github_output = temp.join(format!("output-{}", step.id));
+    std::fs::write(&github_output, "").unwrap();
+    cmd.env("RUNNER_TEMP", temp)
+        .env("GITHUB_OUTPUT", &github_output);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "step {}: {}",
+        step.id,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // name=value lines, and name<<DELIMITER ... DELIMITER blocks.
+    let text = std::fs::read_to_string(&github_output).unwrap();
+    let mut values = BTreeMap::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        if let Some((name, delimiter)) = line.split_once("<<") {
+            let block: Vec<&str> = lines.by_ref().take_while(|l| *l != delimiter).collect();
+            values.insert(name.to_string(), block.join("\n"));
+        } else if let Some((name, value)) = line.split_once('=') {
+            values.insert(name.to_string(), value.to_string());
+        }
+    }
+    (values, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The arguments action.yml hands the invoker for these inputs (the steps
+/// before the run, then the run step with a stand-in binary that prints them).
+fn invoker_args(inputs: &[(&str, &str)]) -> Vec<String> {
+    let (action, steps) = action_steps();
+    let temp = tempfile::tempdir().unwrap();
+    let fake = temp.path().join("mvm-shard");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let inputs: BTreeMap<&str, &str> = inputs.iter().copied().collect();
+    let mut outputs = BTreeMap::new();
+    outputs.insert(
+        "install".to_string(),
+        BTreeMap::from([("path".to_string(), fake.display().to_string())]),
+    );
+    for step in steps.iter().filter(|s| s.id != "install") {
+        let (values, stdout) = run_action_step(&action, step, &inputs, &outputs, temp.path());
+        if step.id == "run" {
+            return stdout.lines().map(str::to_string).collect();
+        }
+        outputs.insert(step.id.clone(), values);
+    }
+    panic!("action.yml has no step with id: run");
+}
+
+/// The flag and its value, next to each other, in the invoker's arguments.
+fn has_flag(args: &[String], flag: &str, value: Option<&str>) -> bool {
+    args.iter().enumerate().any(|(i, a)| {
+        a == flag && value.is_none_or(|v| args.get(i + 1).map(String::as_str) == Some(v))
+    })
+}
+
+#[test]
+fn every_input_reaches_its_step_through_env_and_the_new_ones_reach_the_invoker() {
+    let (action, steps) = action_steps();
+    // No `${{ }}` in a script: every input arrives as an environment variable.
+    for step in &steps {
+        assert!(
+            !step.run.contains("${{"),
+            "step {}: ${{{{ }}}} in run:",
+            step.id
+        );
+    }
+    let inputs = action["inputs"].as_mapping().unwrap();
+    for name in inputs.keys().map(|k| k.as_str().unwrap()) {
+        let expr = format!("${{{{ inputs.{name} }}}}");
+        // The script reads it, or the binary it starts (GITHUB_TOKEN).
+        let reached = steps.iter().any(|s| s.env.values().any(|v| *v == expr));
+        assert!(reached, "input {name} reaches no step through env:");
+    }
+
+    // The inputs of test-aware runs, as the invoker gets them.
+    let args = invoker_args(&[
+        ("local", "true"),
+        ("command", "run {tests}"),
+        ("runner", "files"),
+        ("files", "tests/*.sh"),
+        ("list-command", "ls tests | sort"),
+        ("timings", "/somewhere/timings.json"),
+        ("fail-fast", "true"),
+    ]);
+    assert!(has_flag(&args, "--runner", Some("files")), "{args:?}");
+    assert!(has_flag(&args, "--files", Some("tests/*.sh")), "{args:?}");
+    assert!(
+        has_flag(&args, "--list-command", Some("ls tests | sort")),
+        "{args:?}"
+    );
+    assert!(
+        has_flag(&args, "--timings", Some("/somewhere/timings.json")),
+        "{args:?}"
+    );
+    assert!(has_flag(&args, "--fail-fast", None), "{args:?}");
+    assert_eq!(
+        args[args.len() - 3..],
+        ["bash", "-c", "run {tests}"],
+        "{args:?}"
+    );
+
+    // Without `timings`, a file in the runner's temporary folder; without
+    // `runner`, none of it.
+    let args = invoker_args(&[
+        ("local", "true"),
+        ("command", "run {tests}"),
+        ("runner", "pytest"),
+    ]);
+    let timings = args
+        .iter()
+        .position(|a| a == "--timings")
+        .map(|i| &args[i + 1]);
+    assert!(
+        timings.is_some_and(|t| t.ends_with("/mvm-shard/timings.json")),
+        "{args:?}"
+    );
+    let args = invoker_args(&[("local", "true"), ("command", "true")]);
+    for flag in [
+        "--runner",
+        "--timings",
+        "--fail-fast",
+        "--files",
+        "--list-command",
+    ] {
+        assert!(!has_flag(&args, flag, None), "{flag}: {args:?}");
+    }
 }

@@ -1,7 +1,7 @@
 //! Learned test durations (`--timings PATH`): what the planner expects each
 //! test to take, updated from what every run reported.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,6 +23,10 @@ pub struct Timings {
     /// restored the file at another moment still reach the same plan.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub before: Option<BTreeMap<String, f64>>,
+    /// The tests whose durations that run reported (so far, over its jobs):
+    /// what one job adds when it takes in another's file ([`Timings::merge_run`]).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub observed: BTreeSet<String>,
 }
 
 /// Why the timings file could not be read or written.
@@ -91,8 +95,7 @@ impl Timings {
         };
         Timings {
             tests,
-            run: None,
-            before: None,
+            ..Timings::default()
         }
     }
 
@@ -103,11 +106,13 @@ impl Timings {
             Some(run) if self.run.as_deref() != Some(run) => {
                 self.before = Some(self.tests.clone());
                 self.run = Some(run.to_string());
+                self.observed.clear();
             }
             Some(_) => {}
             None => {
                 self.before = None;
                 self.run = None;
+                self.observed.clear();
             }
         }
     }
@@ -139,10 +144,37 @@ impl Timings {
             if listed.binary_search(test).is_err() {
                 continue;
             }
+            self.observed.insert(test.clone());
             let took = took.as_secs_f64();
             let entry = self.tests.entry(test.clone()).or_insert(took);
             *entry = NEWEST_WEIGHT * took + (1.0 - NEWEST_WEIGHT) * *entry;
         }
+    }
+}
+
+impl Timings {
+    /// Takes in what another job of the same workflow run learned: the
+    /// durations of the tests it observed and this one did not. Matrix jobs
+    /// each run some of the shards; each saves its own file, and a job that
+    /// merges the newest one of the run before saving carries every earlier
+    /// job's learning forward. A file of another run, or of a job that
+    /// planned with other timings, adds nothing. Returns how many tests it added.
+    pub fn merge_run(&mut self, other: &Timings) -> usize {
+        if self.run.is_none() || other.run != self.run || other.before != self.before {
+            return 0;
+        }
+        let mut added = 0;
+        for test in &other.observed {
+            if self.observed.contains(test) {
+                continue;
+            }
+            if let Some(seconds) = other.tests.get(test) {
+                self.tests.insert(test.clone(), *seconds);
+                self.observed.insert(test.clone());
+                added += 1;
+            }
+        }
+        added
     }
 }
 
@@ -204,6 +236,44 @@ mod tests {
         assert_eq!(t.for_run(None).tests["a"], 5.0);
         t.begin_update(Some("7"));
         assert_eq!(t.before.as_ref().unwrap()["a"], 1.0, "kept across its jobs");
+    }
+
+    #[test]
+    fn a_job_takes_in_what_another_job_of_the_same_run_learned_and_nothing_else() {
+        let listed = ids(&["a", "b", "c"]);
+        let obs =
+            |test: &str, s: f64| BTreeMap::from([(test.to_string(), Duration::from_secs_f64(s))]);
+        let mut old = Timings::default();
+        old.learn(&listed, &obs("c", 1.0));
+        // Two matrix jobs of run 7 restored the same file; each ran one test.
+        let (mut one, mut two) = (old.clone(), old.clone());
+        for (job, test, s) in [(&mut one, "a", 4.0), (&mut two, "b", 2.0)] {
+            job.begin_update(Some("7"));
+            job.learn(&listed, &obs(test, s));
+        }
+        assert_eq!(two.merge_run(&one), 1);
+        assert_eq!(two.tests["a"], 4.0);
+        assert_eq!(two.tests["b"], 2.0);
+        assert_eq!(two.tests["c"], 1.0, "what neither observed stays");
+        assert_eq!(
+            two.for_run(Some("7")).tests,
+            old.tests,
+            "the run's snapshot is kept"
+        );
+        assert_eq!(two.merge_run(&one), 0, "taken in once");
+        // A job of the next run restored the merged file: a file of run 7
+        // (older, or what it restored itself) adds nothing.
+        let mut next = two.clone();
+        next.begin_update(Some("8"));
+        next.learn(&listed, &obs("a", 8.0));
+        assert_eq!(next.merge_run(&one), 0);
+        assert_eq!(next.tests["a"], 6.0);
+        // Nor does a job of the same run that planned with other timings.
+        let mut other = Timings::default();
+        other.begin_update(Some("8"));
+        other.learn(&listed, &obs("b", 9.0));
+        assert_eq!(next.merge_run(&other), 0);
+        assert_eq!(next.tests["b"], 2.0);
     }
 
     #[test]
