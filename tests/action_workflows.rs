@@ -1054,6 +1054,8 @@ fn every_input_reaches_its_step_through_env_and_the_new_ones_reach_the_invoker()
         ("list-command", "ls tests | sort"),
         ("timings", "/somewhere/timings.json"),
         ("fail-fast", "true"),
+        ("retries", "2"),
+        ("no-flaky", "true"),
     ]);
     assert!(has_flag(&args, "--runner", Some("files")), "{args:?}");
     assert!(has_flag(&args, "--files", Some("tests/*.sh")), "{args:?}");
@@ -1066,6 +1068,8 @@ fn every_input_reaches_its_step_through_env_and_the_new_ones_reach_the_invoker()
         "{args:?}"
     );
     assert!(has_flag(&args, "--fail-fast", None), "{args:?}");
+    assert!(has_flag(&args, "--retries", Some("2")), "{args:?}");
+    assert!(has_flag(&args, "--no-flaky", None), "{args:?}");
     assert_eq!(
         args[args.len() - 3..],
         ["bash", "-c", "run {tests}"],
@@ -1094,6 +1098,8 @@ fn every_input_reaches_its_step_through_env_and_the_new_ones_reach_the_invoker()
         "--fail-fast",
         "--files",
         "--list-command",
+        "--retries",
+        "--no-flaky",
     ] {
         assert!(!has_flag(&args, flag, None), "{flag}: {args:?}");
     }
