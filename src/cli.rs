@@ -266,8 +266,19 @@ pub struct RunArgs {
     /// Fail the run when a test (or shard) passed only on a rerun.
     #[arg(long)]
     pub no_flaky: bool,
+    /// Run again what a recorded plan gave the shards (with --only K, just
+    /// shard K): the same tests, command and runner, without listing. Every
+    /// run records its plan next to its report (`junit.xml` →
+    /// `junit.plan.json`, with --runner or --junit) and in
+    /// mvm-shard/plan.json in the repository's git directory.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["shards", "runner", "list_command", "list_local", "files", "timings"])]
+    pub replay_plan: Option<PathBuf>,
     /// The command each shard runs; `{index}` and `{count}` are replaced.
-    #[arg(last = true, required = true, value_name = "COMMAND")]
+    #[arg(
+        last = true,
+        required_unless_present = "replay_plan",
+        value_name = "COMMAND"
+    )]
     pub command: Vec<String>,
 }
 

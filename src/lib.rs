@@ -22,6 +22,7 @@ pub mod net;
 pub mod os;
 pub mod plan;
 pub mod protocol;
+pub mod replay;
 pub mod report;
 pub mod retry;
 pub mod run;

@@ -28,6 +28,7 @@ use crate::lambda_fit;
 use crate::local_env::LocalEnvironment;
 use crate::plan::{self, human_bytes, Placement, PlanError, RunSpec, Share};
 use crate::protocol::{OutputStream, ShardId, SourceSpec};
+use crate::replay::{RecordedPlan, ReplayError};
 use crate::report::github::GithubFiles;
 use crate::report::junit::TestReport;
 use crate::report::{GithubReporter, Reporter, TerminalReporter};
@@ -57,6 +58,9 @@ pub enum RunError {
     /// The timings file cannot be read (exit 2).
     #[error(transparent)]
     Timings(#[from] TimingsError),
+    /// The plan to replay cannot be used (exit 2).
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
     /// The tests could not be listed for a reason of the backend (exit 3).
     #[error("listing the tests: {0}")]
     ListingNotRun(String),
@@ -164,7 +168,7 @@ async fn run_on(
     let shares = match &planned.suite {
         Some(suite) => {
             let tests = list_tests(args, planned, suite, target).await?;
-            let shares = plan_suite(planned, &tests)?;
+            let shares = plan_suite(args, planned, &tests)?;
             Some((tests, shares))
         }
         None => None,
@@ -195,7 +199,7 @@ async fn run_on(
         "mvm-shard: run {}: {} of {} on {}, source {source}",
         planned.run_id,
         planned.jobs.len(),
-        crate::report::plural(args.shards as usize, "shard"),
+        crate::report::plural(planned.spec.shards as usize, "shard"),
         match (&args.microvm_image, &args.function) {
             _ if args.local => "the local emulator".to_string(),
             (Some(image), _) => format!("MicroVMs of image {image}"),
@@ -255,8 +259,16 @@ struct PlannedRun {
 
 /// Checks the input, packs the source and the overlay, and plans the jobs.
 async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
-    if args.shards == 0 || args.shards > 10_000 {
-        return Err(PlanError::ShardCount(args.shards).into());
+    let replay = match &args.replay_plan {
+        Some(_) if !args.command.is_empty() => {
+            return Err(ReplayError::Conflict("the command after --").into())
+        }
+        Some(path) => Some(RecordedPlan::load(path)?),
+        None => None,
+    };
+    let shards = replay.as_ref().map_or(args.shards, |p| p.shards);
+    if shards == 0 || shards > 10_000 {
+        return Err(PlanError::ShardCount(shards).into());
     }
     if args.max_parallel == Some(0) {
         return Err(PlanError::MaxParallel.into());
@@ -264,7 +276,7 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
     let only = args
         .only
         .as_deref()
-        .map(|o| plan::parse_only(o, args.shards))
+        .map(|o| plan::parse_only(o, shards))
         .transpose()?;
     let env = plan::resolve_env(&args.env, |name| std::env::var(name).ok())?;
     if let Some(name) = args.mask.iter().find(|name| !env.contains_key(*name)) {
@@ -312,9 +324,11 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
     };
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
     let mut spec = RunSpec {
-        shards: args.shards,
+        shards,
         only,
-        command: args.command.clone(),
+        command: replay
+            .as_ref()
+            .map_or_else(|| args.command.clone(), |p| p.command.clone()),
         env,
         timeout: args.timeout,
         workdir: archive.workdir.clone(),
@@ -323,6 +337,14 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
         caches: Vec::new(),
         shares: None,
     };
+    if let Some(replay) = &replay {
+        // Exactly what the plan gave each shard: no listing, nothing learned.
+        if let Some(kind) = replay.runner_kind() {
+            let adapter = Adapter::new(kind, Some(String::new()), None)?;
+            ask_for_junit(&mut spec, &adapter);
+        }
+        spec.shares = replay.shares();
+    }
     let suite = match args.runner {
         Some(kind) => {
             crate::runner::check_command(&args.command)?;
@@ -397,7 +419,7 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
             None => plan::inline_budget(&spec, &run_id)? as u64,
         };
         let root = &archive.root;
-        for concern in lambda_fit::concerns(&args.command, &spec.env, &cwd, root, size, budget) {
+        for concern in lambda_fit::concerns(&spec.command, &spec.env, &cwd, root, size, budget) {
             eprintln!("mvm-shard: warning: {concern}");
         }
     }
@@ -427,6 +449,9 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
         Some(_) => Vec::new(),
         None => plan::jobs(&spec, &run_id, &source)?,
     };
+    if suite.is_none() && replay.is_none() {
+        record_plan(args, &spec, &run_id, &archive.root);
+    }
     Ok(PlannedRun {
         run_id,
         jobs,
@@ -1059,22 +1084,25 @@ async fn list_tests(
 
 /// Splits the listed tests into the shards by learned duration, asks the
 /// runner for its per-test report, and plans the jobs.
-fn plan_suite(planned: &mut PlannedRun, tests: &[String]) -> Result<Vec<Share>, RunError> {
+fn plan_suite(
+    args: &RunArgs,
+    planned: &mut PlannedRun,
+    tests: &[String],
+) -> Result<Vec<Share>, RunError> {
     let Some(suite) = &planned.suite else {
         return Ok(Vec::new());
     };
     let expected = suite.planning.expected(tests);
     let shares = plan::balance(tests, &expected, planned.spec.shards);
-    if let Some((name, value)) = suite.adapter.junit_env() {
-        let value = match planned.spec.env.get(&name) {
-            Some(theirs) => format!("{theirs} {value}"),
-            None => value,
-        };
-        planned.spec.env.insert(name, value);
-        planned.spec.collect.push(JUNIT_PATH.into());
-    }
+    ask_for_junit(&mut planned.spec, &suite.adapter);
     planned.spec.shares = Some(shares.clone());
     planned.jobs = plan::jobs(&planned.spec, &planned.run_id, &planned.source)?;
+    if let Some(path) = record_plan(args, &planned.spec, &planned.run_id, &planned.archive.root) {
+        eprintln!(
+            "mvm-shard: plan recorded in {} (run a shard's tests again with --replay-plan {0} --only K)",
+            path.display()
+        );
+    }
     eprintln!(
         "mvm-shard: {} tests listed, {} with learned durations",
         tests.len(),
@@ -1084,6 +1112,54 @@ fn plan_suite(planned: &mut PlannedRun, tests: &[String]) -> Result<Vec<Share>, 
             .count()
     );
     Ok(shares)
+}
+
+/// Asks the runner for its per-test JUnit report, where the adapter knows how.
+fn ask_for_junit(spec: &mut RunSpec, adapter: &Adapter) {
+    if let Some((name, value)) = adapter.junit_env() {
+        let value = match spec.env.get(&name) {
+            Some(theirs) => format!("{theirs} {value}"),
+            None => value,
+        };
+        spec.env.insert(name, value);
+        spec.collect.push(JUNIT_PATH.into());
+    }
+}
+
+/// Records the run's plan for `--replay-plan`: next to the report (with
+/// `--runner` or `--junit`) and in the repository's git directory. Returns
+/// the path next to the report, or else the other, when it was written.
+fn record_plan(
+    args: &RunArgs,
+    spec: &RunSpec,
+    run_id: &str,
+    source_root: &std::path::Path,
+) -> Option<std::path::PathBuf> {
+    let plan = RecordedPlan::new(
+        run_id,
+        spec.shards,
+        &spec.command,
+        args.runner,
+        spec.shares.as_deref(),
+    );
+    let mut paths = Vec::new();
+    if args.runner.is_some() || !args.junit.is_empty() {
+        paths.push(crate::replay::next_to_report(&args.report));
+    }
+    paths.extend(crate::replay::default_path(source_root));
+    let mut written = None;
+    for path in paths {
+        match plan.save(&path) {
+            Ok(()) => {
+                written.get_or_insert(path);
+            }
+            Err(e) => eprintln!(
+                "mvm-shard: warning: cannot record the plan in {}: {e}",
+                path.display()
+            ),
+        }
+    }
+    written
 }
 
 /// Whether the shard's command ran to an end (its output and reports count).

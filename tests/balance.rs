@@ -572,3 +572,85 @@ fn without_a_runner_retries_rerun_the_whole_shard() {
         "{stdout}"
     );
 }
+
+#[test]
+fn a_recorded_plan_replays_exactly_one_shards_tests() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("t")).unwrap();
+    for c in "abcdefg".chars() {
+        let name = format!("t/{c}.sh");
+        std::fs::write(dir.path().join(&name), format!("echo ran {name}\n")).unwrap();
+    }
+    let report = state.path().join("junit.xml");
+    let timings = state.path().join("timings.json");
+    let command = ["--", "sh", "-c", "for f in {tests}; do sh \"$f\"; done"];
+    let mut args = vec![
+        "run",
+        "--local",
+        "--shards",
+        "3",
+        "--source",
+        ".",
+        "--runner",
+        "files",
+        "--files",
+        "t/*.sh",
+        "--timings",
+        timings.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ];
+    args.extend(command);
+    let (code, stdout, stderr) = cli(dir.path(), &args);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let plan_path = state.path().join("junit.plan.json");
+    assert!(
+        stderr.contains(&format!("plan recorded in {}", plan_path.display())),
+        "{stderr}"
+    );
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&plan_path).unwrap()).unwrap();
+    let want: Vec<String> = plan["shares"][1]["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    assert!(!want.is_empty(), "{plan}");
+
+    let plan_arg = plan_path.to_str().unwrap();
+    let replay = |extra: &[&str]| {
+        let mut args = vec!["run", "--local", "--source", ".", "--replay-plan", plan_arg];
+        args.extend(extra);
+        cli(dir.path(), &args)
+    };
+    let (code, stdout, stderr) = replay(&["--only", "2"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let mut ran: Vec<String> = stdout
+        .lines()
+        .filter_map(|l| l.split("ran ").nth(1).map(str::to_string))
+        .collect();
+    ran.sort();
+    assert_eq!(ran, want, "exactly shard 2's tests: {stdout}");
+    assert!(!stderr.contains("tests listed"), "no listing: {stderr}");
+
+    // Bad input: one line, exit 2, nothing run.
+    let bad = |extra: &[&str], says: &str| {
+        let (code, stdout, stderr) = replay(extra);
+        assert_eq!(code, 2, "{extra:?}: {stdout}\n{stderr}");
+        assert!(stderr.contains(says), "{extra:?}: {stderr}");
+        assert!(!stdout.contains("ran "), "{stdout}");
+    };
+    bad(&["--only", "4"], "shards are numbered 1 to 3");
+    bad(
+        &["--only", "1", "--", "sh", "-c", "true"],
+        "drop the command",
+    );
+    let mut other = plan.clone();
+    other["format"] = 2.into();
+    std::fs::write(&plan_path, other.to_string()).unwrap();
+    bad(&["--only", "1"], "another version of mvm-shard");
+    std::fs::remove_file(&plan_path).unwrap();
+    bad(&["--only", "1"], "cannot read it");
+}

@@ -1,0 +1,247 @@
+//! Replaying a run's plan: every run records what each shard was given (its
+//! tests with `--runner`, the command and the runner), and `--replay-plan
+//! FILE --only K` runs exactly shard K's part again, here with `--local` or
+//! on the configured backend, without listing or planning anew.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::plan::Share;
+use crate::runner::RunnerKind;
+
+/// The plan file's format; a file of another format is refused (exit 2).
+pub const FORMAT: u32 = 1;
+
+/// Where a run's plan goes next to its report: `junit.xml` → `junit.plan.json`.
+pub fn next_to_report(report: &Path) -> PathBuf {
+    report.with_extension("plan.json")
+}
+
+/// Where a run's plan goes by default: `mvm-shard/plan.json` in the
+/// repository's git directory, next to the learned timings; `None` outside
+/// a git repository.
+pub fn default_path(source_root: &Path) -> Option<PathBuf> {
+    crate::runner::timings::default_path(source_root).map(|p| p.with_file_name("plan.json"))
+}
+
+/// A bad `--replay-plan` (exit 2).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The file cannot be read.
+    #[error("--replay-plan {path}: cannot read it: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a plan.
+    #[error("--replay-plan {path}: not a plan mvm-shard wrote ({problem})")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The plan was written by an incompatible version.
+    #[error("--replay-plan {path}: a plan of format {found}, written by another version of mvm-shard; this one reads format {FORMAT}: replay it with the version that ran it")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// Its format.
+        found: u32,
+    },
+    /// `--replay-plan` with a command, a runner or a shard count of its own.
+    #[error(
+        "--replay-plan takes the command, the runner and the shard count from the plan; drop {0}"
+    )]
+    Conflict(&'static str),
+}
+
+/// What a run planned, as recorded for a replay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordedPlan {
+    /// [`FORMAT`].
+    pub format: u32,
+    /// The run that planned it.
+    pub run_id: String,
+    /// How many shards.
+    pub shards: u32,
+    /// The command template, `{tests}` and `{index}` not yet replaced.
+    pub command: Vec<String>,
+    /// The runner (`--runner`), by its command-line name.
+    pub runner: Option<String>,
+    /// With `--runner`: each shard's tests and expected seconds, by index - 1.
+    pub shares: Option<Vec<RecordedShare>>,
+}
+
+/// One shard's part of a recorded plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordedShare {
+    /// Its test ids.
+    pub tests: Vec<String>,
+    /// Expected seconds.
+    pub expected: f64,
+}
+
+impl RecordedPlan {
+    /// The plan of a run.
+    pub fn new(
+        run_id: &str,
+        shards: u32,
+        command: &[String],
+        runner: Option<RunnerKind>,
+        shares: Option<&[Share]>,
+    ) -> Self {
+        use clap::ValueEnum;
+        RecordedPlan {
+            format: FORMAT,
+            run_id: run_id.to_string(),
+            shards,
+            command: command.to_vec(),
+            runner: runner
+                .and_then(|r| r.to_possible_value())
+                .map(|v| v.get_name().to_string()),
+            shares: shares.map(|shares| {
+                shares
+                    .iter()
+                    .map(|s| RecordedShare {
+                        tests: s.tests.clone(),
+                        expected: s.expected,
+                    })
+                    .collect()
+            }),
+        }
+    }
+
+    /// Reads a plan, refusing one of another format.
+    pub fn load(path: &Path) -> Result<Self, ReplayError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ReplayError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let parse = |problem: String| ReplayError::Parse {
+            path: path.to_path_buf(),
+            problem,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| parse(e.to_string()))?;
+        match value.get("format").and_then(serde_json::Value::as_u64) {
+            Some(found) if found == u64::from(FORMAT) => {}
+            Some(found) => {
+                return Err(ReplayError::Format {
+                    path: path.to_path_buf(),
+                    found: u32::try_from(found).unwrap_or(u32::MAX),
+                })
+            }
+            None => return Err(parse("it has no format number".into())),
+        }
+        let plan: RecordedPlan = serde_json::from_value(value).map_err(|e| parse(e.to_string()))?;
+        let consistent = plan.shards >= 1
+            && plan
+                .shares
+                .as_ref()
+                .is_none_or(|s| s.len() == plan.shards as usize)
+            && !plan.command.is_empty();
+        if !consistent {
+            return Err(parse("its shards do not add up".into()));
+        }
+        if plan.runner.is_some() && plan.shares.is_none() {
+            return Err(parse("a runner without the shards' tests".into()));
+        }
+        Ok(plan)
+    }
+
+    /// The runner the plan was made with.
+    pub fn runner_kind(&self) -> Option<RunnerKind> {
+        use clap::ValueEnum;
+        self.runner
+            .as_deref()
+            .and_then(|name| RunnerKind::from_str(name, false).ok())
+    }
+
+    /// The shards' parts, as the planner hands them out.
+    pub fn shares(&self) -> Option<Vec<Share>> {
+        self.shares.as_ref().map(|shares| {
+            shares
+                .iter()
+                .map(|s| Share {
+                    tests: s.tests.clone(),
+                    expected: s.expected,
+                })
+                .collect()
+        })
+    }
+
+    /// Writes the plan (through a temporary file, so a reader never sees half of it).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> RecordedPlan {
+        let shares = vec![
+            Share {
+                tests: vec!["a".into()],
+                expected: 1.0,
+            },
+            Share {
+                tests: vec!["b".into(), "c".into()],
+                expected: 2.0,
+            },
+        ];
+        RecordedPlan::new(
+            "r1",
+            2,
+            &["pytest".into(), "{tests}".into()],
+            Some(RunnerKind::CargoNextest),
+            Some(&shares),
+        )
+    }
+
+    #[test]
+    fn a_plan_reads_back_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p/plan.json");
+        plan().save(&path).unwrap();
+        let read = RecordedPlan::load(&path).unwrap();
+        assert_eq!(read, plan());
+        assert_eq!(read.runner.as_deref(), Some("cargo-nextest"));
+        assert_eq!(read.runner_kind(), Some(RunnerKind::CargoNextest));
+        assert_eq!(read.shares().unwrap()[1].tests, ["b", "c"]);
+    }
+
+    #[test]
+    fn bad_plans_are_refused_in_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plan.json");
+        let missing = RecordedPlan::load(&path).unwrap_err().to_string();
+        assert!(missing.contains("cannot read it"), "{missing}");
+        let mut other = serde_json::to_value(plan()).unwrap();
+        other["format"] = 99.into();
+        std::fs::write(&path, other.to_string()).unwrap();
+        let format = RecordedPlan::load(&path).unwrap_err().to_string();
+        assert!(format.contains("format 99") && format.contains("reads format 1"));
+        std::fs::write(&path, "{\"timings\": 1}").unwrap();
+        let junk = RecordedPlan::load(&path).unwrap_err().to_string();
+        assert!(junk.contains("not a plan"), "{junk}");
+        let mut short = serde_json::to_value(plan()).unwrap();
+        short["shards"] = 3.into();
+        std::fs::write(&path, short.to_string()).unwrap();
+        assert!(RecordedPlan::load(&path).is_err());
+        for e in [missing, format, junk] {
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+}
