@@ -45,6 +45,9 @@ pub enum PlanError {
     /// The request does not fit.
     #[error("{0}")]
     Request(#[from] RequestError),
+    /// The `{tests_file}` file could not be made.
+    #[error("cannot make the {{tests_file}} file: {0}")]
+    TestsFile(String),
     /// The `--include` files are too large for a request.
     #[error("the files given with --include are {size} compressed, but a request may carry at most about 4.5 MB (Lambda's 6 MB payload, base64 included): pass --artifacts s3://BUCKET/PREFIX (or set MVM_SHARD_ARTIFACTS) so they travel through S3, or use --local")]
     IncludeTooLarge {
@@ -196,7 +199,7 @@ fn request_overhead(spec: &RunSpec, run_id: &str) -> Result<usize, PlanError> {
             count: spec.shards,
         },
         SourceSpec::Empty,
-    );
+    )?;
     Ok(probe.encode()?.len() + 64)
 }
 
@@ -286,7 +289,7 @@ pub fn listing_job(
         ..spec.clone()
     };
     let shard = ShardId { index: 1, count: 1 };
-    let request = request(&listing, run_id, shard, source.clone());
+    let request = request(&listing, run_id, shard, source.clone())?;
     request.encode()?;
     Ok(ShardJob { shard, request })
 }
@@ -316,7 +319,7 @@ pub fn jobs(spec: &RunSpec, run_id: &str, source: &SourceSpec) -> Result<Vec<Sha
                 index,
                 count: spec.shards,
             };
-            let request = request(spec, run_id, shard, source.clone());
+            let request = request(spec, run_id, shard, source.clone())?;
             request.encode()?;
             Ok(ShardJob { shard, request })
         })
@@ -333,14 +336,19 @@ pub fn rerun_job(
     tests: Option<&[String]>,
 ) -> Result<ShardJob, PlanError> {
     let request = match tests {
-        Some(tests) => request_for(spec, run_id, shard, source.clone(), Some(tests)),
-        None => request(spec, run_id, shard, source.clone()),
+        Some(tests) => request_for(spec, run_id, shard, source.clone(), Some(tests))?,
+        None => request(spec, run_id, shard, source.clone())?,
     };
     request.encode()?;
     Ok(ShardJob { shard, request })
 }
 
-fn request(spec: &RunSpec, run_id: &str, shard: ShardId, source: SourceSpec) -> ShardRequest {
+fn request(
+    spec: &RunSpec,
+    run_id: &str,
+    shard: ShardId,
+    source: SourceSpec,
+) -> Result<ShardRequest, PlanError> {
     let tests = spec.shares.as_ref().map(|shares| {
         shares
             .get(shard.index as usize - 1)
@@ -349,19 +357,27 @@ fn request(spec: &RunSpec, run_id: &str, shard: ShardId, source: SourceSpec) -> 
     request_for(spec, run_id, shard, source, tests)
 }
 
-/// The request for `shard`, with `tests` in the command's `{tests}` (with `--runner`).
+/// The request for `shard`, with `tests` in the command's `{tests}`, or in
+/// the file `{tests_file}` names, laid over the source (with `--runner`).
 fn request_for(
     spec: &RunSpec,
     run_id: &str,
     shard: ShardId,
     source: SourceSpec,
     tests: Option<&[String]>,
-) -> ShardRequest {
+) -> Result<ShardRequest, PlanError> {
     let command = match tests {
         Some(tests) => crate::runner::select(&spec.command, tests),
         None => spec.command.clone(),
     };
-    ShardRequest {
+    let mut overlays = spec.overlays.clone();
+    if let (Some(tests), true) = (tests, crate::runner::uses_tests_file(&spec.command)) {
+        let path = std::path::Path::new(&spec.workdir).join(crate::runner::TESTS_FILE);
+        let archive = one_file_archive(&path, &crate::runner::tests_file(tests))
+            .map_err(|e| PlanError::TestsFile(e.to_string()))?;
+        overlays.push(inline(&archive));
+    }
+    Ok(ShardRequest {
         version: PROTOCOL_VERSION,
         run_id: run_id.to_string(),
         shard,
@@ -371,9 +387,19 @@ fn request_for(
         workdir: spec.workdir.clone(),
         source,
         collect: spec.collect.clone(),
-        overlays: spec.overlays.clone(),
+        overlays,
         caches: spec.caches.clone(),
-    }
+    })
+}
+
+/// A tar.zst archive of one file, readable by everyone.
+fn one_file_archive(path: &std::path::Path, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut builder = tar::Builder::new(zstd::Encoder::new(Vec::new(), 3)?);
+    let mut header = tar::Header::new_gnu();
+    header.set_size(data.len() as u64);
+    header.set_mode(0o644);
+    builder.append_data(&mut header, path, data)?;
+    builder.into_inner()?.finish()
 }
 
 /// Bytes, in the units people read (KiB, MiB).

@@ -654,3 +654,59 @@ fn a_recorded_plan_replays_exactly_one_shards_tests() {
     std::fs::remove_file(&plan_path).unwrap();
     bad(&["--only", "1"], "cannot read it");
 }
+
+#[test]
+fn tests_file_carries_a_list_too_long_for_a_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::fs::write(dir.path().join("sub/x"), "").unwrap();
+    let timings = state.path().join("timings.json");
+    let runs_env = format!("RUNS_DIR={}", state.path().display());
+    // 20,000 ids of 37 bytes: 10,000 a shard (380 KB), over Linux's 128 KiB bound on one argument.
+    let listing = "seq -f 'tests/test_module.py::test_case_%05g' 1 20000";
+    let run = |command: &str| {
+        cli(
+            &dir.path().join("sub"),
+            &[
+                "run",
+                "--local",
+                "--shards",
+                "2",
+                "--source",
+                "..",
+                "--runner",
+                "files",
+                "--list-local",
+                "--list-command",
+                listing,
+                "--timings",
+                timings.to_str().unwrap(),
+                "--env",
+                &runs_env,
+                "--",
+                "sh",
+                "-c",
+                command,
+            ],
+        )
+    };
+    let (code, stdout, stderr) = run("cp {tests_file} \"$RUNS_DIR/ids-{index}\"");
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stderr.contains("20000 tests listed"), "{stderr}");
+    let mut ids = Vec::new();
+    for index in 1..=2 {
+        let part = std::fs::read_to_string(state.path().join(format!("ids-{index}"))).unwrap();
+        let lines: Vec<String> = part.lines().map(str::to_string).collect();
+        assert_eq!(lines.len(), 10_000, "shard {index}");
+        ids.extend(lines);
+    }
+    ids.sort();
+    let want: Vec<String> = (1..=20_000)
+        .map(|i| format!("tests/test_module.py::test_case_{i:05}"))
+        .collect();
+    assert_eq!(ids, want, "every id exactly once, one a line");
+    // The same list on the command line does not fit.
+    let (code, stdout, _) = run("echo {tests} | wc -w");
+    assert_ne!(code, 0, "{stdout}");
+}

@@ -41,9 +41,6 @@ pub enum RunnerError {
     /// The command has no placeholder to put the selected tests in.
     #[error("with --runner, the command must contain {{tests}} (the selected test ids) or {{tests_file}}; e.g. -- pytest {{tests}}")]
     NoPlaceholder,
-    /// `{tests_file}` is not supported yet.
-    #[error("{{tests_file}} is not supported yet; use {{tests}}")]
-    TestsFile,
     /// The listing command failed.
     #[error("listing the tests failed ({status}): `{command}`\n{output}")]
     ListingFailed {
@@ -197,9 +194,29 @@ fn relative(path: &str, root: &str) -> String {
     }
 }
 
+/// Where `{tests_file}` puts the selected tests, one id a line, relative to
+/// the shard's working directory (the file travels in the shard's request).
+pub const TESTS_FILE: &str = ".mvm-shard-tests.txt";
+
+/// Whether the command takes its tests in a file (`{tests_file}`).
+pub fn uses_tests_file(command: &[String]) -> bool {
+    command.iter().any(|a| a.contains("{tests_file}"))
+}
+
+/// The content of [`TESTS_FILE`]: one id a line.
+pub fn tests_file(tests: &[String]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for test in tests {
+        out.extend_from_slice(test.as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
+
 /// Puts the selected tests in the command: an argument that is exactly
 /// `{tests}` becomes one argument per test; inside a longer argument (such
 /// as a `sh -c` script) it becomes the ids, shell-quoted, space-separated.
+/// `{tests_file}` becomes [`TESTS_FILE`], the file that holds them.
 pub fn select(command: &[String], tests: &[String]) -> Vec<String> {
     let quoted = || {
         tests
@@ -213,9 +230,12 @@ pub fn select(command: &[String], tests: &[String]) -> Vec<String> {
         if arg == "{tests}" {
             out.extend(tests.iter().cloned());
         } else if arg.contains("{tests}") {
-            out.push(arg.replace("{tests}", &quoted()));
+            out.push(
+                arg.replace("{tests}", &quoted())
+                    .replace("{tests_file}", TESTS_FILE),
+            );
         } else {
-            out.push(arg.clone());
+            out.push(arg.replace("{tests_file}", TESTS_FILE));
         }
     }
     out
@@ -223,10 +243,7 @@ pub fn select(command: &[String], tests: &[String]) -> Vec<String> {
 
 /// Checks that the command can receive the selected tests.
 pub fn check_command(command: &[String]) -> Result<(), RunnerError> {
-    if command.iter().any(|a| a.contains("{tests_file}")) {
-        return Err(RunnerError::TestsFile);
-    }
-    if !command.iter().any(|a| a.contains("{tests}")) {
+    if !uses_tests_file(command) && !command.iter().any(|a| a.contains("{tests}")) {
         return Err(RunnerError::NoPlaceholder);
     }
     Ok(())
@@ -295,6 +312,13 @@ mod tests {
             check_command(&cmd(&["pytest"])),
             Err(RunnerError::NoPlaceholder)
         );
+        let in_file = cmd(&["sh", "-c", "pytest $(cat {tests_file})"]);
+        assert_eq!(check_command(&in_file), Ok(()));
+        assert_eq!(
+            select(&in_file, &tests),
+            cmd(&["sh", "-c", "pytest $(cat .mvm-shard-tests.txt)"])
+        );
+        assert_eq!(tests_file(&tests), b"a.py::t[x y]\nb.py::u\n");
     }
 
     #[test]
