@@ -754,6 +754,18 @@ async fn dispatch_and_report(
             args.junit.join(", ")
         );
     }
+    if let Some(shares) = &planned.spec.shares {
+        let expected = summary
+            .records
+            .iter()
+            .filter_map(|r| {
+                let share = shares.get(r.shard.index as usize - 1)?;
+                let expected = Duration::try_from_secs_f64(share.expected).unwrap_or_default();
+                Some((r.shard, expected))
+            })
+            .collect();
+        reporter.expect(&expected);
+    }
     let _ = reporter.finish(&summary, &tests);
     if let Some(shard) = failed_fast {
         eprintln!(

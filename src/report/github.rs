@@ -57,6 +57,8 @@ pub struct GithubReporter<W: Write> {
     warnings: usize,
     failed_shards: Vec<(ShardId, ShardStatus)>,
     started: std::time::Instant,
+    /// Each shard's expected duration, when the tests were planned.
+    expected: std::collections::BTreeMap<ShardId, std::time::Duration>,
 }
 
 impl<W: Write> GithubReporter<W> {
@@ -70,6 +72,7 @@ impl<W: Write> GithubReporter<W> {
             warnings: 0,
             failed_shards: Vec::new(),
             started: std::time::Instant::now(),
+            expected: Default::default(),
         }
     }
 
@@ -237,8 +240,13 @@ impl<W: Write> GithubReporter<W> {
             return Ok(());
         };
         let passed = summary.count(|s| *s == ShardStatus::Passed);
+        let expected_column = !self.expected.is_empty();
+        let (head, rule) = match expected_column {
+            true => (" Expected |", "---|"),
+            false => ("", ""),
+        };
         let mut md = format!(
-            "### mvm-shard: {passed} of {} shards passed\n\n| Shard | Status | Duration | Tests passed | Tests failed | Environment |\n|---|---|---|---|---|---|\n",
+            "### mvm-shard: {passed} of {} shards passed\n\n| Shard | Status | Duration |{head} Tests passed | Tests failed | Environment |\n|---|---|---|{rule}---|---|---|\n",
             summary.records.len()
         );
         for r in &summary.records {
@@ -261,8 +269,15 @@ impl<W: Write> GithubReporter<W> {
                 Some(_) => "reused, wiped",
                 None => "-",
             };
+            let expected = match expected_column {
+                true => {
+                    let e = self.expected.get(&r.shard).map_or("-".into(), |d| secs(*d));
+                    format!(" {e} |")
+                }
+                false => String::new(),
+            };
             md.push_str(&format!(
-                "| {} | {status} | {} | {tp} | {tf} | {env} |\n",
+                "| {} | {status} | {} |{expected} {tp} | {tf} | {env} |\n",
                 r.shard,
                 secs(r.duration)
             ));
@@ -415,6 +430,10 @@ impl<W: Write + Send> Reporter for GithubReporter<W> {
             RunEvent::Finished(record) => self.show_shard(record),
             RunEvent::Secret(value) => self.mask(value),
         }
+    }
+
+    fn expect(&mut self, expected: &std::collections::BTreeMap<ShardId, std::time::Duration>) {
+        self.expected = expected.clone();
     }
 
     fn finish(&mut self, summary: &RunSummary, tests: &TestReport) -> std::io::Result<()> {
@@ -779,6 +798,30 @@ mod tests {
             "{md}"
         );
         assert_eq!(md.matches("- shard 1/1: `t.py::test_").count(), 12, "{md}");
+        assert!(!md.contains("Expected"), "no plan, no such column: {md}");
+    }
+
+    #[test]
+    fn the_job_summary_shows_expected_next_to_actual_for_planned_shards() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = GithubFiles {
+            step_summary: Some(dir.path().join("summary.md")),
+            ..GithubFiles::default()
+        };
+        let mut r = GithubReporter::new(Vec::new(), files);
+        let shard = ShardId { index: 1, count: 2 };
+        r.expect(&[(shard, Duration::from_millis(3250))].into_iter().collect());
+        let summary = RunSummary {
+            stopped_by: None,
+            records: vec![record(1, ShardStatus::Passed)],
+        };
+        r.finish(&summary, &TestReport::default()).unwrap();
+        let md = std::fs::read_to_string(dir.path().join("summary.md")).unwrap();
+        assert!(
+            md.contains("| Shard | Status | Duration | Expected | Tests passed | Tests failed | Environment |\n|---|---|---|---|---|---|---|\n"),
+            "{md}"
+        );
+        assert!(md.contains(" | 1.20s | 3.25s | - | - | "), "{md}");
     }
 
     #[test]

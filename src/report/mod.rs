@@ -13,7 +13,11 @@ pub mod terminal;
 pub use github::GithubReporter;
 pub use terminal::TerminalReporter;
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
 use crate::dispatch::{RunEvent, RunSummary};
+use crate::protocol::ShardId;
 
 /// What every renderer does.
 pub trait Reporter: Send {
@@ -23,6 +27,10 @@ pub trait Reporter: Send {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+    /// How long each shard was expected to take (with `--runner`, from the
+    /// learned durations), shown next to how long it took; called before
+    /// [`Reporter::finish`].
+    fn expect(&mut self, _expected: &BTreeMap<ShardId, Duration>) {}
     /// Shows the end of the run: summary, annotations, outputs.
     fn finish(&mut self, summary: &RunSummary, tests: &junit::TestReport) -> std::io::Result<()>;
 }

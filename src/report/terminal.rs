@@ -85,6 +85,8 @@ pub struct TerminalReporter<W: Write> {
     not_passed: usize,
     /// How each shard that ended last ended (a rerun replaces it).
     ended: HashMap<ShardId, ShardStatus>,
+    /// Each shard's expected duration, when the tests were planned.
+    expected: std::collections::BTreeMap<ShardId, Duration>,
     options: TerminalOptions,
     /// Per shard: the end of its output, and with `--output failed` all of
     /// it, spilled to a temporary file until the shard ends.
@@ -154,6 +156,7 @@ impl<W: Write> TerminalReporter<W> {
             progress: None,
             not_passed: 0,
             ended: HashMap::new(),
+            expected: Default::default(),
             options: TerminalOptions::default(),
             logs: HashMap::new(),
             failed_tails: Vec::new(),
@@ -331,10 +334,26 @@ impl<W: Write> TerminalReporter<W> {
             }
         }
         writeln!(self.out)?;
+        let expected_column = !self.expected.is_empty();
+        let expected = |shard: &ShardId| {
+            if !expected_column {
+                return String::new();
+            }
+            let e = self.expected.get(shard).map_or("-".into(), |d| secs(*d));
+            format!(" {e:>9}")
+        };
         writeln!(
             self.out,
-            "{:<8} {:<11} {:>9} {:>5}  environment",
-            "shard", "status", "duration", "exit"
+            "{:<8} {:<11} {:>9}{} {:>5}  environment",
+            "shard",
+            "status",
+            "duration",
+            if expected_column {
+                format!(" {:>9}", "expected")
+            } else {
+                String::new()
+            },
+            "exit"
         )?;
         for r in &summary.records {
             let exit = match &r.status {
@@ -356,9 +375,10 @@ impl<W: Write> TerminalReporter<W> {
             let status = palette.status(&r.status, &format!("{:<11}", r.status.label()));
             writeln!(
                 self.out,
-                "{:<8} {status} {:>9} {:>5}  {}",
+                "{:<8} {status} {:>9}{} {:>5}  {}",
                 r.shard.to_string(),
                 secs(r.duration),
+                expected(&r.shard),
                 exit,
                 environment
             )?;
@@ -565,6 +585,10 @@ impl<W: Write + Send> Reporter for TerminalReporter<W> {
             bar.inc(1);
         }
         written
+    }
+
+    fn expect(&mut self, expected: &std::collections::BTreeMap<ShardId, Duration>) {
+        self.expected = expected.clone();
     }
 
     fn finish(&mut self, summary: &RunSummary, tests: &TestReport) -> std::io::Result<()> {
@@ -932,6 +956,62 @@ mod tests {
         );
         assert!(text.contains("\nwall time "), "{text}");
         assert!(!text.contains('\u{1b}'), "no colour unless asked: {text}");
+    }
+
+    #[test]
+    fn planned_shards_show_expected_next_to_actual_and_flaky_tests_are_listed() {
+        let mut out = Vec::new();
+        let mut r = TerminalReporter::new(&mut out);
+        let records = vec![
+            record(1, ShardStatus::Passed),
+            record(2, ShardStatus::Passed),
+        ];
+        let expected = [(shard(1), Duration::from_millis(2500))]
+            .into_iter()
+            .collect();
+        Reporter::expect(&mut r, &expected);
+        let tests = TestReport {
+            flaky: vec![crate::report::junit::TestFailure {
+                shard: shard(2),
+                name: "t.py::test_x".into(),
+                file: None,
+                line: None,
+                message: "AssertionError: once\nmore".into(),
+            }],
+            ..TestReport::default()
+        };
+        let summary = RunSummary {
+            records,
+            stopped_by: None,
+        };
+        r.summary(&summary, &tests).unwrap();
+        drop(r);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("shard    status       duration  expected  exit  environment\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("1/2      passed          1.00s     2.50s     0  -\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("2/2      passed          2.00s         -     0  -\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flaky (failed, then passed on a rerun):\n  [2/2] t.py::test_x: AssertionError: once\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "2 shards: 2 passed, 0 failed, 0 timed out, 0 could not run; 1 test flaky\n"
+            ),
+            "{text}"
+        );
+        // Without a plan, no such column.
+        let text = two_shards(TerminalOptions::default());
+        assert!(!text.contains("expected"), "{text}");
     }
 
     #[test]
