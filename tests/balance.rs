@@ -267,6 +267,8 @@ fn files_are_split_by_file_and_each_runs_once() {
         vec![3, 2],
         "{stderr}"
     );
+    // The summary shows each shard's expected time next to the actual one.
+    assert!(stdout.contains(" duration  expected  exit "), "{stdout}");
 }
 
 #[test]
