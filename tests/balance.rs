@@ -637,6 +637,37 @@ fn a_recorded_plan_replays_exactly_one_shards_tests() {
     assert_eq!(ran, want, "exactly shard 2's tests: {stdout}");
     assert!(!stderr.contains("tests listed"), "no listing: {stderr}");
 
+    // Without --local: on the configured backend (here a separate emulator).
+    let emulator = common::Emulate::start();
+    let out = std::process::Command::new(common::binary())
+        .args(["run", "--function", "mvm-shard", "--endpoint-url"])
+        .args([&emulator.endpoint, "--region", "us-east-1", "--source", "."])
+        .args(["--replay-plan", plan_arg, "--only", "1"])
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env_remove("GITHUB_ACTIONS")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    drop(emulator);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let mut ran: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split("ran ").nth(1))
+        .collect();
+    ran.sort();
+    assert_eq!(
+        ran,
+        plan["shares"][0]["tests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect::<Vec<_>>(),
+        "{stdout}"
+    );
+
     // Bad input: one line, exit 2, nothing run.
     let bad = |extra: &[&str], says: &str| {
         let (code, stdout, stderr) = replay(extra);
@@ -645,6 +676,7 @@ fn a_recorded_plan_replays_exactly_one_shards_tests() {
         assert!(!stdout.contains("ran "), "{stdout}");
     };
     bad(&["--only", "4"], "shards are numbered 1 to 3");
+    bad(&["--shards", "3"], "cannot be used with");
     bad(
         &["--only", "1", "--", "sh", "-c", "true"],
         "drop the command",
@@ -711,4 +743,100 @@ fn tests_file_carries_a_list_too_long_for_a_command_line() {
     // The same list on the command line does not fit.
     let (code, stdout, _) = run("echo {tests} | wc -w");
     assert_ne!(code, 0, "{stdout}");
+}
+
+#[test]
+fn a_rerun_whose_result_never_arrives_is_not_a_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x"), "").unwrap();
+    let runs_env = format!("RUNS_DIR={}", runs.path().display());
+    // The first attempt fails; the rerun kills its own agent (the shell's
+    // parent), so its final result never arrives.
+    let (code, stdout, stderr) = cli(
+        dir.path(),
+        &[
+            "run",
+            "--local",
+            "--source",
+            ".",
+            "--timeout",
+            "60s",
+            "--retries",
+            "1",
+            "--env",
+            &runs_env,
+            "--",
+            "sh",
+            "-c",
+            "if test -e \"$RUNS_DIR/m\"; then kill -9 $PPID; sleep 30; fi; touch \"$RUNS_DIR/m\"; exit 1",
+        ],
+    );
+    assert_eq!(code, 3, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("rerun 1 of 1: the whole shard")
+            && stdout.contains("1 shard: 0 passed, 0 failed, 0 timed out, 1 could not run"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("flaky"), "{stdout}");
+}
+
+#[test]
+fn every_run_records_its_plan_in_the_git_directory_and_fail_fast_skips_reruns() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x"), "").unwrap();
+    common::git(dir.path(), &["init", "-q"]);
+    let runs_env = format!("RUNS_DIR={}", runs.path().display());
+    // Shard 1 fails; --fail-fast stops there, before any rerun.
+    let (code, stdout, stderr) = cli(
+        dir.path(),
+        &[
+            "run",
+            "--local",
+            "--shards",
+            "2",
+            "--max-parallel",
+            "1",
+            "--retries",
+            "2",
+            "--fail-fast",
+            "--env",
+            &runs_env,
+            "--",
+            "sh",
+            "-c",
+            "echo {index} >> \"$RUNS_DIR/runs\"; test {index} = 2",
+        ],
+    );
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert!(!stdout.contains("rerun"), "{stdout}");
+    let log = std::fs::read_to_string(runs.path().join("runs")).unwrap();
+    assert_eq!(log, "1\n", "shard 1 once, no rerun, shard 2 never");
+
+    let plan = dir.path().join(".git/mvm-shard/plan.json");
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    assert_eq!(recorded["shards"], 2, "{recorded}");
+    assert_eq!(
+        recorded["command"][2],
+        "echo {index} >> \"$RUNS_DIR/runs\"; test {index} = 2"
+    );
+    // Replayed: shard 2's command, as the plan has it.
+    let (code, stdout, stderr) = cli(
+        dir.path(),
+        &[
+            "run",
+            "--local",
+            "--replay-plan",
+            plan.to_str().unwrap(),
+            "--only",
+            "2",
+            "--env",
+            &runs_env,
+        ],
+    );
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let log = std::fs::read_to_string(runs.path().join("runs")).unwrap();
+    assert_eq!(log, "1\n2\n");
 }
