@@ -702,8 +702,9 @@ fn saved_timings(dir: &Path) -> Vec<(String, Value)> {
 }
 
 /// The cache key the action saves under, without its OS part.
-fn timings_key_tail(branch: &str, run_id: u32, job: &str) -> String {
-    format!("-files:{branch}:{run_id}-1-{job}")
+fn timings_key_tail(workflow: &str, branch: &str, run_id: u32, only: Option<u32>) -> String {
+    let only = only.map(|k| format!("-only-{k}")).unwrap_or_default();
+    format!("-files-{workflow}-shards:{branch}:{run_id}-1{only}")
 }
 
 /// Every test file of tests/workflows/timings*.yml ran exactly once, in one
@@ -763,7 +764,7 @@ async fn the_action_keeps_learned_timings_in_the_actions_cache_by_branch_then_de
     let main_1 = saved[0].0.clone();
     assert!(
         main_1.starts_with("mvm-shard-timings-v1-")
-            && main_1.ends_with(&timings_key_tail("main", 101, "shards")),
+            && main_1.ends_with(&timings_key_tail("timings", "main", 101, None)),
         "{main_1}"
     );
     let learned = saved[0].1["tests"].as_object().unwrap();
@@ -784,7 +785,7 @@ async fn the_action_keeps_learned_timings_in_the_actions_cache_by_branch_then_de
     assert_eq!(saved.len(), 2, "saved although the shards failed\n{ctx}");
     let main_2 = saved[1].0.clone();
     assert!(
-        main_2.ends_with(&timings_key_tail("main", 102, "shards")),
+        main_2.ends_with(&timings_key_tail("timings", "main", 102, None)),
         "{main_2}"
     );
 
@@ -800,7 +801,7 @@ async fn the_action_keeps_learned_timings_in_the_actions_cache_by_branch_then_de
     let saved = saved_timings(caches.path());
     let feature_3 = saved.last().unwrap().0.clone();
     assert!(
-        feature_3.ends_with(&timings_key_tail("feature", 103, "shards")),
+        feature_3.ends_with(&timings_key_tail("timings", "feature", 103, None)),
         "{feature_3}"
     );
 
@@ -851,11 +852,11 @@ async fn matrix_jobs_that_run_at_once_each_add_their_learning_to_the_cache() {
     let keys: Vec<&str> = saved.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(keys.len(), 2, "{keys:?}");
     assert!(
-        keys[0].ends_with(&timings_key_tail("main", 201, "shards-only-1")),
+        keys[0].ends_with(&timings_key_tail("timings matrix", "main", 201, Some(1))),
         "{keys:?}"
     );
     assert!(
-        keys[1].ends_with(&timings_key_tail("main", 201, "shards-only-2")),
+        keys[1].ends_with(&timings_key_tail("timings matrix", "main", 201, Some(2))),
         "{keys:?}"
     );
     let newest = &saved[1].1;
@@ -933,11 +934,15 @@ fn run_action_step(
     step: &ActionStep,
     inputs: &BTreeMap<&str, &str>,
     outputs: &BTreeMap<String, BTreeMap<String, String>>,
+    runner_env: &[(&str, &str)],
     temp: &Path,
 ) -> (BTreeMap<String, String>, String) {
     let mut cmd = StdCommand::new("bash");
     cmd.arg("-c").arg(&step.run).env_clear();
     cmd.env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    // The runner's own variables (GITHUB_RUN_ID...); `${{ github.X }}` is
+    // read from them too, as `github.X` (e.g. github.head_ref).
+    cmd.envs(runner_env.iter().copied().filter(|(k, _)| !k.contains('.')));
     for (name, value) in &step.env {
         let expr = value
             .trim()
@@ -959,7 +964,11 @@ fn run_action_step(
                     .cloned()
                     .unwrap_or_default()
             }
-            Some(_) => String::new(),
+            Some(e) => runner_env
+                .iter()
+                .find(|(k, _)| *k == e)
+                .map(|(_, v)| v.to_string())
+                .unwrap_or_default(),
             None => value.clone(),
         };
         cmd.env(name, value);
@@ -1010,7 +1019,7 @@ fn invoker_args(inputs: &[(&str, &str)]) -> Vec<String> {
         BTreeMap::from([("path".to_string(), fake.display().to_string())]),
     );
     for step in steps.iter().filter(|s| s.id != "install") {
-        let (values, stdout) = run_action_step(&action, step, &inputs, &outputs, temp.path());
+        let (values, stdout) = run_action_step(&action, step, &inputs, &outputs, &[], temp.path());
         if step.id == "run" {
             return stdout.lines().map(str::to_string).collect();
         }
@@ -1103,4 +1112,106 @@ fn every_input_reaches_its_step_through_env_and_the_new_ones_reach_the_invoker()
     ] {
         assert!(!has_flag(&args, flag, None), "{flag}: {args:?}");
     }
+}
+
+#[test]
+fn the_readme_inputs_table_lists_exactly_the_inputs_of_action_yml() {
+    let (action, _) = action_steps();
+    let mut declared: Vec<&str> = action["inputs"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    declared.sort_unstable();
+    let readme = std::fs::read_to_string(Path::new(MANIFEST_DIR).join("README.md")).unwrap();
+    let (_, table) = readme
+        .split_once("### Inputs\n")
+        .expect("README has an Inputs section");
+    let mut documented: Vec<&str> = table
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split_once('`').map(|(name, _)| name))
+        .collect();
+    documented.sort_unstable();
+    assert_eq!(documented, declared);
+}
+
+/// The timings step's outputs for these inputs on this runner.
+fn timings_step(inputs: &[(&str, &str)], runner_env: &[(&str, &str)]) -> BTreeMap<String, String> {
+    let (action, steps) = action_steps();
+    let temp = tempfile::tempdir().unwrap();
+    let step = steps
+        .iter()
+        .find(|s| s.id == "timings")
+        .expect("a timings step");
+    let inputs: BTreeMap<&str, &str> = inputs.iter().copied().collect();
+    run_action_step(
+        &action,
+        step,
+        &inputs,
+        &BTreeMap::new(),
+        runner_env,
+        temp.path(),
+    )
+    .0
+}
+
+#[test]
+fn timings_cache_keys_name_the_suite_branch_and_run_and_the_cache_can_be_turned_off() {
+    let runner = [
+        ("RUNNER_OS", "Linux"),
+        ("GITHUB_WORKFLOW", "tests: unit, fast"),
+        ("GITHUB_JOB", "test"),
+        ("GITHUB_REF_NAME", "12/merge"),
+        ("GITHUB_RUN_ID", "777"),
+        ("GITHUB_RUN_ATTEMPT", "2"),
+        ("github.head_ref", "fix,it"),
+        ("github.event.repository.default_branch", "main"),
+    ];
+    let out = timings_step(&[("runner", "pytest"), ("only", "1,3")], &runner);
+    assert_eq!(
+        out.get("enabled").map(String::as_str),
+        Some("true"),
+        "{out:?}"
+    );
+    // A pull request's runs are keyed by its head branch; no commas, and the
+    // suite holds no colon.
+    let base = "mvm-shard-timings-v1-Linux-pytest-tests_ unit_ fast-test";
+    assert_eq!(out["key"], format!("{base}:fix_it:777-2-only-1_3"));
+    assert_eq!(
+        out["restore-keys"],
+        format!("{base}:fix_it:777-\n{base}:fix_it:\n{base}:main:")
+    );
+    assert!(out["path"].ends_with("/mvm-shard/timings.json"), "{out:?}");
+
+    // On the default branch, no second try of the same branch.
+    let mut on_main = runner;
+    on_main[3] = ("GITHUB_REF_NAME", "main");
+    on_main[6] = ("github.head_ref", "");
+    let out = timings_step(&[("runner", "pytest")], &on_main);
+    assert_eq!(out["key"], format!("{base}:main:777-2"));
+    assert_eq!(
+        out["restore-keys"],
+        format!("{base}:main:777-\n{base}:main:")
+    );
+
+    // Turned off: the file is still passed, nothing is restored or saved.
+    let out = timings_step(
+        &[
+            ("runner", "pytest"),
+            ("timings-cache", "false"),
+            ("timings", "t.json"),
+        ],
+        &runner,
+    );
+    assert_eq!(out.get("path").map(String::as_str), Some("t.json"));
+    assert!(
+        !out.contains_key("enabled") && !out.contains_key("key"),
+        "{out:?}"
+    );
+    // Without a runner there are no timings at all.
+    assert!(timings_step(&[], &runner).is_empty());
 }
