@@ -613,6 +613,14 @@ async fn through_a_function_a_broken_store_cache_never_fails_a_run_and_shards_ho
     assert!(!links.is_empty(), "{requests:#?}");
     for link in links {
         assert!(link.contains("X-Amz-Expires=3720&"), "{link}");
+        if link.starts_with("PUT ") {
+            // A save link can only create the object: the condition is signed.
+            assert!(
+                link.contains("X-Amz-SignedHeaders=host%3Bif-none-match&")
+                    || link.contains("X-Amz-SignedHeaders=host;if-none-match&"),
+                "{link}"
+            );
+        }
     }
     let key = s3
         .list_objects_v2()

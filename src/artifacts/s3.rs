@@ -266,11 +266,14 @@ impl S3Store {
         let (restore, save) = match self.size_of(&object).await? {
             Some(_) => (Some(self.presign_get(&object).await?), None),
             None => {
+                // `If-None-Match: *` is signed: the link can create the
+                // object, never replace a saved cache, whoever holds it.
                 let put = self
                     .client
                     .put_object()
                     .bucket(&self.bucket)
                     .key(&object)
+                    .if_none_match("*")
                     .presigned(config)
                     .await
                     .map_err(|e| self.sdk_error(&object, "presigning PutObject", e))?;
