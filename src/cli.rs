@@ -69,17 +69,33 @@ pub struct MergeTimingsArgs {
     pub from: PathBuf,
 }
 
-/// `mvm-shard merge-timings`: exit 0, or 2 when a file cannot be read or written.
+/// `mvm-shard merge-timings`: exit 0; 1 when the other job planned with
+/// other timings (the jobs' shards may not have partitioned the tests); 2
+/// when a file cannot be read or written.
 pub fn merge_timings(args: &MergeTimingsArgs) -> i32 {
-    use crate::runner::timings::Timings;
+    use crate::runner::timings::{Merge, Timings};
     let merged = Timings::load(&args.into).and_then(|mut into| {
-        let added = into.merge_run(&Timings::load(&args.from)?);
-        into.save(&args.into).map(|()| added)
+        let merge = into.merge_run(&Timings::load(&args.from)?);
+        into.save(&args.into).map(|()| merge)
     });
     match merged {
-        Ok(added) => {
+        Ok(Merge::Added(added)) => {
             eprintln!("mvm-shard: took in the durations of {added} tests another job of this workflow run learned");
             0
+        }
+        Ok(Merge::OtherRun) => 0,
+        Ok(Merge::OtherSnapshot) => {
+            let message =
+                "the jobs of this workflow run did not all plan with the same learned timings \
+                 (another run saved its cache while they were starting), so their shards may have \
+                 run some tests twice and others not at all. Re-run all jobs: a re-run plans every \
+                 job with the timings this run saved";
+            if std::env::var_os("GITHUB_ACTIONS").is_some() {
+                println!("::error title=mvm-shard::{message}");
+            } else {
+                eprintln!("error: {message}");
+            }
+            1
         }
         Err(e) => {
             eprintln!("error: {e}");

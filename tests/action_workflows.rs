@@ -1215,3 +1215,47 @@ fn timings_cache_keys_name_the_suite_branch_and_run_and_the_cache_can_be_turned_
     // Without a runner there are no timings at all.
     assert!(timings_step(&[], &runner).is_empty());
 }
+
+#[test]
+fn merging_the_file_of_a_job_that_planned_with_other_timings_fails_the_job_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, before: Value, observed: &str| {
+        let path = dir.path().join(name);
+        let timings = serde_json::json!({
+            "tests": { "a": 1.0, "b": 2.0 },
+            "run": "9",
+            "before": before,
+            "observed": [observed],
+        });
+        std::fs::write(&path, timings.to_string()).unwrap();
+        path
+    };
+    let mine = file("mine.json", serde_json::json!({}), "a");
+    let same = file("same.json", serde_json::json!({}), "b");
+    let other = file("other.json", serde_json::json!({ "a": 5.0 }), "b");
+    let merge = |from: &Path| {
+        StdCommand::new(common::binary())
+            .arg("merge-timings")
+            .arg(&mine)
+            .arg(from)
+            .env("GITHUB_ACTIONS", "true")
+            .output()
+            .unwrap()
+    };
+    let out = merge(&same);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("took in the durations of 1 tests"));
+
+    let out = merge(&other);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .starts_with("::error title=mvm-shard::the jobs of this workflow run did not all plan")
+            && stdout.contains("Re-run all jobs"),
+        "{stdout}"
+    );
+    // A missing file of another job is nothing to add.
+    let out = merge(&dir.path().join("none.json"));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}

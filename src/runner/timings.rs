@@ -152,16 +152,32 @@ impl Timings {
     }
 }
 
+/// What [`Timings::merge_run`] found in another job's file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Merge {
+    /// A file of the same workflow run, planned with the same timings: this
+    /// many tests it observed were added.
+    Added(usize),
+    /// A file of another workflow run (or none): nothing to add.
+    OtherRun,
+    /// A job of the same workflow run that planned with other timings (it
+    /// restored another file as it started): the two jobs' shards may not
+    /// partition the tests. Nothing was added.
+    OtherSnapshot,
+}
+
 impl Timings {
     /// Takes in what another job of the same workflow run learned: the
     /// durations of the tests it observed and this one did not. Matrix jobs
     /// each run some of the shards; each saves its own file, and a job that
     /// merges the newest one of the run before saving carries every earlier
-    /// job's learning forward. A file of another run, or of a job that
-    /// planned with other timings, adds nothing. Returns how many tests it added.
-    pub fn merge_run(&mut self, other: &Timings) -> usize {
-        if self.run.is_none() || other.run != self.run || other.before != self.before {
-            return 0;
+    /// job's learning forward.
+    pub fn merge_run(&mut self, other: &Timings) -> Merge {
+        if self.run.is_none() || other.run != self.run {
+            return Merge::OtherRun;
+        }
+        if other.before != self.before {
+            return Merge::OtherSnapshot;
         }
         let mut added = 0;
         for test in &other.observed {
@@ -174,7 +190,7 @@ impl Timings {
                 added += 1;
             }
         }
-        added
+        Merge::Added(added)
     }
 }
 
@@ -251,7 +267,7 @@ mod tests {
             job.begin_update(Some("7"));
             job.learn(&listed, &obs(test, s));
         }
-        assert_eq!(two.merge_run(&one), 1);
+        assert_eq!(two.merge_run(&one), Merge::Added(1));
         assert_eq!(two.tests["a"], 4.0);
         assert_eq!(two.tests["b"], 2.0);
         assert_eq!(two.tests["c"], 1.0, "what neither observed stays");
@@ -260,19 +276,20 @@ mod tests {
             old.tests,
             "the run's snapshot is kept"
         );
-        assert_eq!(two.merge_run(&one), 0, "taken in once");
+        assert_eq!(two.merge_run(&one), Merge::Added(0), "taken in once");
         // A job of the next run restored the merged file: a file of run 7
         // (older, or what it restored itself) adds nothing.
         let mut next = two.clone();
         next.begin_update(Some("8"));
         next.learn(&listed, &obs("a", 8.0));
-        assert_eq!(next.merge_run(&one), 0);
+        assert_eq!(next.merge_run(&one), Merge::OtherRun);
         assert_eq!(next.tests["a"], 6.0);
-        // Nor does a job of the same run that planned with other timings.
+        // Nor does a job of the same run that planned with other timings:
+        // that is told apart.
         let mut other = Timings::default();
         other.begin_update(Some("8"));
         other.learn(&listed, &obs("b", 9.0));
-        assert_eq!(next.merge_run(&other), 0);
+        assert_eq!(next.merge_run(&other), Merge::OtherSnapshot);
         assert_eq!(next.tests["b"], 2.0);
     }
 
