@@ -87,6 +87,8 @@ pub struct RunSpec {
     pub caches: Vec<CacheSpec>,
     /// With `--runner`: each shard's tests (`{tests}`), by shard index - 1.
     pub shares: Option<Vec<Share>>,
+    /// With `--runner`: which runner, for what `{tests}` becomes.
+    pub runner: Option<crate::runner::RunnerKind>,
 }
 
 /// One shard's part of a listed suite.
@@ -286,6 +288,7 @@ pub fn listing_job(
         ],
         collect: Vec::new(),
         shares: None,
+        runner: None,
         ..spec.clone()
     };
     let shard = ShardId { index: 1, count: 1 };
@@ -367,7 +370,16 @@ fn request_for(
     tests: Option<&[String]>,
 ) -> Result<ShardRequest, PlanError> {
     let command = match tests {
-        Some(tests) => crate::runner::select(&spec.command, tests),
+        Some(tests) => {
+            let words = match spec.runner {
+                Some(kind) => {
+                    let listed = spec.shares.iter().flatten().flat_map(|s| &s.tests);
+                    kind.selection(tests, listed)
+                }
+                None => tests.to_vec(),
+            };
+            crate::runner::select(&spec.command, &words)
+        }
         None => spec.command.clone(),
     };
     let mut overlays = spec.overlays.clone();
@@ -467,6 +479,7 @@ mod tests {
             overlays: Vec::new(),
             caches: Vec::new(),
             shares: None,
+            runner: None,
         };
         let jobs = jobs(&spec, "run", &SourceSpec::Empty).unwrap();
         assert_eq!(jobs.len(), 1);
@@ -524,6 +537,7 @@ mod tests {
             overlays: Vec::new(),
             caches: Vec::new(),
             shares: Some(balance(&ids(2), &[1.0, 4.0], 3)),
+            runner: None,
         };
         let jobs = jobs(&spec, "run", &SourceSpec::Empty).unwrap();
         let commands: Vec<_> = jobs.iter().map(|j| j.request.command.clone()).collect();

@@ -12,7 +12,7 @@ use quick_junit::{
 };
 
 use crate::dispatch::{CollectedFile, ShardRecord, ShardStatus};
-use crate::runner::{Adapter, JUNIT_PATH};
+use crate::runner::Adapter;
 
 /// What a shard runs again.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,12 +44,12 @@ pub fn rerun_of(
         return Some(Rerun::Whole);
     };
     let failed = match record.status {
-        ShardStatus::Failed { .. } => record
-            .files
-            .iter()
-            .find(|f| f.path == JUNIT_PATH)
-            .and_then(|f| crate::report::junit::parse(&f.data).ok())
-            .and_then(|report| failed_tests(adapter?, &report)),
+        ShardStatus::Failed { .. } => adapter.and_then(|adapter| {
+            let path = adapter.report_file()?;
+            let file = record.files.iter().find(|f| f.path == path)?;
+            let report = crate::report::junit::parse(&file.data).ok()?;
+            adapter.failed(&report)
+        }),
         _ => None,
     };
     let failed: Vec<String> = match failed {
@@ -65,25 +65,6 @@ pub fn rerun_of(
     } else {
         failed
     }))
-}
-
-/// The ids of the tests that failed in `report`, or `None` when one of
-/// them cannot be mapped back to an id (then all must rerun).
-fn failed_tests(adapter: &Adapter, report: &Report) -> Option<std::collections::HashSet<String>> {
-    let mut failed = report.clone();
-    let mut count = 0;
-    for suite in &mut failed.test_suites {
-        suite
-            .test_cases
-            .retain(|c| matches!(c.status, TestCaseStatus::NonSuccess { .. }));
-        for case in &mut suite.test_cases {
-            // The adapter maps timed cases; the time does not matter here.
-            case.time.get_or_insert(std::time::Duration::ZERO);
-            count += 1;
-        }
-    }
-    let ids: std::collections::HashSet<String> = adapter.durations(&failed).into_keys().collect();
-    (ids.len() >= count).then_some(ids)
 }
 
 /// One record for a shard from its record so far and a rerun's: the rerun's
@@ -235,7 +216,7 @@ fn rerun_case(earlier: TestCase, mut again: TestCase) -> TestCase {
 mod tests {
     use super::*;
     use crate::protocol::ShardId;
-    use crate::runner::RunnerKind;
+    use crate::runner::{RunnerKind, JUNIT_PATH};
     use std::time::Duration;
 
     fn case(name: &str, passed: bool) -> String {

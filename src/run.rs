@@ -30,10 +30,12 @@ use crate::plan::{self, human_bytes, Placement, PlanError, RunSpec, Share};
 use crate::protocol::{OutputStream, ShardId, SourceSpec};
 use crate::replay::{RecordedPlan, ReplayError};
 use crate::report::github::GithubFiles;
-use crate::report::junit::TestReport;
+use crate::report::junit::{GoModule, TestReport};
 use crate::report::{GithubReporter, Reporter, TerminalReporter};
 use crate::runner::timings::TimingsError;
-use crate::runner::{Adapter, RunnerError, Timings, JUNIT_PATH};
+use crate::runner::{
+    Adapter, LogScanner, Results, RunnerError, RunnerKind, Timings, JEST_REPORT_PATH,
+};
 use crate::shutdown::{Shutdown, Signal};
 use crate::source::{SourceArchive, SourceError};
 
@@ -336,6 +338,7 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
         overlays: Vec::new(),
         caches: Vec::new(),
         shares: None,
+        runner: args.runner,
     };
     if let Some(replay) = &replay {
         // Exactly what the plan gave each shard: no listing, nothing learned.
@@ -362,6 +365,7 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
                 .filter(|r| !r.is_empty());
             let planning = timings.for_run(workflow_run.as_deref());
             Some(Suite {
+                log: Arc::new(std::sync::Mutex::new(LogScanner::new(kind))),
                 adapter,
                 timings_path,
                 timings,
@@ -659,10 +663,16 @@ async fn dispatch_and_report(
     ));
     let (tx, rx) = dispatch::event_channel();
     let fail_fast = args.fail_fast.then(|| cancel.clone());
+    let log = planned
+        .suite
+        .as_ref()
+        .filter(|s| s.adapter.reads_log())
+        .map(|s| s.log.clone());
     let reporter = tokio::spawn(consume_events(
         reporter(args, planned, jobs.len()),
         rx,
         fail_fast,
+        log,
     ));
     let dispatch_options = DispatchOptions {
         max_parallel,
@@ -672,7 +682,7 @@ async fn dispatch_and_report(
             .map(|g| g as Arc<dyn dispatch::SourceResolver>),
         ..DispatchOptions::default()
     };
-    let summary = dispatch::dispatch(
+    let mut summary = dispatch::dispatch(
         target.backend.clone(),
         &planned.run_id,
         jobs,
@@ -681,6 +691,9 @@ async fn dispatch_and_report(
         cancel.clone(),
     )
     .await;
+    if args.runner == Some(RunnerKind::Jest) {
+        jest_reports_to_junit(&mut summary, &planned.spec.workdir);
+    }
     let first = summary.records.clone();
     let reran = rerun_failed(
         args,
@@ -737,6 +750,9 @@ async fn dispatch_and_report(
             line: None,
             message: earlier.map_or_else(String::new, |r| r.status.describe()),
         });
+    }
+    if let Some(module) = GoModule::find(&planned.archive.root, &planned.spec.workdir) {
+        tests.place_go_files(&module);
     }
     if let Some(merged) = &tests.merged {
         let written = std::fs::File::create(&args.report)
@@ -844,7 +860,7 @@ async fn rerun_failed(
             break;
         }
         let run_id = format!("{}-r{round}", planned.run_id);
-        let again = dispatch::dispatch(
+        let mut again = dispatch::dispatch(
             target.backend.clone(),
             &run_id,
             jobs,
@@ -853,6 +869,9 @@ async fn rerun_failed(
             cancel.clone(),
         )
         .await;
+        if args.runner == Some(RunnerKind::Jest) {
+            jest_reports_to_junit(&mut again, &planned.spec.workdir);
+        }
         for rerun in again.records {
             if let Some(slot) = summary.records.iter_mut().find(|r| r.shard == rerun.shard) {
                 *slot = crate::retry::fold(slot.clone(), rerun);
@@ -916,10 +935,24 @@ async fn consume_events(
     mut reporter: Box<dyn Reporter>,
     mut rx: mpsc::Receiver<RunEvent>,
     fail_fast: Option<CancellationToken>,
+    log: Option<Arc<std::sync::Mutex<LogScanner>>>,
 ) -> (Box<dyn Reporter>, Option<ShardId>) {
     let mut failed_first = None;
     let mut broken = false;
     while let Some(event) = rx.recv().await {
+        if let (
+            Some(log),
+            RunEvent::Output {
+                shard,
+                stream,
+                data,
+            },
+        ) = (&log, &event)
+        {
+            if let Ok(mut log) = log.lock() {
+                log.feed(*shard, *stream, data);
+            }
+        }
         if let (Some(cancel), RunEvent::Finished(record), None) = (&fail_fast, &event, failed_first)
         {
             if matches!(
@@ -942,9 +975,41 @@ async fn consume_events(
     (reporter, failed_first)
 }
 
+/// jest's `--json` reports, sent back by the shards, as JUnit (for the
+/// merged report, the failures' places and the tests' durations), with each
+/// test file named by its path relative to the working directory `workdir`.
+fn jest_reports_to_junit(summary: &mut RunSummary, workdir: &str) {
+    let prefix = format!("{}/", workdir.trim_end_matches('/'));
+    let relative = |name: &str| {
+        let in_source = crate::report::junit::workspace_relative(name).unwrap_or(name.to_string());
+        match in_source.strip_prefix(&prefix) {
+            Some(rest) if !workdir.is_empty() => rest.to_string(),
+            _ => in_source,
+        }
+    };
+    for record in &mut summary.records {
+        for file in record
+            .files
+            .iter_mut()
+            .filter(|f| f.path == JEST_REPORT_PATH)
+        {
+            let Ok(report) = crate::runner::results::jest_to_junit(&file.data, relative) else {
+                // Left as it is: the report says it is not JUnit.
+                continue;
+            };
+            let mut xml = Vec::new();
+            if report.serialize(&mut xml).is_ok() {
+                file.data = xml.into();
+            }
+        }
+    }
+}
+
 /// A listed suite: the runner's adapter and the learned timings.
 struct Suite {
     adapter: Adapter,
+    /// What the shards' logs said of each test (the runners that say it there).
+    log: Arc<std::sync::Mutex<LogScanner>>,
     /// Where the timings are kept; `None` outside a git repository without `--timings`.
     timings_path: Option<std::path::PathBuf>,
     /// What was learned, as read and then updated.
@@ -956,6 +1021,24 @@ struct Suite {
 }
 
 impl Suite {
+    /// What one shard's report or log said of each of its tests.
+    fn results(&self, record: &dispatch::ShardRecord) -> Results {
+        let mut results = Results::new();
+        if let Some(path) = self.adapter.report_file() {
+            for file in record.files.iter().filter(|f| f.path == path) {
+                if let Ok(report) = crate::report::junit::parse(&file.data) {
+                    results.extend(self.adapter.results(&report));
+                }
+            }
+        }
+        if let Ok(log) = self.log.lock() {
+            if let Some(said) = log.results.get(&record.shard) {
+                results.extend(said.iter().map(|(id, r)| (id.clone(), *r)));
+            }
+        }
+        results
+    }
+
     /// Learns the durations the shards reported and saves them.
     fn learn(&mut self, tests: &[String], shares: &[Share], summary: &RunSummary) {
         let mut observed = BTreeMap::new();
@@ -967,12 +1050,12 @@ impl Suite {
             else {
                 continue;
             };
-            if self.adapter.junit_env().is_some() {
-                for file in record.files.iter().filter(|f| f.path == JUNIT_PATH) {
-                    if let Ok(report) = crate::report::junit::parse(&file.data) {
-                        observed.extend(self.adapter.durations(&report));
-                    }
-                }
+            let results = self.results(record);
+            if !results.is_empty() {
+                let durations = results
+                    .into_iter()
+                    .filter_map(|(id, r)| Some((id, r.duration?)));
+                observed.extend(durations);
             } else if let Some(share) = shares.get(record.shard.index as usize - 1) {
                 // No per-test report: the command's time, shared as expected.
                 let took = Duration::from_millis(result.duration_ms);
@@ -1126,7 +1209,8 @@ fn plan_suite(
     Ok(shares)
 }
 
-/// Asks the runner for its per-test JUnit report, where the adapter knows how.
+/// Asks the runner for its per-test report, where the adapter knows how
+/// (pytest through the environment; jest and vitest through `{tests}`).
 fn ask_for_junit(spec: &mut RunSpec, adapter: &Adapter) {
     if let Some((name, value)) = adapter.junit_env() {
         let value = match spec.env.get(&name) {
@@ -1134,7 +1218,9 @@ fn ask_for_junit(spec: &mut RunSpec, adapter: &Adapter) {
             None => value,
         };
         spec.env.insert(name, value);
-        spec.collect.push(JUNIT_PATH.into());
+    }
+    if let Some(path) = adapter.report_file() {
+        spec.collect.push(path.into());
     }
 }
 

@@ -161,6 +161,76 @@ impl TestReport {
     }
 }
 
+/// A Go module of the source: go.mod's `module` path and its folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GoModule {
+    /// The module path (`example.com/m`).
+    pub path: String,
+    /// Its folder relative to the repository (`""` at the root).
+    pub dir: String,
+}
+
+impl GoModule {
+    /// The module the working directory `workdir` (relative to `root`)
+    /// belongs to: the nearest `go.mod` at or above it, within `root`.
+    pub fn find(root: &std::path::Path, workdir: &str) -> Option<GoModule> {
+        let mut dir = std::path::PathBuf::from(workdir.trim_matches('/'));
+        loop {
+            if let Ok(text) = std::fs::read_to_string(root.join(&dir).join("go.mod")) {
+                let path = text.lines().find_map(|l| {
+                    let rest = l.trim().strip_prefix("module")?;
+                    rest.starts_with([' ', '\t'])
+                        .then(|| rest.trim().trim_matches('"').to_string())
+                })?;
+                return Some(GoModule {
+                    path,
+                    dir: dir.to_string_lossy().into_owned(),
+                });
+            }
+            if !dir.pop() {
+                return None;
+            }
+        }
+    }
+
+    /// Where the package `import` path lives in the repository, if in this module.
+    fn package_dir(&self, import: &str) -> Option<String> {
+        let rest = import.strip_prefix(self.path.as_str())?;
+        if !(rest.is_empty() || rest.starts_with('/')) {
+            return None;
+        }
+        let dir = format!("{}{rest}", self.dir);
+        Some(dir.trim_start_matches('/').to_string())
+    }
+}
+
+impl TestReport {
+    /// Go names a failure's file relative to its package's folder
+    /// (`calc_test.go:14`); where the case's class is the package's import
+    /// path (go-junit-report, gotestsum), the file becomes its place in the
+    /// repository, through `module`'s path and folder.
+    pub fn place_go_files(&mut self, module: &GoModule) {
+        for failure in self.failures.iter_mut().chain(&mut self.flaky) {
+            let Some(file) = failure.file.as_deref() else {
+                continue;
+            };
+            if file.contains('/') || !file.ends_with(".go") {
+                continue;
+            }
+            let Some((import, _)) = failure.name.split_once("::") else {
+                continue;
+            };
+            if let Some(dir) = module.package_dir(import) {
+                let placed = match dir.as_str() {
+                    "" => file.to_string(),
+                    dir => format!("{dir}/{file}"),
+                };
+                failure.file = Some(placed);
+            }
+        }
+    }
+}
+
 /// Where a failure happened, for an annotation: the place of the failing
 /// assertion in the failure text when the text names one (pytest's
 /// `tests/test_calc.py:14: AssertionError`, a Rust panic's `panicked at
@@ -271,7 +341,7 @@ fn path_and_line(token: &str) -> Option<(String, u32)> {
 
 /// A path inside a shard's workspace (`…/shard-<id>/src/<path>`), relative to
 /// the source root; `None` for any other absolute path.
-fn workspace_relative(path: &str) -> Option<String> {
+pub(crate) fn workspace_relative(path: &str) -> Option<String> {
     let mut rest = path;
     while let Some(at) = rest.find("/shard-") {
         let after = &rest[at + "/shard-".len()..];
@@ -290,6 +360,7 @@ fn workspace_relative(path: &str) -> Option<String> {
 /// Parses one report; a bare `<testsuite>` root is accepted as well.
 pub(crate) fn parse(data: &[u8]) -> Result<Report, String> {
     let text = std::str::from_utf8(data).map_err(|e| format!("not UTF-8: {e}"))?;
+    let text = &*char_refs_decoded(text);
     match Report::deserialize_from_str(text) {
         Ok(report) => Ok(report),
         Err(first) => {
@@ -308,6 +379,48 @@ pub(crate) fn parse(data: &[u8]) -> Result<Report, String> {
             }
         }
     }
+}
+
+/// `text` with its numeric character references (`&#xA;`, `&#10;`, which
+/// gotestsum writes for each newline of a failure) made the characters
+/// they stand for: quick-junit's reader takes only the named entities in
+/// text. The characters of markup stay escaped, by name.
+fn char_refs_decoded(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains("&#") {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("&#") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 2..];
+        let decoded = after.split_once(';').and_then(|(code, _)| {
+            let value = match code.strip_prefix(['x', 'X']) {
+                Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+                None => code.parse().ok()?,
+            };
+            Some((char::from_u32(value)?, code.len()))
+        });
+        match decoded {
+            Some((c, len)) => {
+                match c {
+                    '<' => out.push_str("&lt;"),
+                    '>' => out.push_str("&gt;"),
+                    '&' => out.push_str("&amp;"),
+                    '"' => out.push_str("&quot;"),
+                    '\'' => out.push_str("&apos;"),
+                    c => out.push(c),
+                }
+                rest = &after[len + 1..];
+            }
+            None => {
+                out.push_str("&#");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out.into()
 }
 
 #[cfg(test)]
@@ -432,6 +545,72 @@ at line</error></testcase></testsuite>"#;
                 Some("src/lib.rs".into()),
                 Some(17)
             )]
+        );
+    }
+
+    // Recorded with gotestsum 1.8 (go 1.19) on module example.com/m, package
+    // c/d: newlines as `&#xA;`, the file named relative to the package.
+    #[test]
+    fn go_failures_are_placed_in_the_repository_through_the_module_path() {
+        let xml = include_str!("../../tests/fixtures/junit/gotestsum.xml");
+        let summary = summary(vec![("junit.xml", xml)]);
+        let mut report = TestReport::from_summary(&summary);
+        assert!(
+            report.problems.iter().all(|p| p.1 != "junit.xml"),
+            "{:?}",
+            report.problems
+        );
+        let at_package = [(
+            "example.com/m/c/d::TestD".to_string(),
+            Some("d_test.go".to_string()),
+            Some(6),
+        )];
+        assert_eq!(places(&report.failures), at_package);
+        report.place_go_files(&GoModule {
+            path: "example.com/m".into(),
+            dir: "".into(),
+        });
+        assert_eq!(report.failures[0].file.as_deref(), Some("c/d/d_test.go"));
+        // The module in a folder of the repository; a package of another module is left alone.
+        let mut report = TestReport::from_summary(&summary);
+        report.place_go_files(&GoModule {
+            path: "example.com/m".into(),
+            dir: "go/svc".into(),
+        });
+        assert_eq!(
+            report.failures[0].file.as_deref(),
+            Some("go/svc/c/d/d_test.go")
+        );
+        let mut report = TestReport::from_summary(&summary);
+        report.place_go_files(&GoModule {
+            path: "example.com/mm".into(),
+            dir: "".into(),
+        });
+        assert_eq!(report.failures[0].file.as_deref(), Some("d_test.go"));
+    }
+
+    #[test]
+    fn the_go_module_is_the_nearest_go_mod_above_the_working_directory() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("svc/pkg")).unwrap();
+        std::fs::write(
+            root.path().join("svc/go.mod"),
+            "// x\nmodule \"example.com/svc\"\n\ngo 1.21\n",
+        )
+        .unwrap();
+        let found = GoModule::find(root.path(), "svc/pkg").unwrap();
+        assert_eq!(
+            (found.path.as_str(), found.dir.as_str()),
+            ("example.com/svc", "svc")
+        );
+        assert_eq!(GoModule::find(root.path(), ""), None);
+    }
+
+    #[test]
+    fn numeric_character_references_are_read() {
+        assert_eq!(
+            char_refs_decoded("a&#xA;b&#10;c&#x3C;&#38;d&#zz;"),
+            "a\nb\nc&lt;&amp;d&#zz;"
         );
     }
 

@@ -1,19 +1,22 @@
 //! Test runner adapters (`--runner NAME`): how to list a runner's tests, how
-//! the command selects a subset (`{tests}`), and how each test's duration
-//! comes back (a JUnit report the runner is asked to write).
+//! the command selects a subset (`{tests}`), and how each test's duration and
+//! outcome come back (a report the runner is asked to write, or its log).
 
+pub mod results;
 pub mod timings;
-
-use std::collections::BTreeMap;
-use std::time::Duration;
 
 use quick_junit::Report;
 
+pub use results::{LogScanner, Results, TestResult};
 pub use timings::Timings;
 
 /// Where an adapter asks the runner to write its JUnit report, relative to
 /// the shard's working directory; sent back with the `collect` mechanism.
 pub const JUNIT_PATH: &str = ".mvm-shard-junit.xml";
+
+/// Where the jest adapter asks jest to write its `--json` report (turned
+/// into JUnit when it comes back).
+pub const JEST_REPORT_PATH: &str = ".mvm-shard-jest.json";
 
 /// The test runners mvm-shard knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -141,29 +144,128 @@ impl Adapter {
         }
     }
 
-    /// Each listed test's duration in a JUnit report the runner wrote, by id.
-    pub fn durations(&self, report: &Report) -> BTreeMap<String, Duration> {
-        let mut out = BTreeMap::new();
+    /// The report each shard sends back for the tests' durations and
+    /// outcomes: pytest's and vitest's JUnit, jest's JSON; `None` for the
+    /// runners whose log says them ([`Adapter::reads_log`]).
+    pub fn report_file(&self) -> Option<&'static str> {
+        match self.kind {
+            RunnerKind::Pytest | RunnerKind::Vitest => Some(JUNIT_PATH),
+            RunnerKind::Jest => Some(JEST_REPORT_PATH),
+            RunnerKind::CargoNextest | RunnerKind::Go | RunnerKind::Files => None,
+        }
+    }
+
+    /// True for the runners whose log has a line per test (nextest) or per
+    /// package (Go) with its time and outcome, read as the shards stream it.
+    pub fn reads_log(&self) -> bool {
+        matches!(self.kind, RunnerKind::CargoNextest | RunnerKind::Go)
+    }
+
+    /// Each listed test's duration and outcome in a JUnit report the runner
+    /// wrote, by id.
+    pub fn results(&self, report: &Report) -> Results {
+        match self.kind {
+            RunnerKind::Jest | RunnerKind::Vitest => return results::by_suite(report),
+            RunnerKind::Pytest => {}
+            _ => return Results::new(),
+        }
+        let mut out = Results::new();
         for suite in &report.test_suites {
             for case in &suite.test_cases {
-                let Some(time) = case.time else { continue };
-                let id = match self.kind {
-                    RunnerKind::Pytest => pytest_id(
-                        case.classname.as_deref().unwrap_or(""),
-                        case.name.as_str(),
-                        case.extra
-                            .iter()
-                            .find(|(k, _)| k.as_str() == "file")
-                            .map(|(_, v)| v.as_str()),
-                    ),
-                    _ => continue,
+                let file = case
+                    .extra
+                    .iter()
+                    .find(|(k, _)| k.as_str() == "file")
+                    .map(|(_, v)| v.as_str());
+                let classname = case.classname.as_deref().unwrap_or("");
+                let Some(id) = pytest_id(classname, case.name.as_str(), file) else {
+                    continue;
                 };
-                if let Some(id) = id {
-                    *out.entry(id).or_default() += time;
-                }
+                let passed = !matches!(case.status, quick_junit::TestCaseStatus::NonSuccess { .. });
+                let duration = case.time;
+                results::merge(&mut out, id, TestResult { duration, passed });
             }
         }
         out
+    }
+}
+
+impl Adapter {
+    /// The ids of the tests that failed in `report` (the runner's report,
+    /// [`Adapter::report_file`]), or `None` when a failed case cannot be
+    /// mapped back to an id, or the report does not name tests by id (then
+    /// all must rerun).
+    pub fn failed(&self, report: &Report) -> Option<std::collections::HashSet<String>> {
+        let failing: usize = report
+            .test_suites
+            .iter()
+            .flat_map(|s| &s.test_cases)
+            .filter(|c| matches!(c.status, quick_junit::TestCaseStatus::NonSuccess { .. }))
+            .count();
+        let failed: std::collections::HashSet<String> = self
+            .results(report)
+            .into_iter()
+            .filter(|(_, r)| !r.passed)
+            .map(|(id, _)| id)
+            .collect();
+        let mapped = match self.kind {
+            // One id per case.
+            RunnerKind::Pytest => failed.len() >= failing,
+            // One id per file, each case in its file's suite.
+            RunnerKind::Jest | RunnerKind::Vitest => failing == 0 || !failed.is_empty(),
+            _ => false,
+        };
+        mapped.then_some(failed)
+    }
+}
+
+impl RunnerKind {
+    /// The words `{tests}` becomes for `tests`: the ids themselves, or what
+    /// selects exactly them in this runner, with what asks it for its report.
+    /// nextest: one filterset (`-E 'binary_id(=b) & test(=t) | …'`); jest:
+    /// `--json --outputFile=… --runTestsByPath` and the files; vitest: its
+    /// default and JUnit reporters (`--outputFile.junit=…`), the files, and
+    /// an `--exclude` for each other file of `listed` (every listed test)
+    /// whose path contains one of them, since vitest selects by substring.
+    pub fn selection<'a>(
+        self,
+        tests: &[String],
+        listed: impl IntoIterator<Item = &'a String>,
+    ) -> Vec<String> {
+        match self {
+            RunnerKind::CargoNextest => {
+                let each = tests.iter().map(|id| match id.split_once(' ') {
+                    Some((binary, test)) => format!("binary_id(={binary}) & test(={test})"),
+                    None => format!("test(={id})"),
+                });
+                vec!["-E".into(), each.collect::<Vec<_>>().join(" | ")]
+            }
+            RunnerKind::Jest => {
+                let mut words = vec![
+                    "--json".to_string(),
+                    format!("--outputFile={JEST_REPORT_PATH}"),
+                    "--runTestsByPath".into(),
+                ];
+                words.extend(tests.iter().cloned());
+                words
+            }
+            RunnerKind::Vitest => {
+                let mut words = vec![
+                    "--reporter=default".to_string(),
+                    "--reporter=junit".into(),
+                    format!("--outputFile.junit={JUNIT_PATH}"),
+                ];
+                words.extend(tests.iter().cloned());
+                let mine: std::collections::HashSet<&String> = tests.iter().collect();
+                for other in listed {
+                    if !mine.contains(other) && tests.iter().any(|t| other.contains(t.as_str())) {
+                        words.push(format!("--exclude={}", glob_escaped(other)));
+                    }
+                }
+                words
+            }
+            RunnerKind::Pytest | RunnerKind::Go | RunnerKind::Files => tests.to_vec(),
+        }
     }
 }
 
@@ -213,10 +315,26 @@ pub fn tests_file(tests: &[String]) -> Vec<u8> {
     out
 }
 
-/// Puts the selected tests in the command: an argument that is exactly
-/// `{tests}` becomes one argument per test; inside a longer argument (such
-/// as a `sh -c` script) it becomes the ids, shell-quoted, space-separated.
-/// `{tests_file}` becomes [`TESTS_FILE`], the file that holds them.
+/// `path` as a glob that matches only itself.
+fn glob_escaped(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        if matches!(
+            c,
+            '*' | '?' | '[' | ']' | '{' | '}' | '(' | ')' | '!' | '\\'
+        ) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Puts the selected tests in the command (`tests`: the words of
+/// [`RunnerKind::selection`]): an argument that is exactly `{tests}` becomes
+/// one argument per word; inside a longer argument (such as a `sh -c`
+/// script) it becomes the words, shell-quoted, space-separated.
+/// `{tests_file}` becomes [`TESTS_FILE`], the file that holds the ids.
 pub fn select(command: &[String], tests: &[String]) -> Vec<String> {
     let quoted = || {
         tests
@@ -319,6 +437,37 @@ mod tests {
             cmd(&["sh", "-c", "pytest $(cat .mvm-shard-tests.txt)"])
         );
         assert_eq!(tests_file(&tests), b"a.py::t[x y]\nb.py::u\n");
+    }
+
+    #[test]
+    fn runners_get_what_selects_exactly_their_tests() {
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let listed = ids(&[
+            "a/web/sum.test.js",
+            "b.test.js",
+            "web/sum.test.js",
+            "x/b.test.js",
+        ]);
+        let vitest = RunnerKind::Vitest.selection(&ids(&["web/sum.test.js", "b.test.js"]), &listed);
+        assert_eq!(
+            vitest[3..],
+            ids(&[
+                "web/sum.test.js",
+                "b.test.js",
+                "--exclude=a/web/sum.test.js",
+                "--exclude=x/b.test.js"
+            ])
+        );
+        let nextest =
+            RunnerKind::CargoNextest.selection(&ids(&["nx tests::ok", "nx::integ it"]), &listed);
+        assert_eq!(
+            nextest,
+            ids(&[
+                "-E",
+                "binary_id(=nx) & test(=tests::ok) | binary_id(=nx::integ) & test(=it)"
+            ])
+        );
+        assert_eq!(glob_escaped("a[1]/*.js"), "a\\[1\\]/\\*.js");
     }
 
     #[test]

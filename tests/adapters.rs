@@ -1,0 +1,476 @@
+//! `--runner cargo-nextest|go|jest|vitest` against the real runners, on
+//! small projects made here: listed where they run, every test once, each
+//! test's duration learned from the run without a flag from the user (the
+//! second run plans with them), a failing test fails the run and is placed
+//! at its file and line.
+//!
+//! Needs `cargo-nextest`, `go`, `gotestsum`, `node` and `npm` (`.ci/run`
+//! installs them); jest and vitest are installed from npm once, under
+//! `CARGO_TARGET_TMPDIR`, and reused.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+/// The most one `mvm-shard run` of these small projects may take.
+const RUN_LIMIT: Duration = Duration::from_secs(300);
+
+struct Ran {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Display for Ran {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}\n{}\n{}", self.code, self.stdout, self.stderr)
+    }
+}
+
+/// Runs `mvm-shard run --local --shards 2 --runner RUNNER` in `dir` with
+/// `extra` options (another `--shards` among them replaces 2) and `command`, as a user would from a shell (none of the
+/// variables cargo sets for this test), killed after [`RUN_LIMIT`].
+async fn run(project: &Project, extra: &[&str], command: &[&str]) -> Ran {
+    let _ = std::fs::remove_file(&project.ran_log);
+    let shards = if extra.contains(&"--shards") {
+        [].as_slice()
+    } else {
+        ["--shards", "2"].as_slice()
+    };
+    let mut args: Vec<String> = ["run", "--local"]
+        .iter()
+        .chain(shards)
+        .chain(&[
+            "--max-parallel",
+            "2",
+            "--source",
+            ".",
+            "--runner",
+            project.runner,
+            "--timings",
+        ])
+        .map(|s| s.to_string())
+        .collect();
+    args.push(project.timings().display().to_string());
+    args.push(format!("--env=RAN_LOG={}", project.ran_log.display()));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push("--".into());
+    args.extend(command.iter().map(|s| s.to_string()));
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_mvm-shard"));
+    cmd.args(&args)
+        .current_dir(project.dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("CARGO") && name != "CARGO_HOME" {
+            cmd.env_remove(name);
+        }
+    }
+    let child = cmd.spawn().unwrap();
+    let pgid = child.id().unwrap();
+    match tokio::time::timeout(RUN_LIMIT, child.wait_with_output()).await {
+        Ok(out) => {
+            let out = out.unwrap();
+            Ran {
+                code: out.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        }
+        Err(_) => {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("mvm-shard {args:?} took longer than {RUN_LIMIT:?}");
+        }
+    }
+}
+
+/// A project made for one runner, and where its tests say they ran.
+struct Project {
+    runner: &'static str,
+    dir: tempfile::TempDir,
+    state: tempfile::TempDir,
+    /// Each test appends its id here (forwarded as `RAN_LOG`).
+    ran_log: PathBuf,
+}
+
+impl Project {
+    fn new(runner: &'static str, files: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, text) in files {
+            let path = dir.path().join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        let state = tempfile::tempdir().unwrap();
+        let ran_log = state.path().join("ran.log");
+        Project {
+            runner,
+            dir,
+            state,
+            ran_log,
+        }
+    }
+
+    fn timings(&self) -> PathBuf {
+        self.state.path().join("timings.json")
+    }
+
+    /// The learned seconds per test id.
+    fn learned(&self) -> BTreeMap<String, f64> {
+        let value: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(self.timings()).unwrap()).unwrap();
+        value["tests"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
+            .collect()
+    }
+
+    /// How often each test said it ran.
+    fn ran(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        let text = std::fs::read_to_string(&self.ran_log).unwrap_or_default();
+        for line in text.lines() {
+            *out.entry(line.to_string()).or_default() += 1;
+        }
+        out
+    }
+
+    /// Two passing runs then a failing one: the first learns every listed
+    /// test's duration (the slow test's own, not a share of its shard's),
+    /// the second plans with them, each runs every test exactly once; with
+    /// `FAIL_ONE` set the run fails (and no test runs twice).
+    async fn check(&self, command: &[&str], listed: &[&str], slow: &str, ran: &[&str]) -> Ran {
+        let n = listed.len();
+        let first = run(self, &[], command).await;
+        assert_eq!(first.code, 0, "{first}");
+        assert!(
+            first
+                .stderr
+                .contains(&format!("{n} tests listed, 0 with learned")),
+            "{first}"
+        );
+        let learned = self.learned();
+        assert_eq!(
+            learned.keys().map(String::as_str).collect::<Vec<_>>(),
+            listed,
+            "every listed test's duration learned: {first}"
+        );
+        assert!(
+            learned[slow] >= 0.9,
+            "the slow test's own time is learned: {learned:?}\n{first}"
+        );
+        let once: BTreeMap<String, usize> = ran.iter().map(|t| (t.to_string(), 1)).collect();
+        assert_eq!(self.ran(), once, "each test ran once: {first}");
+
+        let second = run(self, &[], command).await;
+        assert_eq!(second.code, 0, "{second}");
+        assert!(
+            second
+                .stderr
+                .contains(&format!("{n} tests listed, {n} with learned")),
+            "{second}"
+        );
+        assert_eq!(self.ran(), once, "each test ran once: {second}");
+
+        let failing = run(self, &["--env=FAIL_ONE=1"], command).await;
+        assert_eq!(failing.code, 1, "a failing test fails the run: {failing}");
+        // A runner may stop at its first failure (nextest does), never run a test twice.
+        let ran = self.ran();
+        assert!(
+            ran.values().all(|n| *n == 1),
+            "no test twice: {ran:?}\n{failing}"
+        );
+        failing
+    }
+}
+
+/// A runner installed from npm under the test target folder, once.
+fn npm_runner(package: &str) -> PathBuf {
+    let name = package.split('@').next().unwrap();
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("js-runners");
+    let dir = base.join(name);
+    if dir.join("node_modules/.bin").join(name).exists() {
+        return dir.join("node_modules");
+    }
+    // Installed aside, then moved in whole: an interrupted install is never taken for one.
+    let partial = base.join(format!("{name}.partial"));
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("package.json"), "{\"private\":true}\n").unwrap();
+    let out = std::process::Command::new("npm")
+        .args([
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+            package,
+        ])
+        .current_dir(&partial)
+        .output()
+        .expect("npm runs (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "npm install {package} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&partial, &dir).unwrap();
+    dir.join("node_modules")
+}
+
+const GO_RECORD: &str = r#"package ranlog
+
+import "os"
+
+// Record appends id to $RAN_LOG.
+func Record(id string) {
+	f, err := os.OpenFile(os.Getenv("RAN_LOG"), os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
+	if err != nil {
+		panic(err)
+	}
+	defer f.Close()
+	f.WriteString(id + "\n")
+}
+"#;
+
+/// A Go module of four packages (one without tests, one nested), `go test`
+/// through `--runner go`; then gotestsum's JUnit of a failing run places the
+/// failure at its file relative to the repository, not to its package.
+#[tokio::test(flavor = "multi_thread")]
+async fn go_packages_are_learned_from_go_tests_own_lines() {
+    let project = Project::new(
+        "go",
+        &[
+            ("go.mod", "module example.com/m\n\ngo 1.19\n"),
+            ("ranlog/ranlog.go", GO_RECORD),
+            (
+                "a/a_test.go",
+                "package a\n\nimport (\n\t\"testing\"\n\t\"time\"\n\n\t\"example.com/m/ranlog\"\n)\n\n\
+                 func TestSlow(t *testing.T) {\n\tranlog.Record(\"example.com/m/a\")\n\ttime.Sleep(time.Second)\n}\n",
+            ),
+            (
+                "b/b_test.go",
+                "package b\n\nimport (\n\t\"testing\"\n\n\t\"example.com/m/ranlog\"\n)\n\n\
+                 func TestB(t *testing.T) { ranlog.Record(\"example.com/m/b\") }\n",
+            ),
+            (
+                "c/d/d_test.go",
+                "package d\n\nimport (\n\t\"os\"\n\t\"testing\"\n\n\t\"example.com/m/ranlog\"\n)\n\n\
+                 func TestD(t *testing.T) {\n\tranlog.Record(\"example.com/m/c/d\")\n\tif os.Getenv(\"FAIL_ONE\") != \"\" {\n\t\tt.Errorf(\"got %d, want %d\", 2, 3)\n\t}\n}\n",
+            ),
+        ],
+    );
+    let listed = [
+        "example.com/m/a",
+        "example.com/m/b",
+        "example.com/m/c/d",
+        "example.com/m/ranlog",
+    ];
+    let ran = ["example.com/m/a", "example.com/m/b", "example.com/m/c/d"];
+    let failing = project
+        .check(
+            &["go", "test", "-count=1", "{tests}"],
+            &listed,
+            "example.com/m/a",
+            &ran,
+        )
+        .await;
+    assert!(
+        failing.stdout.contains("FAIL\texample.com/m/c/d"),
+        "{failing}"
+    );
+
+    // gotestsum's JUnit names the file as go does, relative to the package.
+    let junit = run(
+        &project,
+        &["--env=FAIL_ONE=1", "--junit", "junit.xml"],
+        &[
+            "gotestsum",
+            "--junitfile",
+            "junit.xml",
+            "--",
+            "-count=1",
+            "{tests}",
+        ],
+    )
+    .await;
+    assert_eq!(junit.code, 1, "{junit}");
+    assert!(
+        junit
+            .stdout
+            .contains("example.com/m/c/d::TestD (c/d/d_test.go:13): "),
+        "placed in the repository: {junit}"
+    );
+}
+
+/// A crate with unit and integration tests, `cargo nextest run` through
+/// `--runner cargo-nextest`: the ids select exactly their tests, and the
+/// durations come from nextest's own status lines.
+#[tokio::test(flavor = "multi_thread")]
+async fn nextest_tests_are_selected_exactly_and_learned_from_its_status_lines() {
+    let record = "fn record(id: &str) {\n    use std::io::Write;\n    let path = std::env::var(\"RAN_LOG\").unwrap();\n    let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path).unwrap();\n    writeln!(f, \"{id}\").unwrap();\n}\n";
+    let lib = format!(
+        "pub fn add(a: i32, b: i32) -> i32 {{\n    a + b\n}}\n\n#[cfg(test)]\nmod tests {{\n    {}\n    #[test]\n    fn ok() {{\n        record(\"nx tests::ok\");\n    }}\n\n    #[test]\n    fn ok_too() {{\n        record(\"nx tests::ok_too\");\n    }}\n\n    #[test]\n    fn slow() {{\n        record(\"nx tests::slow\");\n        std::thread::sleep(std::time::Duration::from_secs(1));\n    }}\n\n    #[test]\n    fn maybe_fails() {{\n        record(\"nx tests::maybe_fails\");\n        if std::env::var_os(\"FAIL_ONE\").is_some() {{\n            assert_eq!(super::add(1, 1), 3);\n        }}\n    }}\n}}\n",
+        record.replace('\n', "\n    ")
+    );
+    let integ = format!("{record}\n#[test]\nfn it() {{\n    record(\"nx::integ it\");\n}}\n");
+    let project = Project::new(
+        "cargo-nextest",
+        &[
+            (
+                "Cargo.toml",
+                "[package]\nname = \"nx\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n",
+            ),
+            ("src/lib.rs", &lib),
+            ("tests/integ.rs", &integ),
+        ],
+    );
+    let listed = [
+        "nx tests::maybe_fails",
+        "nx tests::ok",
+        "nx tests::ok_too",
+        "nx tests::slow",
+        "nx::integ it",
+    ];
+    // `ok` selects `ok_too` too by name; the id selects it alone.
+    let failing = project
+        .check(
+            &["cargo", "nextest", "run", "{tests}"],
+            &listed,
+            "nx tests::slow",
+            &listed,
+        )
+        .await;
+    assert!(failing.stdout.contains("FAIL ["), "{failing}");
+}
+
+/// Test files for jest and vitest (`header` brings in what they need): one
+/// whose name ends like another's, one whose path contains another's, one slow.
+fn js_files(header: &str) -> Vec<(String, String)> {
+    let record = |id: &str| format!("{header}appendFileSync(process.env.RAN_LOG, '{id}\\n');\n");
+    vec![
+        (
+            "web/sum.test.js".into(),
+            format!(
+                "{}\ndescribe('sum', () => {{\n  test('adds', () => {{\n    expect(1 + 1).toBe(2);\n  }});\n  test('maybe fails', () => {{\n    expect(1 + 1).toBe(process.env.FAIL_ONE ? 3 : 2);\n  }});\n}});\n",
+                record("web/sum.test.js")
+            ),
+        ),
+        (
+            "web/bsum.test.js".into(),
+            format!(
+                "{}\ntest('b', () => {{\n  expect(1).toBe(1);\n}});\n",
+                record("web/bsum.test.js")
+            ),
+        ),
+        (
+            "more/web/sum.test.js".into(),
+            format!(
+                "{}\ntest('c', () => {{\n  expect(1).toBe(1);\n}});\n",
+                record("more/web/sum.test.js")
+            ),
+        ),
+        (
+            "lib/slow.test.js".into(),
+            format!(
+                "{}\ntest('slow', async () => {{\n  await new Promise((done) => setTimeout(done, 1000));\n}});\n",
+                record("lib/slow.test.js")
+            ),
+        ),
+    ]
+}
+
+fn js_project(runner: &'static str, package_json: &str, header: &str, modules: &Path) -> Project {
+    let files = js_files(header);
+    let mut all: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(p, t)| (p.as_str(), t.as_str()))
+        .collect();
+    all.push(("package.json", package_json));
+    let project = Project::new(runner, &all);
+    // Installed once here; each shard's copy of the source links to it.
+    std::os::unix::fs::symlink(modules, project.dir.path().join("node_modules")).unwrap();
+    project
+}
+
+const JS_LISTED: [&str; 4] = [
+    "lib/slow.test.js",
+    "more/web/sum.test.js",
+    "web/bsum.test.js",
+    "web/sum.test.js",
+];
+
+/// jest through `--runner jest`: its `--json` report (asked for by
+/// `{tests}`) gives each file's time, and the failing assertion is placed
+/// at its file and line from the stack jest reports.
+#[tokio::test(flavor = "multi_thread")]
+async fn jest_files_are_learned_from_its_json_report_and_failures_placed() {
+    let modules = npm_runner("jest@30");
+    let project = js_project(
+        "jest",
+        "{\"private\":true}\n",
+        "const { appendFileSync } = require('node:fs');\n",
+        &modules,
+    );
+    let failing = project
+        .check(
+            &["npx", "jest", "{tests}"],
+            &JS_LISTED,
+            "lib/slow.test.js",
+            &JS_LISTED,
+        )
+        .await;
+    assert!(
+        failing
+            .stdout
+            .contains("web/sum.test.js › sum::maybe fails (web/sum.test.js:9): "),
+        "{failing}"
+    );
+}
+
+/// vitest through `--runner vitest`: its JUnit reporter (asked for by
+/// `{tests}`, next to its default one) gives each file's time, and the
+/// failing assertion is placed at its file and line.
+#[tokio::test(flavor = "multi_thread")]
+async fn vitest_files_are_learned_from_its_junit_report_and_failures_placed() {
+    let modules = npm_runner("vitest@3");
+    let project = js_project(
+        "vitest",
+        "{\"private\":true,\"type\":\"module\"}\n",
+        "import { describe, test, expect } from 'vitest';\nimport { appendFileSync } from 'node:fs';\n",
+        &modules,
+    );
+    let failing = project
+        .check(
+            &["npx", "vitest", "run", "{tests}"],
+            &JS_LISTED,
+            "lib/slow.test.js",
+            &JS_LISTED,
+        )
+        .await;
+    assert!(
+        failing
+            .stdout
+            .contains("web/sum.test.js::sum > maybe fails (web/sum.test.js:10): "),
+        "{failing}"
+    );
+    // One file a shard: `web/sum.test.js` alone would select `more/web/sum.test.js` too.
+    let apart = run(
+        &project,
+        &["--shards", "4"],
+        &["npx", "vitest", "run", "{tests}"],
+    )
+    .await;
+    assert_eq!(apart.code, 0, "{apart}");
+    let once: BTreeMap<String, usize> = JS_LISTED.iter().map(|t| (t.to_string(), 1)).collect();
+    assert_eq!(project.ran(), once, "each file once: {apart}");
+}
