@@ -978,12 +978,20 @@ fn run_action_step(
     cmd.env("RUNNER_TEMP", temp)
         .env("GITHUB_OUTPUT", &github_output);
     let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
-        out.status.success(),
+        out.status.success() || step.id == "run",
         "step {}: {}",
         step.id,
         String::from_utf8_lossy(&out.stderr)
     );
+    if !out.status.success() {
+        // The run step refused its inputs: what it told, as the invoker's "arguments".
+        return (
+            BTreeMap::new(),
+            format!("exit {:?}\n{stdout}", out.status.code()),
+        );
+    }
     // name=value lines, and name<<DELIMITER ... DELIMITER blocks.
     let text = std::fs::read_to_string(&github_output).unwrap();
     let mut values = BTreeMap::new();
@@ -996,7 +1004,7 @@ fn run_action_step(
             values.insert(name.to_string(), value.to_string());
         }
     }
-    (values, String::from_utf8_lossy(&out.stdout).into_owned())
+    (values, stdout)
 }
 
 /// The arguments action.yml hands the invoker for these inputs (the steps
@@ -1258,4 +1266,28 @@ fn merging_the_file_of_a_job_that_planned_with_other_timings_fails_the_job_and_s
     // A missing file of another job is nothing to add.
     let out = merge(&dir.path().join("none.json"));
     assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
+#[test]
+fn a_wrong_value_of_a_new_input_is_a_usage_error_that_names_it() {
+    for (input, value) in [
+        ("fail-fast", "yes"),
+        ("retries", "-1"),
+        ("retries", "2; rm -rf /"),
+        ("no-flaky", "1"),
+        ("timings-cache", "off"),
+        ("files", "tests/*.sh"),
+        ("list-command", "ls"),
+    ] {
+        let mut inputs = vec![("local", "true"), ("command", "true"), (input, value)];
+        if input == "timings-cache" {
+            inputs.push(("runner", "pytest"));
+        }
+        let told = invoker_args(&inputs);
+        assert_eq!(told[0], "exit Some(2)", "{input}={value}: {told:?}");
+        assert!(
+            told[1].starts_with(&format!("::error title=mvm-shard::the '{input}' input")),
+            "{input}={value}: {told:?}"
+        );
+    }
 }
