@@ -719,6 +719,10 @@ fn assert_each_test_ran_once(lines: &[&str], context: &str) {
 }
 
 async fn timings_run(caches: &Path, run_id: u32, branch: &str, fail: bool) -> Run {
+    timings_run_of(caches, run_id, branch, fail, "tests/*.sh").await
+}
+
+async fn timings_run_of(caches: &Path, run_id: u32, branch: &str, fail: bool, glob: &str) -> Run {
     run_workflow_with(
         "timings.yml",
         ActOptions {
@@ -728,7 +732,10 @@ async fn timings_run(caches: &Path, run_id: u32, branch: &str, fail: bool) -> Ru
                 "repository": { "default_branch": "main" },
             })),
             cache_dir: Some(caches),
-            env: vec![("MVM_SHARD_TEST_FAIL", fail.to_string())],
+            env: vec![
+                ("MVM_SHARD_TEST_FAIL", fail.to_string()),
+                ("MVM_SHARD_TEST_GLOB", glob.to_string()),
+            ],
         },
     )
     .await
@@ -769,6 +776,15 @@ async fn the_action_keeps_learned_timings_in_the_actions_cache_by_branch_then_de
     );
     let learned = saved[0].1["tests"].as_object().unwrap();
     assert_eq!(learned.len(), 6, "{saved:?}");
+
+    // A run that stops before its shards run (its glob finds no test)
+    // learns nothing, so it saves nothing.
+    let run = timings_run_of(caches.path(), 199, "main", false, "nothing/*.sh").await;
+    let (ctx, lines) = (run.context(), all(&run));
+    assert!(!run.status.success(), "{ctx}");
+    assert_outputs(&run, "shards", &[("result", "usage-error")]);
+    assert!(restored_from(&lines, &main_1), "{ctx}");
+    assert_eq!(saved_timings(caches.path()).len(), 1, "{ctx}");
 
     // Run 2 on main restores them and plans with them; its shards fail, and
     // what it learned is saved all the same.
