@@ -59,8 +59,8 @@ pub enum RunEvent {
         round: u32,
         /// Reruns allowed (`--retries`).
         of: u32,
-        /// The failed tests it reruns, or `None` for the whole shard.
-        tests: Option<usize>,
+        /// What it reruns, in words: `2 failed tests`, `the whole shard`.
+        what: String,
     },
     /// A shard is done, one way or another.
     Finished(ShardRecord),

@@ -17,11 +17,36 @@ use crate::runner::Adapter;
 /// What a shard runs again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rerun {
-    /// These tests (with `--runner`): the ones that failed, or all the
-    /// shard ran when its report cannot say which failed.
-    Tests(Vec<String>),
+    /// These tests, the ones that failed (with `--runner`).
+    Failed(Vec<String>),
+    /// All the tests the shard ran, when its report cannot say which
+    /// failed (with `--runner`).
+    All(Vec<String>),
     /// The shard's whole command (without `--runner`).
     Whole,
+}
+
+impl Rerun {
+    /// The tests it runs (with `--runner`); `None` for the whole shard.
+    pub fn tests(&self) -> Option<&[String]> {
+        match self {
+            Rerun::Failed(tests) | Rerun::All(tests) => Some(tests),
+            Rerun::Whole => None,
+        }
+    }
+
+    /// In words: `2 failed tests`, `all 5 tests (no report says which
+    /// failed)`, `the whole shard`.
+    pub fn describe(&self) -> String {
+        match self {
+            Rerun::Failed(tests) => crate::report::plural(tests.len(), "failed test"),
+            Rerun::All(tests) => format!(
+                "all {} (no report says which failed)",
+                crate::report::plural(tests.len(), "test")
+            ),
+            Rerun::Whole => "the whole shard".into(),
+        }
+    }
 }
 
 /// What `record`'s shard reruns, or `None` when it passed or was
@@ -60,11 +85,11 @@ pub fn rerun_of(
             .collect(),
         None => Vec::new(),
     };
-    Some(Rerun::Tests(if failed.is_empty() {
-        ran.to_vec()
+    Some(if failed.is_empty() {
+        Rerun::All(ran.to_vec())
     } else {
-        failed
-    }))
+        Rerun::Failed(failed)
+    })
 }
 
 /// One record for a shard from its record so far and a rerun's: the rerun's
@@ -270,10 +295,10 @@ mod tests {
         );
         assert_eq!(
             rerun_of(&failed, Some(&ran), pytest),
-            Some(Rerun::Tests(ids(&["t2"])))
+            Some(Rerun::Failed(ids(&["t2"])))
         );
         // No report, a time-out, a failure with no failed test: all of it.
-        let all = Some(Rerun::Tests(ran.clone()));
+        let all = Some(Rerun::All(ran.clone()));
         assert_eq!(rerun_of(&record(FAILED, None), Some(&ran), pytest), all);
         let timed_out = record(ShardStatus::TimedOut, Some(report(&[("t2", false)])));
         assert_eq!(rerun_of(&timed_out, Some(&ran), pytest), all);

@@ -238,6 +238,9 @@ struct PlannedRun {
     /// One per selected shard (with `--runner`, once the tests are
     /// listed), taken out when dispatched.
     jobs: Vec<ShardJob>,
+    /// The runner's adapter (`--runner`, or the replayed plan's), which
+    /// tells the failed tests to rerun from its report.
+    runner: Option<Adapter>,
     /// What each shard gets, but the tests.
     spec: RunSpec,
     /// Where the source travels.
@@ -340,11 +343,13 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
         shares: None,
         runner: args.runner,
     };
+    let mut replayed_runner = None;
     if let Some(replay) = &replay {
         // Exactly what the plan gave each shard: no listing, nothing learned.
         if let Some(kind) = replay.runner_kind() {
             let adapter = Adapter::new(kind, Some(String::new()), None)?;
             ask_for_junit(&mut spec, &adapter);
+            replayed_runner = Some(adapter);
         }
         spec.shares = replay.shares();
     }
@@ -456,9 +461,14 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
     if suite.is_none() && replay.is_none() {
         record_plan(args, &spec, &run_id, &archive.root);
     }
+    let runner = suite
+        .as_ref()
+        .map(|s| s.adapter.clone())
+        .or(replayed_runner);
     Ok(PlannedRun {
         run_id,
         jobs,
+        runner,
         spec,
         source,
         suite,
@@ -721,12 +731,19 @@ async fn dispatch_and_report(
             flaky: 0,
         });
     }
-    // Shards that did not pass at first and did in the end.
+    // Shards whose command failed at first and passed in the end (one
+    // that could not run at first, then passed, failed no test).
     let passed_on_rerun: Vec<ShardId> = summary
         .records
         .iter()
         .zip(&first)
-        .filter(|(last, first)| last.status == ShardStatus::Passed && first.status != last.status)
+        .filter(|(last, first)| {
+            last.status == ShardStatus::Passed
+                && matches!(
+                    first.status,
+                    ShardStatus::Failed { .. } | ShardStatus::TimedOut
+                )
+        })
         .map(|(last, _)| last.shard)
         .collect();
     if args.no_flaky {
@@ -815,7 +832,7 @@ async fn rerun_failed(
     tx: &dispatch::EventSender,
     cancel: &CancellationToken,
 ) -> Result<RunSummary, RunError> {
-    let adapter = planned.suite.as_ref().map(|s| &s.adapter);
+    let adapter = planned.runner.as_ref();
     // What each shard's last attempt ran, with --runner.
     let mut ran: BTreeMap<u32, Vec<String>> = planned
         .spec
@@ -832,17 +849,15 @@ async fn rerun_failed(
         let mut jobs = Vec::new();
         for record in &summary.records {
             let last = ran.get(&record.shard.index).map(Vec::as_slice);
-            let tests = match crate::retry::rerun_of(record, last, adapter) {
-                None => continue,
-                Some(crate::retry::Rerun::Whole) => None,
-                Some(crate::retry::Rerun::Tests(tests)) => Some(tests),
+            let Some(rerun) = crate::retry::rerun_of(record, last, adapter) else {
+                continue;
             };
             let _ = tx
                 .send(RunEvent::Rerunning {
                     shard: record.shard,
                     round,
                     of: args.retries,
-                    tests: tests.as_ref().map(Vec::len),
+                    what: rerun.describe(),
                 })
                 .await;
             jobs.push(plan::rerun_job(
@@ -850,10 +865,10 @@ async fn rerun_failed(
                 &planned.run_id,
                 &planned.source,
                 record.shard,
-                tests.as_deref(),
+                rerun.tests(),
             )?);
-            if let Some(tests) = tests {
-                ran.insert(record.shard.index, tests);
+            if let Some(tests) = rerun.tests() {
+                ran.insert(record.shard.index, tests.to_vec());
             }
         }
         if jobs.is_empty() {

@@ -840,3 +840,91 @@ fn every_run_records_its_plan_in_the_git_directory_and_fail_fast_skips_reruns() 
     let log = std::fs::read_to_string(runs.path().join("runs")).unwrap();
     assert_eq!(log, "1\n2\n");
 }
+
+#[test]
+fn a_replayed_pytest_shard_reruns_only_its_failed_tests() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = tempfile::tempdir().unwrap();
+    flaky_suite(dir.path());
+    let report = runs.path().join("junit.xml");
+    let timings = runs.path().join("timings.json");
+    let runs_env = format!("RUNS_DIR={}", runs.path().display());
+    let pytest = [
+        "--",
+        "python3",
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+    ];
+    let mut args = vec![
+        "run",
+        "--local",
+        "--shards",
+        "2",
+        "--source",
+        ".",
+        "--runner",
+        "pytest",
+        "--timings",
+    ];
+    args.extend([
+        timings.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    args.extend(["--env", &runs_env]);
+    args.extend(pytest);
+    args.push("{tests}");
+    let (code, stdout, stderr) = cli(dir.path(), &args);
+    assert_eq!(
+        code, 1,
+        "test_flaky fails the first time: {stdout}\n{stderr}"
+    );
+    let plan_path = runs.path().join("junit.plan.json");
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&plan_path).unwrap()).unwrap();
+    let with_flaky = (0..2)
+        .find(|i| {
+            plan["shares"][i]["tests"]
+                .to_string()
+                .contains("::test_flaky\"")
+        })
+        .unwrap();
+    let shard = (with_flaky + 1).to_string();
+    let count = plan["shares"][with_flaky]["tests"]
+        .as_array()
+        .unwrap()
+        .len();
+    // Flaky again: the replay's first attempt fails it, its rerun passes.
+    std::fs::remove_file(runs.path().join("flaky-failed-once")).unwrap();
+    std::fs::remove_file(runs.path().join("runs")).unwrap();
+    let plan_arg = plan_path.to_str().unwrap();
+    let (code, stdout, stderr) = cli(
+        dir.path(),
+        &[
+            "run",
+            "--local",
+            "--source",
+            ".",
+            "--replay-plan",
+            plan_arg,
+            "--only",
+            &shard,
+            "--retries",
+            "1",
+            "--env",
+            &runs_env,
+        ],
+    );
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("rerun 1 of 1: 1 failed test"), "{stdout}");
+    let log = std::fs::read_to_string(runs.path().join("runs")).unwrap();
+    assert_eq!(
+        log.lines().count(),
+        count + 1,
+        "the shard's tests, then test_flaky: {log}"
+    );
+    assert_eq!(log.lines().filter(|l| *l == "flaky").count(), 2, "{log}");
+}

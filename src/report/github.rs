@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{Seek, Write};
 use std::path::PathBuf;
 
-use super::junit::TestReport;
+use super::junit::{TestFailure, TestReport};
 use super::terminal::secs;
 use super::Reporter;
 use crate::dispatch::{RunEvent, RunSummary, ShardRecord, ShardStatus};
@@ -289,53 +289,12 @@ impl<W: Write> GithubReporter<W> {
         if let Some(cost) = super::cost::estimate(summary) {
             md.push_str(&format!("\n{}\n", cost.describe()));
         }
-        if !tests.failures.is_empty() {
-            md.push_str(&format!(
-                "\n<details open><summary>Failed tests ({})</summary>\n\n",
-                tests.failures.len()
-            ));
-            for f in tests.failures.iter().take(MAX_SUMMARY_FAILURES) {
-                let place = match (&f.file, f.line) {
-                    (Some(file), Some(line)) => format!(" `{file}:{line}`"),
-                    (Some(file), None) => format!(" `{file}`"),
-                    _ => String::new(),
-                };
-                md.push_str(&format!(
-                    "- shard {}: `{}`{place}: {}\n",
-                    f.shard,
-                    f.name.replace('`', "'"),
-                    markdown_line(&f.message)
-                ));
-            }
-            if tests.failures.len() > MAX_SUMMARY_FAILURES {
-                md.push_str(&format!(
-                    "- … and {} more\n",
-                    tests.failures.len() - MAX_SUMMARY_FAILURES
-                ));
-            }
-            md.push_str("\n</details>\n");
-        }
-        if !tests.flaky.is_empty() {
-            md.push_str(&format!(
-                "\n<details open><summary>Flaky: failed, then passed on a rerun ({})</summary>\n\n",
-                tests.flaky.len()
-            ));
-            for f in tests.flaky.iter().take(MAX_SUMMARY_FAILURES) {
-                md.push_str(&format!(
-                    "- shard {}: `{}`: {}\n",
-                    f.shard,
-                    f.name.replace('`', "'"),
-                    markdown_line(&f.message)
-                ));
-            }
-            if tests.flaky.len() > MAX_SUMMARY_FAILURES {
-                md.push_str(&format!(
-                    "- … and {} more\n",
-                    tests.flaky.len() - MAX_SUMMARY_FAILURES
-                ));
-            }
-            md.push_str("\n</details>\n");
-        }
+        push_tests(&mut md, "Failed tests", &tests.failures);
+        push_tests(
+            &mut md,
+            "Flaky: failed, then passed on a rerun",
+            &tests.flaky,
+        );
         append(path, md.as_bytes())
     }
 
@@ -348,6 +307,39 @@ impl<W: Write> GithubReporter<W> {
         };
         write_outputs(&self.files, result, Some(summary), tests.merged.is_some())
     }
+}
+
+/// A folded list of tests in the job summary (at most
+/// [`MAX_SUMMARY_FAILURES`], then how many more), each with its shard and
+/// place; nothing when there are none.
+fn push_tests(md: &mut String, title: &str, tests: &[TestFailure]) {
+    if tests.is_empty() {
+        return;
+    }
+    md.push_str(&format!(
+        "\n<details open><summary>{title} ({})</summary>\n\n",
+        tests.len()
+    ));
+    for f in tests.iter().take(MAX_SUMMARY_FAILURES) {
+        let place = match (&f.file, f.line) {
+            (Some(file), Some(line)) => format!(" `{file}:{line}`"),
+            (Some(file), None) => format!(" `{file}`"),
+            _ => String::new(),
+        };
+        md.push_str(&format!(
+            "- shard {}: `{}`{place}: {}\n",
+            f.shard,
+            f.name.replace('`', "'"),
+            markdown_line(&f.message)
+        ));
+    }
+    if tests.len() > MAX_SUMMARY_FAILURES {
+        md.push_str(&format!(
+            "- … and {} more\n",
+            tests.len() - MAX_SUMMARY_FAILURES
+        ));
+    }
+    md.push_str("\n</details>\n");
 }
 
 /// The `result` output of a run stopped by a usage or configuration error (exit 2).
@@ -421,11 +413,11 @@ impl<W: Write + Send> Reporter for GithubReporter<W> {
                 shard,
                 round,
                 of,
-                tests,
+                what,
             } => writeln!(
                 self.out,
-                "shard {shard}: rerun {round} of {of}: {} in a new fresh environment",
-                super::terminal::rerun_what(*tests)
+                "shard {shard}: {}",
+                super::terminal::rerun_line(*round, *of, what)
             ),
             RunEvent::Finished(record) => self.show_shard(record),
             RunEvent::Secret(value) => self.mask(value),
@@ -561,7 +553,6 @@ fn markdown_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::junit::TestFailure;
     use std::time::Duration;
 
     fn record(index: u32, status: ShardStatus) -> ShardRecord {

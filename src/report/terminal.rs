@@ -243,12 +243,8 @@ impl<W: Write> TerminalReporter<W> {
                 shard,
                 round,
                 of,
-                tests,
-            } => writeln!(
-                self.out,
-                "[{shard}] rerun {round} of {of}: {} in a new fresh environment",
-                rerun_what(*tests)
-            ),
+                what,
+            } => writeln!(self.out, "[{shard}] {}", rerun_line(*round, *of, what)),
             RunEvent::Finished(record) => {
                 if let Ok(mut running) = self.running.lock() {
                     running.remove(&record.shard);
@@ -599,12 +595,9 @@ impl<W: Write + Send> Reporter for TerminalReporter<W> {
     }
 }
 
-/// What a rerun runs: `1 failed test`, or `the whole shard`.
-pub fn rerun_what(tests: Option<usize>) -> String {
-    match tests {
-        Some(n) => super::plural(n, "failed test"),
-        None => "the whole shard".into(),
-    }
+/// `rerun 1 of 2: 3 failed tests in a new fresh environment`, for every renderer.
+pub fn rerun_line(round: u32, of: u32, what: &str) -> String {
+    format!("rerun {round} of {of}: {what} in a new fresh environment")
 }
 
 /// Failed tests listed at the end before the rest is counted.
