@@ -928,3 +928,58 @@ fn a_replayed_pytest_shard_reruns_only_its_failed_tests() {
     );
     assert_eq!(log.lines().filter(|l| *l == "flaky").count(), 2, "{log}");
 }
+
+#[test]
+fn in_github_actions_a_flaky_test_is_a_warning_at_its_file_and_in_the_job_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = tempfile::tempdir().unwrap();
+    flaky_suite(dir.path());
+    let summary = runs.path().join("summary.md");
+    let out = std::process::Command::new(common::binary())
+        .args([
+            "run", "--local", "--shards", "2", "--source", ".", "--runner",
+        ])
+        .args(["pytest", "--retries", "1", "--timings"])
+        .arg(runs.path().join("timings.json"))
+        .arg("--report")
+        .arg(runs.path().join("junit.xml"))
+        .arg("--env")
+        .arg(format!("RUNS_DIR={}", runs.path().display()))
+        .args([
+            "--",
+            "python3",
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+        ])
+        .arg("{tests}")
+        .env("GITHUB_ACTIONS", "true")
+        .env("GITHUB_STEP_SUMMARY", &summary)
+        .env_remove("GITHUB_OUTPUT")
+        .env_remove("GITHUB_RUN_ID")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("::warning title=Flaky%3A test_flaky%3A%3Atest_flaky (shard ")
+            && stdout.contains(",file=test_flaky.py::failed, then passed on a rerun"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(": rerun 1 of 1: 1 failed test in a new fresh environment"),
+        "{stdout}"
+    );
+    let md = std::fs::read_to_string(&summary).unwrap();
+    assert!(
+        md.contains("Flaky: failed, then passed on a rerun (1)")
+            && md.contains(
+                "`test_flaky::test_flaky` `test_flaky.py`: AssertionError: fails the first time"
+            ),
+        "{md}"
+    );
+    assert!(md.contains("| Expected |"), "{md}");
+}
