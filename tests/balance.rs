@@ -73,23 +73,18 @@ fn run_pytest_listing(
     report: &Path,
     extra: &[&str],
 ) -> (i32, String, String) {
-    let mut args = vec![
-        "run",
-        "--local",
-        "--shards",
-        "4",
-        "--max-parallel",
-        "4",
-        "--source",
-        ".",
-        "--runner",
-        "pytest",
-        "--timings",
-        timings.to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-    ];
-    args.extend(extra);
+    let mut options = vec!["--shards", "4", "--max-parallel", "4"];
+    options.extend(extra);
+    cli(dir, &pytest_run(timings, report, &options))
+}
+
+/// `run --local --source . --runner pytest` with `options`, learning into
+/// `timings`, merging into `report`.
+fn pytest_run<'a>(timings: &'a Path, report: &'a Path, options: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["run", "--local", "--source", ".", "--runner", "pytest"];
+    args.extend(["--timings", timings.to_str().unwrap()]);
+    args.extend(["--report", report.to_str().unwrap()]);
+    args.extend(options);
     args.extend([
         "--",
         "python3",
@@ -98,9 +93,9 @@ fn run_pytest_listing(
         "-q",
         "-p",
         "no:cacheprovider",
-        "{tests}",
     ]);
-    cli(dir, &args)
+    args.push("{tests}");
+    args
 }
 
 /// The number in "N tests listed".
@@ -447,35 +442,9 @@ fn run_flaky(dir: &Path, extra: &[&str]) -> (i32, String, String, BTreeMap<Strin
     let report = runs.path().join("junit.xml");
     let timings = runs.path().join("timings.json");
     let runs_env = format!("RUNS_DIR={}", runs.path().display());
-    let mut args = vec![
-        "run",
-        "--local",
-        "--shards",
-        "2",
-        "--source",
-        ".",
-        "--runner",
-        "pytest",
-        "--timeout",
-        "60s",
-        "--env",
-        &runs_env,
-        "--timings",
-        timings.to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-    ];
-    args.extend(extra);
-    args.extend([
-        "--",
-        "python3",
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "{tests}",
-    ]);
+    let mut options = vec!["--shards", "2", "--timeout", "60s", "--env", &runs_env];
+    options.extend(extra);
+    let args = pytest_run(&timings, &report, &options);
     let (code, stdout, stderr) = cli(dir, &args);
     let mut counted = BTreeMap::new();
     let log = std::fs::read_to_string(runs.path().join("runs")).unwrap_or_default();
@@ -849,34 +818,7 @@ fn a_replayed_pytest_shard_reruns_only_its_failed_tests() {
     let report = runs.path().join("junit.xml");
     let timings = runs.path().join("timings.json");
     let runs_env = format!("RUNS_DIR={}", runs.path().display());
-    let pytest = [
-        "--",
-        "python3",
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-    ];
-    let mut args = vec![
-        "run",
-        "--local",
-        "--shards",
-        "2",
-        "--source",
-        ".",
-        "--runner",
-        "pytest",
-        "--timings",
-    ];
-    args.extend([
-        timings.to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-    ]);
-    args.extend(["--env", &runs_env]);
-    args.extend(pytest);
-    args.push("{tests}");
+    let args = pytest_run(&timings, &report, &["--shards", "2", "--env", &runs_env]);
     let (code, stdout, stderr) = cli(dir.path(), &args);
     assert_eq!(
         code, 1,
