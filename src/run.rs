@@ -771,6 +771,7 @@ async fn dispatch_and_report(
     if let Some(module) = GoModule::find(&planned.archive.root, &planned.spec.workdir) {
         tests.place_go_files(&module);
     }
+    tests.place_in_workdir(&planned.archive.root, &planned.spec.workdir);
     if let Some(merged) = &tests.merged {
         let written = std::fs::File::create(&args.report)
             .map_err(|e| e.to_string())

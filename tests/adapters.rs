@@ -8,6 +8,8 @@
 //! installs them); jest and vitest are installed from npm once, under
 //! `CARGO_TARGET_TMPDIR`, and reused.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -44,8 +46,6 @@ async fn run(project: &Project, extra: &[&str], command: &[&str]) -> Ran {
         .chain(&[
             "--max-parallel",
             "2",
-            "--source",
-            ".",
             "--runner",
             project.runner,
             "--timings",
@@ -53,13 +53,15 @@ async fn run(project: &Project, extra: &[&str], command: &[&str]) -> Ran {
         .map(|s| s.to_string())
         .collect();
     args.push(project.timings().display().to_string());
+    args.push("--source=.".into());
+    args.push(format!("--report={}", project.report().display()));
     args.push(format!("--env=RAN_LOG={}", project.ran_log.display()));
     args.extend(extra.iter().map(|s| s.to_string()));
     args.push("--".into());
     args.extend(command.iter().map(|s| s.to_string()));
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_mvm-shard"));
     cmd.args(&args)
-        .current_dir(project.dir.path())
+        .current_dir(project.dir.path().join(project.workdir))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -94,28 +96,57 @@ async fn run(project: &Project, extra: &[&str], command: &[&str]) -> Ran {
 /// A project made for one runner, and where its tests say they ran.
 struct Project {
     runner: &'static str,
+    /// The repository (`--source`).
     dir: tempfile::TempDir,
+    /// Where in it the run starts (the shards' working directory).
+    workdir: &'static str,
     state: tempfile::TempDir,
     /// Each test appends its id here (forwarded as `RAN_LOG`).
     ran_log: PathBuf,
 }
 
 impl Project {
-    fn new(runner: &'static str, files: &[(&str, &str)]) -> Self {
+    /// `files` in the folder `workdir` of a new repository (a git one when
+    /// `workdir` is not its root: the run starts in `workdir`).
+    fn new(runner: &'static str, workdir: &'static str, files: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         for (path, text) in files {
-            let path = dir.path().join(path);
+            let path = dir.path().join(workdir).join(path);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(path, text).unwrap();
+        }
+        if !workdir.is_empty() {
+            common::git(dir.path(), &["init", "-q"]);
         }
         let state = tempfile::tempdir().unwrap();
         let ran_log = state.path().join("ran.log");
         Project {
             runner,
             dir,
+            workdir,
             state,
             ran_log,
         }
+    }
+
+    /// The merged JUnit report.
+    fn report(&self) -> PathBuf {
+        self.state.path().join("report.xml")
+    }
+
+    /// Each file's time in the merged report (jest, vitest: a suite a file).
+    fn suite_times(&self) -> BTreeMap<String, f64> {
+        let xml = std::fs::read_to_string(self.report()).unwrap();
+        let report = quick_junit::Report::deserialize_from_str(&xml).unwrap();
+        report
+            .test_suites
+            .iter()
+            .map(|s| {
+                // "shard 1/2: web/sum.test.js"
+                let name = s.name.as_str().split_once(": ").unwrap().1.to_string();
+                (name, s.time.unwrap().as_secs_f64())
+            })
+            .collect()
     }
 
     fn timings(&self) -> PathBuf {
@@ -168,6 +199,26 @@ impl Project {
             learned[slow] >= 0.9,
             "the slow test's own time is learned: {learned:?}\n{first}"
         );
+        // Each its own time, not a share of its shard's (which would give
+        // the slow test's shard-mate as much as the slow test). jest's file
+        // times include the start of its worker, whichever file pays it:
+        // they are checked against jest's own report.
+        if self.runner == "jest" {
+            let reported = self.suite_times();
+            for (id, took) in &learned {
+                assert!(
+                    (took - reported[id]).abs() < 0.002,
+                    "{id}'s own time is learned: {learned:?} {reported:?}\n{first}"
+                );
+            }
+        } else {
+            for (id, took) in &learned {
+                assert!(
+                    id == slow || *took < 0.6 * learned[slow],
+                    "{id}'s own time is learned: {learned:?}\n{first}"
+                );
+            }
+        }
         let once: BTreeMap<String, usize> = ran.iter().map(|t| (t.to_string(), 1)).collect();
         assert_eq!(self.ran(), once, "each test ran once: {first}");
 
@@ -249,6 +300,7 @@ func Record(id string) {
 async fn go_packages_are_learned_from_go_tests_own_lines() {
     let project = Project::new(
         "go",
+        "",
         &[
             ("go.mod", "module example.com/m\n\ngo 1.19\n"),
             ("ranlog/ranlog.go", GO_RECORD),
@@ -325,6 +377,7 @@ async fn nextest_tests_are_selected_exactly_and_learned_from_its_status_lines() 
     let integ = format!("{record}\n#[test]\nfn it() {{\n    record(\"nx::integ it\");\n}}\n");
     let project = Project::new(
         "cargo-nextest",
+        "",
         &[
             (
                 "Cargo.toml",
@@ -396,9 +449,11 @@ fn js_project(runner: &'static str, package_json: &str, header: &str, modules: &
         .map(|(p, t)| (p.as_str(), t.as_str()))
         .collect();
     all.push(("package.json", package_json));
-    let project = Project::new(runner, &all);
+    // In a folder of the repository: ids are relative to it, places to the repository.
+    let project = Project::new(runner, "app", &all);
     // Installed once here; each shard's copy of the source links to it.
-    std::os::unix::fs::symlink(modules, project.dir.path().join("node_modules")).unwrap();
+    let link = project.dir.path().join("app/node_modules");
+    std::os::unix::fs::symlink(modules, link).unwrap();
     project
 }
 
@@ -432,7 +487,7 @@ async fn jest_files_are_learned_from_its_json_report_and_failures_placed() {
     assert!(
         failing
             .stdout
-            .contains("web/sum.test.js › sum::maybe fails (web/sum.test.js:9): "),
+            .contains("web/sum.test.js › sum::maybe fails (app/web/sum.test.js:9): "),
         "{failing}"
     );
 }
@@ -460,7 +515,7 @@ async fn vitest_files_are_learned_from_its_junit_report_and_failures_placed() {
     assert!(
         failing
             .stdout
-            .contains("web/sum.test.js::sum > maybe fails (web/sum.test.js:10): "),
+            .contains("web/sum.test.js::sum > maybe fails (app/web/sum.test.js:10): "),
         "{failing}"
     );
     // One file a shard: `web/sum.test.js` alone would select `more/web/sum.test.js` too.

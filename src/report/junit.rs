@@ -231,6 +231,31 @@ impl TestReport {
     }
 }
 
+impl TestReport {
+    /// Runners name files relative to where they ran (vitest's stack,
+    /// pytest's failure text): a failure's relative file that is not in the
+    /// repository `root` but is in the working directory `workdir` (relative
+    /// to `root`) becomes that file's place in the repository.
+    pub fn place_in_workdir(&mut self, root: &std::path::Path, workdir: &str) {
+        let workdir = workdir.trim_matches('/');
+        if workdir.is_empty() {
+            return;
+        }
+        for failure in self.failures.iter_mut().chain(&mut self.flaky) {
+            let Some(file) = failure.file.as_deref() else {
+                continue;
+            };
+            let in_workdir = format!("{workdir}/{file}");
+            if !file.starts_with('/')
+                && !root.join(file).exists()
+                && root.join(&in_workdir).is_file()
+            {
+                failure.file = Some(in_workdir);
+            }
+        }
+    }
+}
+
 /// Where a failure happened, for an annotation: the place of the failing
 /// assertion in the failure text when the text names one (pytest's
 /// `tests/test_calc.py:14: AssertionError`, a Rust panic's `panicked at
@@ -604,6 +629,36 @@ at line</error></testcase></testsuite>"#;
             ("example.com/svc", "svc")
         );
         assert_eq!(GoModule::find(root.path(), ""), None);
+    }
+
+    #[test]
+    fn files_named_from_the_working_directory_are_placed_in_the_repository() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("web/test")).unwrap();
+        std::fs::write(root.path().join("web/test/a.test.js"), "").unwrap();
+        std::fs::write(root.path().join("top.js"), "").unwrap();
+        let failure = |file: &str| TestFailure {
+            shard: ShardId { index: 1, count: 1 },
+            name: "t".into(),
+            file: Some(file.into()),
+            line: Some(3),
+            message: String::new(),
+        };
+        let mut report = TestReport {
+            failures: vec![
+                failure("test/a.test.js"),
+                failure("top.js"),
+                failure("gone.js"),
+            ],
+            ..TestReport::default()
+        };
+        report.place_in_workdir(root.path(), "web/");
+        let files: Vec<_> = report
+            .failures
+            .iter()
+            .map(|f| f.file.clone().unwrap())
+            .collect();
+        assert_eq!(files, ["web/test/a.test.js", "top.js", "gone.js"]);
     }
 
     #[test]
