@@ -87,7 +87,20 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    mvm_shard::os::limit_malloc_arenas();
+    let runtime = match cli.command {
+        // The Lambda agent runs one shard at a time: one thread is enough.
+        // Its blocking threads end as soon as they are idle: an emulator
+        // walking the agent's tree at teardown reads each thread's children,
+        // and reaping a process whose threads were read that way cost the
+        // kernel milliseconds (shrinking their /proc entries).
+        Command::Agent(ref args) if !args.microvm => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_keep_alive(std::time::Duration::ZERO)
+            .build(),
+        _ => tokio::runtime::Runtime::new(),
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -17,6 +17,19 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tokio::sync::oneshot;
 
+/// Caps glibc's malloc arenas at two. By default every thread that meets a
+/// locked arena gets one of its own (up to eight per core), and memory freed
+/// in one is never reused by another: with a thousand shards in flight the
+/// invoker's resident memory grew by a fifth from that alone. Call it before
+/// any thread starts.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a tunable of the allocator; no thread runs yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Makes this process the reaper of every orphan below it, so that a daemon
 /// that double-forks or calls `setsid` stays in our tree and can be found.
 pub fn become_subreaper() -> std::io::Result<()> {

@@ -48,9 +48,12 @@ impl LoopbackServer {
         let signal = stop.clone();
         let task = tokio::spawn(async move {
             use axum::serve::ListenerExt;
-            axum::serve(listener.tap_io(crate::net::no_delay), router)
-                .with_graceful_shutdown(async move { signal.cancelled().await })
-                .await
+            axum::serve(
+                listener.tap_io(crate::net::no_delay),
+                router.into_make_service(),
+            )
+            .with_graceful_shutdown(async move { signal.cancelled().await })
+            .await
         });
         Ok(LoopbackServer {
             base,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::process::Command;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::output_tail::OutputTail;
@@ -36,22 +36,22 @@ pub struct Environment {
 }
 
 impl Environment {
-    /// Starts `function`'s command in a new folder under `base`.
+    /// Starts `function`'s command with a new, empty /tmp under `base`, in
+    /// `task` (the emulator's one empty, read-only `LAMBDA_TASK_ROOT`).
     pub async fn spawn(
         function: &FunctionConfig,
         region: &str,
         base: &std::path::Path,
+        task: &std::path::Path,
     ) -> std::io::Result<Arc<Self>> {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-        let dir = base.join(format!("env-{id}"));
-        let task = dir.join("task");
-        let tmp = dir.join("tmp");
-        std::fs::create_dir_all(&task)?;
-        std::fs::create_dir_all(&tmp)?;
+        // The environment's /tmp is the one folder it gets: each folder made
+        // and removed costs a file-system inode allocation per shard, which
+        // dominated the CPU of short shards on ext4.
+        let tmp = base.join(format!("env-{id}"));
+        std::fs::create_dir(&tmp)?;
         // As on Lambda, a function that drops privileges may write /tmp and nothing else.
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-        std::fs::set_permissions(&task, std::fs::Permissions::from_mode(0o555))?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777))?;
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -61,7 +61,8 @@ impl Environment {
         let exited = CancellationToken::new();
         let runtime = RuntimeApi::new(rx, kill.clone(), exited.clone());
         let server_stop = exited.clone();
-        let router = runtime::router(runtime.clone());
+        // Shared by the connections (see `Emulator::serve`).
+        let router = runtime::router(runtime.clone()).into_make_service();
         tokio::spawn(async move {
             use axum::serve::ListenerExt;
             let served = axum::serve(listener.tap_io(crate::net::no_delay), router)
@@ -80,14 +81,14 @@ impl Environment {
         })?;
         let mut cmd = Command::new(program);
         cmd.args(args)
-            .current_dir(&task)
+            .current_dir(task)
             .env_clear()
             .envs(lambda_environment(
                 function,
                 region,
                 &id,
                 &runtime_addr.to_string(),
-                &task,
+                task,
                 &tmp,
             ))
             .envs(function.env.iter().map(|(k, v)| (k, v)))
@@ -119,7 +120,11 @@ impl Environment {
             let marker = env_id.clone();
             os::kill_marked_shared(ENVIRONMENT_MARKER, &marker).await;
             watch_exited.cancel();
-            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+            // A few removals at a time: a thousand environments ending together
+            // would otherwise start hundreds of blocking threads at once.
+            static REMOVALS: Semaphore = Semaphore::const_new(4);
+            let _turn = REMOVALS.acquire().await;
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&tmp)).await;
         });
 
         Ok(Arc::new(Environment {

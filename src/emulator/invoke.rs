@@ -62,7 +62,9 @@ pub fn router(emulator: Emulator) -> Router {
 /// What an invocation produced, in order: data, then exactly one `Done`.
 enum InvokeEvent {
     Data(Bytes),
-    Done(InvokeComplete, Option<Bytes>),
+    /// Boxed: a channel's buffer is sized by its largest message, and one
+    /// channel is open per invocation in flight.
+    Done(Box<(InvokeComplete, Option<Bytes>)>),
 }
 
 struct Call {
@@ -279,9 +281,8 @@ async fn invoke(
     while let Some(event) = rx.recv().await {
         match event {
             InvokeEvent::Data(data) => body.extend_from_slice(&data),
-            InvokeEvent::Done(c, e) => {
-                complete = c;
-                error_body = e;
+            InvokeEvent::Done(done) => {
+                (complete, error_body) = *done;
             }
         }
     }
@@ -349,8 +350,8 @@ async fn invoke_with_response_stream(
                             .collect(),
                     }
                 }
-                InvokeEvent::Done(complete, _) => {
-                    vec![Ok(eventstream::invoke_complete(&complete))]
+                InvokeEvent::Done(done) => {
+                    vec![Ok(eventstream::invoke_complete(&done.0))]
                 }
             };
             futures::future::ready(Some(items))
@@ -500,7 +501,7 @@ async fn drive(
             e.body,
         ),
     };
-    let _ = tx.send(InvokeEvent::Done(complete, body)).await;
+    let _ = tx.send(InvokeEvent::Done(Box::new((complete, body)))).await;
 }
 
 /// Hands the invocation over and forwards the answer. Returns how it ended

@@ -128,6 +128,9 @@ struct EmulatorState {
     functions: HashMap<String, Arc<Function>>,
     region: String,
     base_dir: tempfile::TempDir,
+    /// `LAMBDA_TASK_ROOT` and working folder of every environment: empty and
+    /// read-only (a function that drops privileges cannot write it).
+    task_root: std::path::PathBuf,
     all: Mutex<Vec<Arc<Environment>>>,
     microvms: Arc<microvms::Microvms>,
     /// Invoke calls received, answered or refused.
@@ -161,6 +164,9 @@ impl Emulator {
         // Runtimes that drop privileges must still reach their environment's /tmp.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(base_dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let task_root = base_dir.path().join("task");
+        std::fs::create_dir(&task_root)?;
+        std::fs::set_permissions(&task_root, std::fs::Permissions::from_mode(0o555))?;
         let microvms = microvms::Microvms::new(
             config.microvm_images,
             &config.region,
@@ -175,6 +181,7 @@ impl Emulator {
                 region: config.region,
                 microvms: Arc::new(microvms),
                 base_dir,
+                task_root,
                 all: Mutex::new(Vec::new()),
                 invocations: AtomicUsize::new(0),
             }),
@@ -197,11 +204,16 @@ impl Emulator {
         let stopping = CancellationToken::new();
         let router = invoke::router(self.clone());
         use axum::serve::ListenerExt;
-        let server = axum::serve(listener.tap_io(crate::net::no_delay), router)
-            .with_graceful_shutdown({
-                let stopping = stopping.clone();
-                async move { stopping.cancelled().await }
-            });
+        // As a make-service every connection shares the one router; served as
+        // a `Router`, axum rebuilds its route table for each connection.
+        let server = axum::serve(
+            listener.tap_io(crate::net::no_delay),
+            router.into_make_service(),
+        )
+        .with_graceful_shutdown({
+            let stopping = stopping.clone();
+            async move { stopping.cancelled().await }
+        });
         let state = self.state.clone();
         let watcher = tokio::spawn(async move {
             shutdown.await;
@@ -237,6 +249,7 @@ impl Emulator {
             &function.config,
             &self.state.region,
             self.state.base_dir.path(),
+            &self.state.task_root,
         )
         .await
         {

@@ -8,6 +8,9 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Child;
 use tokio::task::JoinHandle;
 
+/// Bytes read at a time from a followed pipe.
+const FOLLOW_BUFFER: usize = 512;
+
 /// A bounded buffer of a process's latest output, shared with its readers.
 #[derive(Clone)]
 pub struct OutputTail {
@@ -19,7 +22,8 @@ impl OutputTail {
     /// A tail keeping the last `capacity` bytes.
     pub fn new(capacity: usize) -> Self {
         OutputTail {
-            bytes: Arc::new(Mutex::new(VecDeque::with_capacity(capacity))),
+            // Grown as output comes: most environments print little or nothing.
+            bytes: Arc::new(Mutex::new(VecDeque::new())),
             capacity,
         }
     }
@@ -67,7 +71,9 @@ impl OutputTail {
                 let tail = self.clone();
                 let label = label.to_string();
                 tokio::spawn(async move {
-                    let mut lines = BufReader::new(pipe).split(b'\n');
+                    // A small buffer: a thousand environments in flight each
+                    // follow two pipes, and a longer line just takes more reads.
+                    let mut lines = BufReader::with_capacity(FOLLOW_BUFFER, pipe).split(b'\n');
                     while let Ok(Some(line)) = lines.next_segment().await {
                         tracing::debug!(source = %label, "{}", String::from_utf8_lossy(&line));
                         tail.push(&line);

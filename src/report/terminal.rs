@@ -105,12 +105,11 @@ struct ShardLog {
     spill: Option<BufWriter<File>>,
 }
 
-/// Where a shard's prefixed lines go: the terminal (with `--output all`),
-/// the spill file (with `--output failed`), and always the tail.
+/// Where a shard's prefixed lines go: the terminal (with `--output all`) and
+/// the spill file (with `--output failed`).
 struct Sinks<'a, W: Write> {
     out: Option<&'a mut BufWriter<W>>,
     spill: Option<&'a mut BufWriter<File>>,
-    tail: &'a mut Vec<u8>,
 }
 
 impl<W: Write> Write for Sinks<'_, W> {
@@ -126,17 +125,21 @@ impl<W: Write> Write for Sinks<'_, W> {
         if let Some(spill) = self.spill.as_mut() {
             spill.write_all(buf)?;
         }
-        let keep = &buf[buf.len().saturating_sub(TAIL_BYTES)..];
-        self.tail.extend_from_slice(keep);
-        if self.tail.len() > 2 * TAIL_BYTES {
-            let cut = self.tail.len() - TAIL_BYTES;
-            self.tail.drain(..cut);
-        }
         Ok(())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// Appends the end of `lines` (whole lines, without prefixes) to a shard's
+/// tail, which keeps its last `TAIL_BYTES` or a little more.
+fn keep_tail(tail: &mut Vec<u8>, lines: &[u8]) {
+    tail.extend_from_slice(&lines[lines.len().saturating_sub(TAIL_BYTES)..]);
+    if tail.len() > 2 * TAIL_BYTES {
+        let cut = tail.len() - TAIL_BYTES;
+        tail.drain(..cut);
     }
 }
 
@@ -225,9 +228,8 @@ impl<W: Write> TerminalReporter<W> {
                 let mut sinks = Sinks {
                     out: (self.options.output == OutputMode::All).then_some(&mut self.out),
                     spill: log.spill.as_mut(),
-                    tail: &mut log.tail,
                 };
-                write_lines(&mut sinks, held, data)
+                write_lines(&mut sinks, &mut log.tail, held, data)
             }
             RunEvent::Retrying {
                 shard,
@@ -257,11 +259,12 @@ impl<W: Write> TerminalReporter<W> {
                                 out: (self.options.output == OutputMode::All)
                                     .then_some(&mut self.out),
                                 spill: log.spill.as_mut(),
-                                tail: &mut log.tail,
                             };
                             sinks.write_all(&held.prefix)?;
                             sinks.write_all(&held.line)?;
                             sinks.write_all(b"\n")?;
+                            keep_tail(&mut log.tail, &held.line);
+                            keep_tail(&mut log.tail, b"\n");
                         }
                     }
                 }
@@ -321,11 +324,9 @@ impl<W: Write> TerminalReporter<W> {
                 };
                 // Marked as a repeat, not with the shard's prefix: `[i/n]`
                 // lines stay each line of the live log, once, for readers and greps.
-                let prefix = format!("[{shard}] ");
                 for line in tail[start..].split_inclusive(|b| *b == b'\n') {
                     self.out.write_all(REPEATED.as_bytes())?;
-                    self.out
-                        .write_all(line.strip_prefix(prefix.as_bytes()).unwrap_or(line))?;
+                    self.out.write_all(line)?;
                 }
             }
         }
@@ -503,9 +504,15 @@ fn running_list(running: &HashMap<ShardId, Instant>, now: Instant) -> String {
 }
 
 /// Writes the whole lines of `data`, each with the prefix, completing the
-/// line `held` started and keeping the unfinished end of `data` for later.
-/// One pass over `data`; nothing but a held line's start is copied.
-fn write_lines(out: &mut impl Write, held: &mut Held, data: &[u8]) -> std::io::Result<()> {
+/// line `held` started and keeping the unfinished end of `data` for later;
+/// the end of what was written, without prefixes, goes to `tail`. One pass
+/// over `data`; nothing but a held line's start and the tail is copied.
+fn write_lines(
+    out: &mut impl Write,
+    tail: &mut Vec<u8>,
+    held: &mut Held,
+    data: &[u8],
+) -> std::io::Result<()> {
     let mut rest = data;
     if !held.line.is_empty() {
         match memchr::memchr(b'\n', rest) {
@@ -513,6 +520,8 @@ fn write_lines(out: &mut impl Write, held: &mut Held, data: &[u8]) -> std::io::R
                 out.write_all(&held.prefix)?;
                 out.write_all(&held.line)?;
                 out.write_all(&rest[..=end])?;
+                keep_tail(tail, &held.line);
+                keep_tail(tail, &rest[..=end]);
                 if held.line.capacity() > WRITE_BUFFER {
                     // Give a long line's memory back.
                     held.line = Vec::new();
@@ -526,6 +535,8 @@ fn write_lines(out: &mut impl Write, held: &mut Held, data: &[u8]) -> std::io::R
                     out.write_all(&held.prefix)?;
                     out.write_all(&held.line)?;
                     out.write_all(b"\n")?;
+                    keep_tail(tail, &held.line);
+                    keep_tail(tail, b"\n");
                     held.line = Vec::new();
                 }
                 return Ok(());
@@ -538,13 +549,16 @@ fn write_lines(out: &mut impl Write, held: &mut Held, data: &[u8]) -> std::io::R
         out.write_all(&rest[start..=end])?;
         start = end + 1;
     }
-    let tail = &rest[start..];
-    if tail.len() > MAX_HELD_LINE {
+    keep_tail(tail, &rest[..start]);
+    let unfinished = &rest[start..];
+    if unfinished.len() > MAX_HELD_LINE {
         out.write_all(&held.prefix)?;
-        out.write_all(tail)?;
+        out.write_all(unfinished)?;
         out.write_all(b"\n")?;
+        keep_tail(tail, unfinished);
+        keep_tail(tail, b"\n");
     } else {
-        held.line.extend_from_slice(tail);
+        held.line.extend_from_slice(unfinished);
     }
     Ok(())
 }

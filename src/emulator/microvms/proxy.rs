@@ -69,9 +69,12 @@ pub async fn serve(
         cut_after,
     });
     use axum::serve::ListenerExt;
-    let served = axum::serve(listener.tap_io(crate::net::no_delay), router)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
+    let served = axum::serve(
+        listener.tap_io(crate::net::no_delay),
+        router.into_make_service(),
+    )
+    .with_graceful_shutdown(async move { stop.cancelled().await })
+    .await;
     if let Err(e) = served {
         tracing::warn!(microvm = %id, error = %e, "microVM endpoint failed");
     }

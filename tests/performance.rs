@@ -1,0 +1,107 @@
+//! The parts of issue #8's performance promises that can be checked without
+//! a clock: memory bounds through the real CLI, and how the binary is linked.
+//! Timings live in `cargo bench --bench overhead`.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// A log line of 100 bytes, newline included.
+const LINE: &str = "2026-11-30T05:00:00.000Z INFO tests/test_api.py::test_endpoint_returns_the_expected_document ok..";
+
+/// A shard printing 60 MB to an invoker whose stdout is read slowly: the
+/// bounded stages between the agent and stdout make the shard wait, so the
+/// invoker holds a few buffers, not the log (which would need over 60 MB).
+#[test]
+#[expect(
+    clippy::zombie_processes,
+    reason = "reaped by wait4 below, which also reports its peak memory"
+)]
+fn a_slow_reader_slows_a_long_log_down_instead_of_growing_the_invokers_memory() {
+    const LOG_BYTES: usize = 60_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("README"), "memory\n").unwrap();
+    let script = format!("yes '{}' | head -c {LOG_BYTES}", &LINE[..LINE.len() - 1]);
+    let mut child = Command::new(common::binary())
+        .args(["run", "--local", "--", "sh", "-c", &script])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        // About 2.5 s at least: a 64 KiB read every 2 ms.
+        let (mut lines, mut whole, mut buf) = (0usize, true, vec![0u8; 64 * 1024]);
+        let mut pending = Vec::new();
+        loop {
+            let n = stdout.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            pending.extend_from_slice(&buf[..n]);
+            let end = pending
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |i| i + 1);
+            for line in pending[..end].split_inclusive(|b| *b == b'\n') {
+                if let Some(rest) = line.strip_prefix(b"[1/1] ") {
+                    lines += 1;
+                    whole &= rest == LINE.as_bytes();
+                }
+            }
+            pending.drain(..end);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (lines, whole)
+    });
+    let pid = child.id();
+    let (done, watchdog) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            watchdog.recv_timeout(Duration::from_secs(180))
+        {
+            // SAFETY: signalling our own child, not yet reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    });
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, which std has not reaped.
+    let waited = unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid as i32);
+    let _ = done.send(());
+    let (lines, whole) = reader.join().unwrap();
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "status {status}"
+    );
+    assert_eq!(lines, LOG_BYTES / LINE.len(), "every line once");
+    assert!(whole, "a line came out changed");
+    eprintln!("invoker peak RSS: {} MiB", usage.ru_maxrss / 1024);
+    assert!(
+        usage.ru_maxrss < 64 * 1024,
+        "the invoker's peak memory was {} KiB for a {LOG_BYTES}-byte log read slowly",
+        usage.ru_maxrss
+    );
+}
+
+/// Every shard starts the binary afresh as its agent: linked at a fixed
+/// address, the loader has no relocations to apply and its pages stay shared.
+#[test]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn the_binary_is_linked_position_dependent_so_agents_start_without_relocating_it() {
+    let mut header = [0u8; 18];
+    std::fs::File::open(common::binary())
+        .unwrap()
+        .read_exact(&mut header)
+        .unwrap();
+    assert_eq!(&header[..4], b"\x7fELF");
+    // e_type, little-endian on the targets we ship: 2 is ET_EXEC, 3 ET_DYN (a PIE).
+    let e_type = u16::from_le_bytes([header[16], header[17]]);
+    assert_eq!(e_type, 2, "the binary is a position-independent executable");
+}
