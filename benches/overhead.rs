@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_mvm-shard");
 /// A log line of 100 bytes, newline included.
-const LINE: &str = "2026-11-30T05:00:00.000Z INFO tests/test_api.py::test_endpoint_returns_the_expected_document ok..";
+const LINE: &str = "2026-11-30T05:00:00.000Z INFO tests/test_api.py::test_endpoint_returns_the_expected_document ok....\n";
 
 /// Reads a measured command's piped stdout.
 type Feed = Box<dyn FnOnce(std::process::ChildStdout) + Send>;

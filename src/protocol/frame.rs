@@ -179,8 +179,11 @@ impl FrameCodec {
                 };
                 let bad =
                     |e: std::io::Error| FrameError::Invalid(format!("bad compressed data: {e}"));
+                // Room for a whole coalesced frame from the start: log lines
+                // often compress 50-fold, and growing from the payload's
+                // size copied each frame's output about once more.
                 let mut out: Vec<u8> =
-                    Vec::with_capacity((payload.len() * 4).min(MAX_FRAME_PAYLOAD));
+                    Vec::with_capacity((payload.len() * 4).clamp(64 * 1024, MAX_FRAME_PAYLOAD));
                 let mut input = InBuffer::around(&payload);
                 loop {
                     if out.len() == out.capacity() {
