@@ -12,12 +12,12 @@ use quick_junit::{
 };
 
 use crate::dispatch::{CollectedFile, ShardRecord, ShardStatus};
-use crate::runner::Adapter;
+use crate::runner::Results;
 
 /// What a shard runs again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rerun {
-    /// These tests, the ones that failed (with `--runner`).
+    /// These tests, the ones that failed or never ran (with `--runner`).
     Failed(Vec<String>),
     /// All the tests the shard ran, when its report cannot say which
     /// failed (with `--runner`).
@@ -51,13 +51,16 @@ impl Rerun {
 
 /// What `record`'s shard reruns, or `None` when it passed or was
 /// interrupted (an interrupted run starts nothing more). `ran` is the tests
-/// its last attempt ran (with `--runner`). Only the failed tests rerun when
-/// the runner's report names each of them; a shard that timed out, could
-/// not run, or failed with no failed test in its report reruns all of `ran`.
+/// its last attempt ran (with `--runner`), `results` what the runner said of
+/// each (its report, or its log). When the shard failed and the runner named
+/// a failed test, every test of `ran` that did not pass reruns: the failed
+/// ones and those that never ran (a runner stopped at its first failure,
+/// such as nextest by default or `pytest -x`). A shard that timed out, could
+/// not run, or failed with no failed test named reruns all of `ran`.
 pub fn rerun_of(
     record: &ShardRecord,
     ran: Option<&[String]>,
-    adapter: Option<&Adapter>,
+    results: Option<&Results>,
 ) -> Option<Rerun> {
     if matches!(
         record.status,
@@ -68,27 +71,18 @@ pub fn rerun_of(
     let Some(ran) = ran else {
         return Some(Rerun::Whole);
     };
-    let failed = match record.status {
-        ShardStatus::Failed { .. } => adapter.and_then(|adapter| {
-            let path = adapter.report_file()?;
-            let file = record.files.iter().find(|f| f.path == path)?;
-            let report = crate::report::junit::parse(&file.data).ok()?;
-            adapter.failed(&report)
-        }),
-        _ => None,
-    };
-    let failed: Vec<String> = match failed {
-        Some(failed) => ran
+    let not_passed: Vec<String> = match (&record.status, results) {
+        (ShardStatus::Failed { .. }, Some(results)) if results.values().any(|r| !r.passed) => ran
             .iter()
-            .filter(|t| failed.contains(*t))
+            .filter(|t| !results.get(*t).is_some_and(|r| r.passed))
             .cloned()
             .collect(),
-        None => Vec::new(),
+        _ => Vec::new(),
     };
-    Some(if failed.is_empty() {
+    Some(if not_passed.is_empty() {
         Rerun::All(ran.to_vec())
     } else {
-        Rerun::Failed(failed)
+        Rerun::Failed(not_passed)
     })
 }
 
@@ -241,7 +235,7 @@ fn rerun_case(earlier: TestCase, mut again: TestCase) -> TestCase {
 mod tests {
     use super::*;
     use crate::protocol::ShardId;
-    use crate::runner::{RunnerKind, JUNIT_PATH};
+    use crate::runner::{Adapter, RunnerKind, JUNIT_PATH};
     use std::time::Duration;
 
     fn case(name: &str, passed: bool) -> String {
@@ -285,33 +279,49 @@ mod tests {
     }
 
     #[test]
-    fn only_the_failed_tests_rerun_when_the_report_names_them() {
+    fn what_did_not_pass_reruns_when_the_runner_names_a_failed_test() {
         let adapter = Adapter::new(RunnerKind::Pytest, None, None).unwrap();
-        let pytest = Some(&adapter);
+        let said = |r: &ShardRecord| Some(adapter.report_results(&r.files));
         let ran = ids(&["t1", "t2", "t3"]);
         let failed = record(
             FAILED,
             Some(report(&[("t1", true), ("t2", false), ("t3", true)])),
         );
         assert_eq!(
-            rerun_of(&failed, Some(&ran), pytest),
+            rerun_of(&failed, Some(&ran), said(&failed).as_ref()),
             Some(Rerun::Failed(ids(&["t2"])))
+        );
+        // Stopped at its first failure (`pytest -x`): t3 never ran, it reruns too.
+        let stopped = record(FAILED, Some(report(&[("t1", true), ("t2", false)])));
+        assert_eq!(
+            rerun_of(&stopped, Some(&ran), said(&stopped).as_ref()),
+            Some(Rerun::Failed(ids(&["t2", "t3"])))
         );
         // No report, a time-out, a failure with no failed test: all of it.
         let all = Some(Rerun::All(ran.clone()));
-        assert_eq!(rerun_of(&record(FAILED, None), Some(&ran), pytest), all);
-        let timed_out = record(ShardStatus::TimedOut, Some(report(&[("t2", false)])));
-        assert_eq!(rerun_of(&timed_out, Some(&ran), pytest), all);
-        let none_failed = record(FAILED, Some(report(&[("t1", true)])));
-        assert_eq!(rerun_of(&none_failed, Some(&ran), pytest), all);
-        // Without a runner, the whole shard; what passed or was interrupted, nothing.
-        assert_eq!(rerun_of(&failed, None, pytest), Some(Rerun::Whole));
+        let no_report = record(FAILED, None);
         assert_eq!(
-            rerun_of(&record(ShardStatus::Passed, None), None, pytest),
+            rerun_of(&no_report, Some(&ran), said(&no_report).as_ref()),
+            all
+        );
+        let timed_out = record(ShardStatus::TimedOut, Some(report(&[("t2", false)])));
+        assert_eq!(
+            rerun_of(&timed_out, Some(&ran), said(&timed_out).as_ref()),
+            all
+        );
+        let none_failed = record(FAILED, Some(report(&[("t1", true)])));
+        assert_eq!(
+            rerun_of(&none_failed, Some(&ran), said(&none_failed).as_ref()),
+            all
+        );
+        // Without a runner, the whole shard; what passed or was interrupted, nothing.
+        assert_eq!(rerun_of(&failed, None, None), Some(Rerun::Whole));
+        assert_eq!(
+            rerun_of(&record(ShardStatus::Passed, None), None, None),
             None
         );
         let interrupted = ShardStatus::Interrupted { detail: "x".into() };
-        assert_eq!(rerun_of(&record(interrupted, None), None, pytest), None);
+        assert_eq!(rerun_of(&record(interrupted, None), None, None), None);
     }
 
     fn statuses(record: &ShardRecord) -> Vec<(String, &'static str, usize)> {

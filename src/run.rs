@@ -673,16 +673,10 @@ async fn dispatch_and_report(
     ));
     let (tx, rx) = dispatch::event_channel();
     let fail_fast = args.fail_fast.then(|| cancel.clone());
-    let log = planned
-        .suite
-        .as_ref()
-        .filter(|s| s.adapter.reads_log())
-        .map(|s| s.log.clone());
     let reporter = tokio::spawn(consume_events(
         reporter(args, planned, jobs.len()),
         rx,
         fail_fast,
-        log,
     ));
     let dispatch_options = DispatchOptions {
         max_parallel,
@@ -692,13 +686,14 @@ async fn dispatch_and_report(
             .map(|g| g as Arc<dyn dispatch::SourceResolver>),
         ..DispatchOptions::default()
     };
-    let mut summary = dispatch::dispatch(
-        target.backend.clone(),
+    let mut summary = dispatch_reading_log(
+        target,
         &planned.run_id,
         jobs,
         &dispatch_options,
-        tx.clone(),
+        &tx,
         cancel.clone(),
+        planned.suite.as_ref(),
     )
     .await;
     if args.runner == Some(RunnerKind::Jest) {
@@ -850,7 +845,12 @@ async fn rerun_failed(
         let mut jobs = Vec::new();
         for record in &summary.records {
             let last = ran.get(&record.shard.index).map(Vec::as_slice);
-            let Some(rerun) = crate::retry::rerun_of(record, last, adapter) else {
+            // What the runner said of each test: its report, and its log with a listed suite.
+            let said = match &planned.suite {
+                Some(suite) => Some(suite.results(record)),
+                None => adapter.map(|a| a.report_results(&record.files)),
+            };
+            let Some(rerun) = crate::retry::rerun_of(record, last, said.as_ref()) else {
                 continue;
             };
             let _ = tx
@@ -876,13 +876,14 @@ async fn rerun_failed(
             break;
         }
         let run_id = format!("{}-r{round}", planned.run_id);
-        let mut again = dispatch::dispatch(
-            target.backend.clone(),
+        let mut again = dispatch_reading_log(
+            target,
             &run_id,
             jobs,
             options,
-            tx.clone(),
+            tx,
             cancel.clone(),
+            planned.suite.as_ref(),
         )
         .await;
         if args.runner == Some(RunnerKind::Jest) {
@@ -951,24 +952,10 @@ async fn consume_events(
     mut reporter: Box<dyn Reporter>,
     mut rx: mpsc::Receiver<RunEvent>,
     fail_fast: Option<CancellationToken>,
-    log: Option<Arc<std::sync::Mutex<LogScanner>>>,
 ) -> (Box<dyn Reporter>, Option<ShardId>) {
     let mut failed_first = None;
     let mut broken = false;
     while let Some(event) = rx.recv().await {
-        if let (
-            Some(log),
-            RunEvent::Output {
-                shard,
-                stream,
-                data,
-            },
-        ) = (&log, &event)
-        {
-            if let Ok(mut log) = log.lock() {
-                log.feed(*shard, *stream, data);
-            }
-        }
         if let (Some(cancel), RunEvent::Finished(record), None) = (&fail_fast, &event, failed_first)
         {
             if matches!(
@@ -989,6 +976,50 @@ async fn consume_events(
         }
     }
     (reporter, failed_first)
+}
+
+/// [`dispatch::dispatch`], with the events read on their way to the
+/// reporter for the runner's log lines (the runners whose log says each
+/// test's end): returns once every event of these shards was read, so that
+/// what the log said is complete when the run decides what to rerun.
+async fn dispatch_reading_log(
+    target: &Target,
+    run_id: &str,
+    jobs: Vec<ShardJob>,
+    options: &DispatchOptions,
+    tx: &dispatch::EventSender,
+    cancel: CancellationToken,
+    suite: Option<&Suite>,
+) -> RunSummary {
+    let backend = target.backend.clone();
+    let Some(log) = suite
+        .filter(|s| s.adapter.reads_log())
+        .map(|s| s.log.clone())
+    else {
+        return dispatch::dispatch(backend, run_id, jobs, options, tx.clone(), cancel).await;
+    };
+    let (inner, mut events) = dispatch::event_channel();
+    let out = tx.clone();
+    let forward = tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            if let RunEvent::Output {
+                shard,
+                stream,
+                data,
+            } = &event
+            {
+                if let Ok(mut log) = log.lock() {
+                    log.feed(*shard, *stream, data);
+                }
+            }
+            // A reporter that is gone still lets the log be read to the end.
+            let _ = out.send(event).await;
+        }
+    });
+    // Every sender is gone once dispatch returns (it spawns nothing), so the forwarder ends.
+    let summary = dispatch::dispatch(backend, run_id, jobs, options, inner, cancel).await;
+    let _ = forward.await;
+    summary
 }
 
 /// jest's `--json` reports, sent back by the shards, as JUnit (for the
@@ -1039,14 +1070,7 @@ struct Suite {
 impl Suite {
     /// What one shard's report or log said of each of its tests.
     fn results(&self, record: &dispatch::ShardRecord) -> Results {
-        let mut results = Results::new();
-        if let Some(path) = self.adapter.report_file() {
-            for file in record.files.iter().filter(|f| f.path == path) {
-                if let Ok(report) = crate::report::junit::parse(&file.data) {
-                    results.extend(self.adapter.results(&report));
-                }
-            }
-        }
+        let mut results = self.adapter.report_results(&record.files);
         if let Ok(log) = self.log.lock() {
             if let Some(said) = log.results.get(&record.shard) {
                 results.extend(said.iter().map(|(id, r)| (id.clone(), *r)));
@@ -1205,6 +1229,9 @@ fn plan_suite(
     };
     let expected = suite.planning.expected(tests);
     let shares = plan::balance(tests, &expected, planned.spec.shards);
+    if let Ok(mut log) = suite.log.lock() {
+        log.expect(tests);
+    }
     ask_for_junit(&mut planned.spec, &suite.adapter);
     planned.spec.shares = Some(shares.clone());
     planned.jobs = plan::jobs(&planned.spec, &planned.run_id, &planned.source)?;

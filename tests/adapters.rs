@@ -404,6 +404,15 @@ async fn nextest_tests_are_selected_exactly_and_learned_from_its_status_lines() 
         )
         .await;
     assert!(failing.stdout.contains("FAIL ["), "{failing}");
+
+    // A rerun takes what did not pass, read from nextest's log: the failed
+    // test and those its stop at the first failure left unrun, not the passed.
+    let command = ["cargo", "nextest", "run", "{tests}"];
+    let rerun = run(&project, &["--env=FAIL_ONE=1", "--retries=1"], &command).await;
+    assert_eq!(rerun.code, 1, "failing again fails the run: {rerun}");
+    let mut expected: BTreeMap<String, usize> = listed.iter().map(|t| (t.to_string(), 1)).collect();
+    expected.insert("nx tests::maybe_fails".into(), 2);
+    assert_eq!(project.ran(), expected, "{rerun}");
 }
 
 /// Test files for jest and vitest (`header` brings in what they need): one

@@ -191,31 +191,19 @@ impl Adapter {
 }
 
 impl Adapter {
-    /// The ids of the tests that failed in `report` (the runner's report,
-    /// [`Adapter::report_file`]), or `None` when a failed case cannot be
-    /// mapped back to an id, or the report does not name tests by id (then
-    /// all must rerun).
-    pub fn failed(&self, report: &Report) -> Option<std::collections::HashSet<String>> {
-        let failing: usize = report
-            .test_suites
-            .iter()
-            .flat_map(|s| &s.test_cases)
-            .filter(|c| matches!(c.status, quick_junit::TestCaseStatus::NonSuccess { .. }))
-            .count();
-        let failed: std::collections::HashSet<String> = self
-            .results(report)
-            .into_iter()
-            .filter(|(_, r)| !r.passed)
-            .map(|(id, _)| id)
-            .collect();
-        let mapped = match self.kind {
-            // One id per case.
-            RunnerKind::Pytest => failed.len() >= failing,
-            // One id per file, each case in its file's suite.
-            RunnerKind::Jest | RunnerKind::Vitest => failing == 0 || !failed.is_empty(),
-            _ => false,
-        };
-        mapped.then_some(failed)
+    /// What the runner's report among a shard's sent-back `files` says of
+    /// each test ([`Adapter::report_file`]; nothing for the runners whose log
+    /// says it).
+    pub fn report_results(&self, files: &[crate::dispatch::CollectedFile]) -> Results {
+        let mut results = Results::new();
+        if let Some(path) = self.report_file() {
+            for file in files.iter().filter(|f| f.path == path) {
+                if let Ok(report) = crate::report::junit::parse(&file.data) {
+                    results.extend(self.results(&report));
+                }
+            }
+        }
+        results
     }
 }
 

@@ -3,7 +3,7 @@
 //! turned into JUnit) or, for the runners that print one line per test or
 //! package, from the shard's log as it streams.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
@@ -168,6 +168,9 @@ pub struct LogScanner {
     kind: RunnerKind,
     /// The unfinished last line of each stream.
     partial: HashMap<(ShardId, OutputStream), Vec<u8>>,
+    /// The listed ids: a line about any other (a test printing look-alike
+    /// lines) is not kept, so what is kept stays bounded by the listing.
+    listed: HashSet<String>,
     /// What each shard's log said so far.
     pub results: BTreeMap<ShardId, Results>,
 }
@@ -181,8 +184,14 @@ impl LogScanner {
         LogScanner {
             kind,
             partial: HashMap::new(),
+            listed: HashSet::new(),
             results: BTreeMap::new(),
         }
+    }
+
+    /// The ids the listing gave: only lines about these are kept.
+    pub fn expect(&mut self, listed: &[String]) {
+        self.listed = listed.iter().cloned().collect();
     }
 
     /// Takes a piece of a shard's output.
@@ -193,8 +202,10 @@ impl LogScanner {
             partial.extend_from_slice(&rest[..at]);
             let line = String::from_utf8_lossy(partial);
             if let Some((id, result)) = log_line(self.kind, line.trim_end_matches('\r')) {
-                // A later line of the same test (a retry's) says the last word.
-                self.results.entry(shard).or_default().insert(id, result);
+                if self.listed.contains(&id) {
+                    // A later line of the same test (a retry's) says the last word.
+                    self.results.entry(shard).or_default().insert(id, result);
+                }
             }
             partial.clear();
             rest = &rest[at + 1..];
@@ -426,6 +437,7 @@ mod tests {
     #[test]
     fn lines_are_read_across_pieces_per_shard_and_stream() {
         let mut scanner = LogScanner::new(RunnerKind::Go);
+        scanner.expect(&["m/a".to_string(), "m/b".to_string()]);
         let (a, b) = (
             ShardId { index: 1, count: 2 },
             ShardId { index: 2, count: 2 },
@@ -436,5 +448,7 @@ mod tests {
         scanner.feed(a, OutputStream::Stdout, b"25s\n");
         assert_eq!(scanner.results[&a]["m/a"].duration, secs(0.25));
         assert!(!scanner.results[&b]["m/b"].passed);
+        scanner.feed(b, OutputStream::Stdout, b"ok  \tm/unlisted\t1.0s\n");
+        assert_eq!(scanner.results[&b].len(), 1, "only listed ids are kept");
     }
 }
