@@ -12,7 +12,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 /// The most one `mvm-shard run` of these small projects may take.
@@ -61,35 +60,17 @@ async fn run(project: &Project, extra: &[&str], command: &[&str]) -> Ran {
     args.extend(command.iter().map(|s| s.to_string()));
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_mvm-shard"));
     cmd.args(&args)
-        .current_dir(project.dir.path().join(project.workdir))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+        .current_dir(project.dir.path().join(project.workdir));
     for (name, _) in std::env::vars() {
         if name.starts_with("CARGO") && name != "CARGO_HOME" {
             cmd.env_remove(name);
         }
     }
-    let child = cmd.spawn().unwrap();
-    let pgid = child.id().unwrap();
-    match tokio::time::timeout(RUN_LIMIT, child.wait_with_output()).await {
-        Ok(out) => {
-            let out = out.unwrap();
-            Ran {
-                code: out.status.code().unwrap_or(-1),
-                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            }
-        }
-        Err(_) => {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pgid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            panic!("mvm-shard {args:?} took longer than {RUN_LIMIT:?}");
-        }
+    let out = common::output_within(cmd, RUN_LIMIT, &format!("mvm-shard {args:?}")).await;
+    Ran {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 

@@ -103,14 +103,7 @@ async fn run_in_with(dir: &Path, argv: &[&str], env: &[(&str, String)]) -> Ran {
         std::env::var("PATH").unwrap_or_default()
     );
     let mut cmd = tokio::process::Command::new(argv[0]);
-    cmd.args(&argv[1..])
-        .current_dir(dir)
-        .env("PATH", path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+    cmd.args(&argv[1..]).current_dir(dir).env("PATH", path);
     for (name, _) in std::env::vars() {
         let setting = ["AWS_", "GITHUB_", "MVM_SHARD_", "RUNNER_"]
             .iter()
@@ -120,24 +113,11 @@ async fn run_in_with(dir: &Path, argv: &[&str], env: &[(&str, String)]) -> Ran {
         }
     }
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
-    let child = cmd.spawn().unwrap();
-    let pgid = child.id().unwrap();
-    match tokio::time::timeout(RECIPE_LIMIT, child.wait_with_output()).await {
-        Ok(out) => {
-            let out = out.unwrap();
-            Ran {
-                code: out.status.code().unwrap_or(-1),
-                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            }
-        }
-        Err(_) => {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pgid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            panic!("{argv:?} took longer than {RECIPE_LIMIT:?}");
-        }
+    let out = common::output_within(cmd, RECIPE_LIMIT, &format!("{argv:?}")).await;
+    Ran {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 

@@ -534,3 +534,30 @@ impl Drop for Emulate {
         let _ = done.send(());
     }
 }
+
+/// Runs `cmd` (stdin closed, its output collected) in a process group of
+/// its own, as a user's shell would; after `limit` the whole group is
+/// killed and the test fails, naming `what`.
+pub async fn output_within(
+    mut cmd: tokio::process::Command,
+    limit: Duration,
+    what: &str,
+) -> std::process::Output {
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let child = cmd.spawn().unwrap();
+    let pgid = child.id().unwrap();
+    match tokio::time::timeout(limit, child.wait_with_output()).await {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("{what} took longer than {limit:?}");
+        }
+    }
+}
