@@ -273,8 +273,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub fail_fast: bool,
     /// Rerun what failed up to N times, each time in a new fresh
-    /// environment: with --runner, only the failed tests (by the runner's
-    /// report; the shard's whole part when it has none); without, the whole
+    /// environment: with --runner, only the tests that did not pass (by the
+    /// runner's report or log; the shard's whole part when it names no failed
+    /// test); without, the whole
     /// shard. What passes on a rerun is flaky: reported, and the run passes
     /// unless --no-flaky is given.
     #[arg(long, default_value_t = 0, value_name = "N")]
