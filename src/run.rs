@@ -349,6 +349,7 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
         if let Some(kind) = replay.runner_kind() {
             let adapter = Adapter::new(kind, Some(String::new()), None)?;
             ask_for_junit(&mut spec, &adapter);
+            spec.runner = Some(kind);
             replayed_runner = Some(adapter);
         }
         spec.shares = replay.shares();
@@ -696,7 +697,7 @@ async fn dispatch_and_report(
         planned.suite.as_ref(),
     )
     .await;
-    if args.runner == Some(RunnerKind::Jest) {
+    if planned.runner.as_ref().map(|r| r.kind) == Some(RunnerKind::Jest) {
         jest_reports_to_junit(&mut summary, &planned.spec.workdir);
     }
     let first = summary.records.clone();
@@ -886,7 +887,7 @@ async fn rerun_failed(
             planned.suite.as_ref(),
         )
         .await;
-        if args.runner == Some(RunnerKind::Jest) {
+        if planned.runner.as_ref().map(|r| r.kind) == Some(RunnerKind::Jest) {
             jest_reports_to_junit(&mut again, &planned.spec.workdir);
         }
         for rerun in again.records {

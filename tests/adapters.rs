@@ -394,6 +394,32 @@ async fn nextest_tests_are_selected_exactly_and_learned_from_its_status_lines() 
     let mut expected: BTreeMap<String, usize> = listed.iter().map(|t| (t.to_string(), 1)).collect();
     expected.insert("nx tests::maybe_fails".into(), 2);
     assert_eq!(project.ran(), expected, "{rerun}");
+
+    // The recorded plan replays one shard's tests, selected as the run did.
+    let plan = project.state.path().join("report.plan.json");
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    let want: BTreeMap<String, usize> = recorded["shares"][0]["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t.as_str().unwrap().to_string(), 1))
+        .collect();
+    let _ = std::fs::remove_file(&project.ran_log);
+    let mut replay = tokio::process::Command::new(env!("CARGO_BIN_EXE_mvm-shard"));
+    replay
+        .args(["run", "--local", "--source=.", "--only=1", "--replay-plan"])
+        .arg(&plan)
+        .arg(format!("--env=RAN_LOG={}", project.ran_log.display()))
+        .current_dir(project.dir.path());
+    for (name, _) in std::env::vars() {
+        if name.starts_with("CARGO") && name != "CARGO_HOME" {
+            replay.env_remove(name);
+        }
+    }
+    let out = common::output_within(replay, RUN_LIMIT, "the replay").await;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(project.ran(), want, "exactly shard 1's tests: {said}");
 }
 
 /// Test files for jest and vitest (`header` brings in what they need): one
