@@ -80,7 +80,10 @@ pub fn merge_timings(args: &MergeTimingsArgs) -> i32 {
     });
     match merged {
         Ok(Merge::Added(added)) => {
-            eprintln!("mvm-shard: took in the durations of {added} tests another job of this workflow run learned");
+            eprintln!(
+                "mvm-shard: took in the durations of {} another job of this workflow run learned",
+                crate::report::plural(added, "test")
+            );
             0
         }
         Ok(Merge::OtherRun) => 0,

@@ -414,7 +414,11 @@ async fn run_shard(
                 None => {
                     let reason = match error.kind {
                         InvokeErrorKind::Fatal => error.message,
-                        _ => format!("gave up after {attempt} attempts: {}", error.message),
+                        _ => format!(
+                            "gave up after {}: {}",
+                            crate::report::plural(attempt as usize, "attempt"),
+                            error.message
+                        ),
                     };
                     return Ok((
                         ShardStatus::InfraFailed { reason },

@@ -57,7 +57,16 @@ pub enum ReplayError {
         "--replay-plan takes the command, the runner and the shard count from the plan; drop {0}"
     )]
     Conflict(&'static str),
+    /// A plan whose command held a masked value, replayed without a command.
+    #[error("--replay-plan {path}: its command held a value asked to be masked (--mask), so the plan does not have it: give the command again after --")]
+    MaskedCommand {
+        /// The file.
+        path: PathBuf,
+    },
 }
+
+/// What stands for a masked value in a recorded command.
+pub const MASKED: &str = "***";
 
 /// What a run planned, as recorded for a replay.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,8 +77,13 @@ pub struct RecordedPlan {
     pub run_id: String,
     /// How many shards.
     pub shards: u32,
-    /// The command template, `{tests}` and `{index}` not yet replaced.
+    /// The command template, `{tests}` and `{index}` not yet replaced, with
+    /// each masked value (`--mask`) written as [`MASKED`].
     pub command: Vec<String>,
+    /// Whether the command held a masked value: then a replay takes the
+    /// command again after `--`, and refuses to run without it.
+    #[serde(default)]
+    pub masked: bool,
     /// The runner (`--runner`), by its command-line name.
     pub runner: Option<String>,
     /// With `--runner`: each shard's tests and expected seconds, by index - 1.
@@ -86,20 +100,39 @@ pub struct RecordedShare {
 }
 
 impl RecordedPlan {
-    /// The plan of a run.
+    /// The plan of a run; `secrets` are the values asked to be masked, kept
+    /// out of the recorded command.
     pub fn new(
         run_id: &str,
         shards: u32,
         command: &[String],
+        secrets: &[&str],
         runner: Option<RunnerKind>,
         shares: Option<&[Share]>,
     ) -> Self {
         use clap::ValueEnum;
+        // Line by line, as GitHub masks them, the longest first.
+        let mut secrets: Vec<&str> = secrets
+            .iter()
+            .flat_map(|s| s.lines())
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        let recorded: Vec<String> = command
+            .iter()
+            .map(|arg| {
+                secrets
+                    .iter()
+                    .fold(arg.clone(), |arg, secret| arg.replace(secret, MASKED))
+            })
+            .collect();
         RecordedPlan {
             format: FORMAT,
             run_id: run_id.to_string(),
             shards,
-            command: command.to_vec(),
+            masked: recorded != command,
+            command: recorded,
             runner: runner
                 .and_then(|r| r.to_possible_value())
                 .map(|v| v.get_name().to_string()),
@@ -205,6 +238,7 @@ mod tests {
             "r1",
             2,
             &["pytest".into(), "{tests}".into()],
+            &[],
             Some(RunnerKind::CargoNextest),
             Some(&shares),
         )

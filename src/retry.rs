@@ -202,32 +202,20 @@ fn rerun_case(earlier: TestCase, mut again: TestCase) -> TestCase {
         TestCaseStatus::Success { flaky_runs } => flaky_runs,
         TestCaseStatus::Skipped { .. } => Vec::new(),
     };
-    again.status = match again.status {
+    match &mut again.status {
         TestCaseStatus::Success { flaky_runs } => {
-            runs.extend(flaky_runs);
-            TestCaseStatus::Success { flaky_runs: runs }
+            runs.append(flaky_runs);
+            *flaky_runs = runs;
         }
-        TestCaseStatus::NonSuccess {
-            kind,
-            message,
-            ty,
-            description,
-            reruns,
-        } => {
-            runs.extend(reruns.runs);
-            TestCaseStatus::NonSuccess {
-                kind,
-                message,
-                ty,
-                description,
-                reruns: NonSuccessReruns {
-                    kind: FlakyOrRerun::Rerun,
-                    runs,
-                },
-            }
+        TestCaseStatus::NonSuccess { reruns, .. } => {
+            runs.append(&mut reruns.runs);
+            *reruns = NonSuccessReruns {
+                kind: FlakyOrRerun::Rerun,
+                runs,
+            };
         }
-        skipped => skipped,
-    };
+        TestCaseStatus::Skipped { .. } => {}
+    }
     again
 }
 
@@ -242,7 +230,7 @@ mod tests {
         let body = if passed {
             String::new()
         } else {
-            format!("<failure message=\"{name} broke\">trace of {name}</failure>")
+            format!("<failure message=\"{name} broke\">trace of {name}\ntest_a.py:7: AssertionError</failure>")
         };
         format!("<testcase classname=\"test_a\" name=\"{name}\" file=\"test_a.py\" time=\"0.5\">{body}</testcase>")
     }
@@ -363,6 +351,16 @@ mod tests {
         let xml = String::from_utf8(folded.files[0].data.to_vec()).unwrap();
         assert!(xml.contains("<flakyFailure"), "{xml}");
         assert!(xml.contains("t2 broke"), "the first failure is kept: {xml}");
+        let summary = crate::dispatch::RunSummary {
+            stopped_by: None,
+            records: vec![folded.clone()],
+        };
+        let flaky = crate::report::junit::TestReport::from_summary(&summary).flaky;
+        assert_eq!(
+            (flaky.len(), flaky[0].file.as_deref(), flaky[0].line),
+            (1, Some("test_a.py"), Some(7)),
+            "a flaky test is placed where it first failed"
+        );
 
         let again = record(FAILED, Some(report(&[("t3", false)])));
         let twice = fold(folded, again);

@@ -91,7 +91,10 @@ pub enum RunError {
 fn not_run(summary: &RunSummary) -> String {
     let passed = summary.count(|s| *s == ShardStatus::Passed);
     let not_run = summary.count(|s| matches!(s, ShardStatus::InfraFailed { .. }));
-    let mut said = format!("{not_run} of {} shards did not run", summary.records.len());
+    let mut said = format!(
+        "{not_run} of {} did not run",
+        crate::report::plural(summary.records.len(), "shard")
+    );
     if passed > 0 {
         said.push_str(&format!(", {passed} passed"));
     }
@@ -265,10 +268,17 @@ struct PlannedRun {
 /// Checks the input, packs the source and the overlay, and plans the jobs.
 async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
     let replay = match &args.replay_plan {
-        Some(_) if !args.command.is_empty() => {
-            return Err(ReplayError::Conflict("the command after --").into())
+        Some(path) => {
+            let plan = RecordedPlan::load(path)?;
+            // The command comes from the plan, unless the plan could not keep it.
+            match (plan.masked, args.command.is_empty()) {
+                (false, false) => return Err(ReplayError::Conflict("the command after --").into()),
+                (true, true) => {
+                    return Err(ReplayError::MaskedCommand { path: path.clone() }.into())
+                }
+                _ => Some(plan),
+            }
         }
-        Some(path) => Some(RecordedPlan::load(path)?),
         None => None,
     };
     let shards = replay.as_ref().map_or(args.shards, |p| p.shards);
@@ -333,6 +343,7 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
         only,
         command: replay
             .as_ref()
+            .filter(|p| !p.masked)
             .map_or_else(|| args.command.clone(), |p| p.command.clone()),
         env,
         timeout: args.timeout,
@@ -1243,8 +1254,8 @@ fn plan_suite(
         );
     }
     eprintln!(
-        "mvm-shard: {} tests listed, {} with learned durations",
-        tests.len(),
+        "mvm-shard: {} listed, {} with learned durations",
+        crate::report::plural(tests.len(), "test"),
         tests
             .iter()
             .filter(|t| suite.planning.tests.contains_key(*t))
@@ -1277,10 +1288,17 @@ fn record_plan(
     run_id: &str,
     source_root: &std::path::Path,
 ) -> Option<std::path::PathBuf> {
+    let secrets: Vec<&str> = args
+        .mask
+        .iter()
+        .filter_map(|name| spec.env.get(name))
+        .map(String::as_str)
+        .collect();
     let plan = RecordedPlan::new(
         run_id,
         spec.shards,
         &spec.command,
+        &secrets,
         args.runner,
         spec.shares.as_deref(),
     );
@@ -1323,9 +1341,9 @@ fn tell_balance(shares: &[Share], records: &[ShardRecord]) {
             format!("{:.2}s", r.duration_ms as f64 / 1000.0)
         });
         eprintln!(
-            "mvm-shard: shard {}: {} tests, expected {:.2}s, took {took} (wall {:.2}s)",
+            "mvm-shard: shard {}: {}, expected {:.2}s, took {took} (wall {:.2}s)",
             record.shard,
-            share.tests.len(),
+            crate::report::plural(share.tests.len(), "test"),
             share.expected,
             record.duration.as_secs_f64(),
         );

@@ -585,7 +585,7 @@ async fn each_matrix_job_runs_only_its_shard() {
 
         let summary = summary(&job, &ctx);
         assert!(
-            summary.starts_with("### mvm-shard: 1 of 1 shards passed\n"),
+            summary.starts_with("### mvm-shard: 1 of 1 shard passed\n"),
             "{summary}"
         );
         assert!(
@@ -1268,7 +1268,9 @@ fn merging_the_file_of_a_job_that_planned_with_other_timings_fails_the_job_and_s
     };
     let out = merge(&same);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("took in the durations of 1 tests"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("took in the durations of 1 test another")
+    );
 
     let out = merge(&other);
     assert_eq!(out.status.code(), Some(1), "{out:?}");

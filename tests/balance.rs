@@ -925,3 +925,85 @@ fn in_github_actions_a_flaky_test_is_a_warning_at_its_file_and_in_the_job_summar
     );
     assert!(md.contains("| Expected |"), "{md}");
 }
+
+#[test]
+fn a_single_test_is_counted_in_the_singular() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("t")).unwrap();
+    std::fs::write(dir.path().join("t/only.sh"), "echo ran only\n").unwrap();
+    let timings = state.path().join("timings.json");
+    let report = state.path().join("junit.xml");
+    let args = [
+        "run",
+        "--local",
+        "--source",
+        ".",
+        "--runner",
+        "files",
+        "--files",
+        "t/*.sh",
+        "--timings",
+        timings.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "for f in {tests}; do sh \"$f\"; done",
+    ];
+    let (code, stdout, stderr) = cli(dir.path(), &args);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("mvm-shard: 1 test listed, 0 with learned durations"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("mvm-shard: shard 1/1: 1 test, expected"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(" 1 tests") && !stdout.contains(" 1 tests"),
+        "{stderr}\n{stdout}"
+    );
+}
+
+#[test]
+fn a_masked_value_in_the_command_is_not_recorded_and_its_replay_asks_for_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x"), "").unwrap();
+    common::git(dir.path(), &["init", "-q"]);
+    let secret = "tok-3f9a7c1e";
+    let env = format!("TOKEN={secret}");
+    let script = format!("test \"$TOKEN\" = {secret} && echo token-ok");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--local", "--env", &env, "--mask", "TOKEN"];
+        args.extend(extra);
+        cli(dir.path(), &args)
+    };
+    let (code, stdout, stderr) = run(&["--", "sh", "-c", &script]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("token-ok"), "{stdout}");
+    assert!(!stderr.contains(secret), "{stderr}");
+
+    let plan = dir.path().join(".git/mvm-shard/plan.json");
+    let text = std::fs::read_to_string(&plan).unwrap();
+    assert!(!text.contains(secret), "{text}");
+    let recorded: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        recorded["command"][2],
+        "test \"$TOKEN\" = *** && echo token-ok"
+    );
+
+    let plan_arg = plan.to_str().unwrap();
+    let (code, stdout, stderr) = run(&["--replay-plan", plan_arg]);
+    assert_eq!(code, 2, "{stdout}\n{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("give the command again after --"),
+        "{stderr}"
+    );
+    let (code, stdout, stderr) = run(&["--replay-plan", plan_arg, "--", "sh", "-c", &script]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("token-ok"), "{stdout}");
+}

@@ -42,7 +42,11 @@ pub async fn restore(caches: &[CacheSpec], ws: &Workspace, workdir: &Path, frame
             Ok(entries) => {
                 say(
                     frames,
-                    format!("cache {} restored ({entries} files)", cache.path),
+                    format!(
+                        "cache {} restored ({})",
+                        cache.path,
+                        crate::report::plural(entries, "file")
+                    ),
                 )
                 .await
             }

@@ -156,23 +156,14 @@ impl<W: Write> GithubReporter<W> {
                 tests_left += 1;
                 continue;
             }
-            let mut props = vec![(
-                "title",
-                format!("{} (shard {})", failure.name, failure.shard),
-            )];
-            if let Some(file) = &failure.file {
-                props.push(("file", file.clone()));
-                if let Some(line) = failure.line {
-                    props.push(("line", line.to_string()));
-                }
-            }
-            if !self.annotate(&props, &failure.message)? {
+            let title = format!("{} (shard {})", failure.name, failure.shard);
+            if !self.annotate(&failure_properties(title, failure), &failure.message)? {
                 tests_left += 1;
             }
         }
         let mut shards_left = 0;
         if fold {
-            let title = format!("{} shards did not pass", shards.len());
+            let title = format!("{} did not pass", super::plural(shards.len(), "shard"));
             let lines: Vec<String> = shards
                 .iter()
                 .map(|(shard, status)| format!("shard {shard}: {}", status.describe()))
@@ -246,8 +237,8 @@ impl<W: Write> GithubReporter<W> {
             false => ("", ""),
         };
         let mut md = format!(
-            "### mvm-shard: {passed} of {} shards passed\n\n| Shard | Status | Duration |{head} Tests passed | Tests failed | Environment |\n|---|---|---|{rule}---|---|---|\n",
-            summary.records.len()
+            "### mvm-shard: {passed} of {} passed\n\n| Shard | Status | Duration |{head} Tests passed | Tests failed | Environment |\n|---|---|---|{rule}---|---|---|\n",
+            super::plural(summary.records.len(), "shard")
         );
         for r in &summary.records {
             let counts = tests.counts.get(&r.shard);
@@ -447,15 +438,13 @@ impl<W: Write + Send> Reporter for GithubReporter<W> {
         if warnings_left > 0 {
             writeln!(
                 self.out,
-                "::notice title=More warnings::{warnings_left} more lost JUnit reports; see the log above"
+                "::notice title=More warnings::{}; see the log above",
+                super::plural(warnings_left, "more lost JUnit report")
             )?;
         }
         let mut flaky_left = 0;
         for f in &tests.flaky {
-            let mut props = vec![("title", format!("Flaky: {} (shard {})", f.name, f.shard))];
-            if let Some(file) = &f.file {
-                props.push(("file", file.clone()));
-            }
+            let props = failure_properties(format!("Flaky: {} (shard {})", f.name, f.shard), f);
             let message = format!(
                 "failed, then passed on a rerun; it failed with: {}",
                 f.message
@@ -467,7 +456,8 @@ impl<W: Write + Send> Reporter for GithubReporter<W> {
         if flaky_left > 0 {
             writeln!(
                 self.out,
-                "::notice title=More flaky tests::{flaky_left} more flaky tests; the job summary lists them all"
+                "::notice title=More flaky tests::{}; the job summary lists them all",
+                super::plural(flaky_left, "more flaky test")
             )?;
         }
         if tests.merged.is_none() && !self.files.junit.is_empty() {
@@ -481,8 +471,8 @@ impl<W: Write + Send> Reporter for GithubReporter<W> {
         let passed = summary.count(|s| *s == ShardStatus::Passed);
         writeln!(
             self.out,
-            "mvm-shard: {passed} of {} shards passed",
-            summary.records.len()
+            "mvm-shard: {passed} of {} passed",
+            super::plural(summary.records.len(), "shard")
         )?;
         self.write_summary(summary, tests)?;
         self.write_outputs(summary, tests)?;
@@ -507,6 +497,18 @@ pub fn maskable(value: &str) -> bool {
         && v.parse::<f64>().is_err()
         && !yes_no.iter().any(|w| v.eq_ignore_ascii_case(w))
         && !one_word
+}
+
+/// An annotation's title and the place of a test's failure, when known.
+fn failure_properties(title: String, failure: &TestFailure) -> Vec<(&'static str, String)> {
+    let mut props = vec![("title", title)];
+    if let Some(file) = &failure.file {
+        props.push(("file", file.clone()));
+        if let Some(line) = failure.line {
+            props.push(("line", line.to_string()));
+        }
+    }
+    props
 }
 
 /// "3 failed tests and 2 failed shards are not annotated", in words.
@@ -763,12 +765,12 @@ mod tests {
         let mut r = GithubReporter::new(&mut out, files);
         let shard = ShardId { index: 1, count: 1 };
         let report = TestReport {
-            flaky: (0..12)
+            flaky: (0..11)
                 .map(|i| TestFailure {
                     shard,
                     name: format!("t.py::test_{i}"),
                     file: Some("t.py".into()),
-                    line: None,
+                    line: (i == 0).then_some(7),
                     message: "assert 1 == 2".into(),
                 })
                 .collect(),
@@ -781,14 +783,26 @@ mod tests {
         r.finish(&summary, &report).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert_eq!(text.matches("::warning ").count(), MAX_WARNING_ANNOTATIONS);
-        assert!(text.contains("::warning title=Flaky%3A t.py%3A%3Atest_0 (shard 1/1),file=t.py::failed, then passed on a rerun; it failed with: assert 1 == 2"), "{text}");
-        assert!(text.contains("2 more flaky tests"), "{text}");
+        assert!(text.contains("::warning title=Flaky%3A t.py%3A%3Atest_0 (shard 1/1),file=t.py,line=7::failed, then passed on a rerun; it failed with: assert 1 == 2"), "{text}");
+        assert!(
+            text.contains("::warning title=Flaky%3A t.py%3A%3Atest_1 (shard 1/1),file=t.py::"),
+            "no line, none given: {text}"
+        );
+        assert!(
+            text.contains("::notice title=More flaky tests::1 more flaky test;"),
+            "{text}"
+        );
+        assert!(text.contains("mvm-shard: 1 of 1 shard passed\n"), "{text}");
         let md = std::fs::read_to_string(dir.path().join("summary.md")).unwrap();
         assert!(
-            md.contains("Flaky: failed, then passed on a rerun (12)"),
+            md.starts_with("### mvm-shard: 1 of 1 shard passed\n"),
             "{md}"
         );
-        assert_eq!(md.matches("- shard 1/1: `t.py::test_").count(), 12, "{md}");
+        assert!(
+            md.contains("Flaky: failed, then passed on a rerun (11)"),
+            "{md}"
+        );
+        assert_eq!(md.matches("- shard 1/1: `t.py::test_").count(), 11, "{md}");
         assert!(!md.contains("Expected"), "no plan, no such column: {md}");
     }
 

@@ -93,6 +93,12 @@ impl TestReport {
                                 .find(|(k, _)| k.as_str() == key)
                                 .map(|(_, v)| v.to_string())
                         };
+                        // Where a failure happened: its text names the place, or the case's attributes.
+                        let place = |message: &str, description: Option<&str>| {
+                            let text = [message, description.unwrap_or("")].join("\n");
+                            let line = attr("line").and_then(|l| l.parse().ok());
+                            locate(attr("file"), line, pytest, &text)
+                        };
                         match &case.status {
                             TestCaseStatus::Success { flaky_runs } => {
                                 counts.passed += 1;
@@ -101,12 +107,13 @@ impl TestReport {
                                         .message
                                         .as_ref()
                                         .map_or_else(|| "failed".into(), |m| m.to_string());
+                                    let (file, line) =
+                                        place(&message, first.description.as_deref());
                                     out.flaky.push(TestFailure {
                                         shard: record.shard,
                                         name,
-                                        file: attr("file")
-                                            .map(|f| workspace_relative(&f).unwrap_or(f)),
-                                        line: None,
+                                        file,
+                                        line,
                                         message,
                                     });
                                 }
@@ -131,14 +138,7 @@ impl TestReport {
                                         NonSuccessKind::Failure => "failed".into(),
                                         NonSuccessKind::Error => "errored".into(),
                                     });
-                                let text = [message.as_str(), description.as_deref().unwrap_or("")]
-                                    .join("\n");
-                                let (file, line) = locate(
-                                    attr("file"),
-                                    attr("line").and_then(|l| l.parse().ok()),
-                                    pytest,
-                                    &text,
-                                );
+                                let (file, line) = place(&message, description.as_deref());
                                 out.failures.push(TestFailure {
                                     shard: record.shard,
                                     name,
