@@ -604,7 +604,10 @@ fn a_recorded_plan_replays_exactly_one_shards_tests() {
         .collect();
     ran.sort();
     assert_eq!(ran, want, "exactly shard 2's tests: {stdout}");
-    assert!(!stderr.contains(" with learned durations"), "no listing: {stderr}");
+    assert!(
+        !stderr.contains(" with learned durations"),
+        "no listing: {stderr}"
+    );
 
     // Without --local: on the configured backend (here a separate emulator).
     let emulator = common::Emulate::start();
@@ -872,7 +875,7 @@ fn a_replayed_pytest_shard_reruns_only_its_failed_tests() {
 }
 
 #[test]
-fn in_github_actions_a_flaky_test_is_a_warning_at_its_file_and_in_the_job_summary() {
+fn in_github_actions_a_flaky_test_is_a_warning_at_its_first_failure_and_in_the_job_summary() {
     let dir = tempfile::tempdir().unwrap();
     let runs = tempfile::tempdir().unwrap();
     flaky_suite(dir.path());
@@ -908,7 +911,7 @@ fn in_github_actions_a_flaky_test_is_a_warning_at_its_file_and_in_the_job_summar
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(
         stdout.contains("::warning title=Flaky%3A test_flaky%3A%3Atest_flaky (shard ")
-            && stdout.contains(",file=test_flaky.py::failed, then passed on a rerun"),
+            && stdout.contains(",file=test_flaky.py,line=11::failed, then passed on a rerun"),
         "{stdout}"
     );
     assert!(
@@ -919,7 +922,7 @@ fn in_github_actions_a_flaky_test_is_a_warning_at_its_file_and_in_the_job_summar
     assert!(
         md.contains("Flaky: failed, then passed on a rerun (1)")
             && md.contains(
-                "`test_flaky::test_flaky` `test_flaky.py`: AssertionError: fails the first time"
+                "`test_flaky::test_flaky` `test_flaky.py:11`: AssertionError: fails the first time"
             ),
         "{md}"
     );
