@@ -140,14 +140,18 @@ pub fn processes_marked(name: &str, value: &str) -> Vec<u32> {
 /// whose environment holds it: one pass over `/proc` for all of them.
 fn scan_marked(needles: &[&[u8]]) -> Vec<Vec<u32>> {
     let me = std::process::id();
+    // A thousand environments ending together make a batch of a thousand
+    // needles, checked against every variable of every process.
+    let index: HashMap<&[u8], usize> = needles.iter().enumerate().map(|(i, n)| (*n, i)).collect();
     let mut found = vec![Vec::new(); needles.len()];
+    let mut env = Vec::with_capacity(64 * 1024);
     for pid in all_pids().filter(|&pid| pid != me) {
-        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        if read_environ(pid, &mut env).is_err() {
             continue;
-        };
+        }
         let mut marked = false;
         for var in env.split(|b| *b == 0) {
-            if let Some(i) = needles.iter().position(|n| *n == var) {
+            if let Some(&i) = index.get(var) {
                 found[i].push(pid);
                 marked = true;
             }
@@ -159,6 +163,14 @@ fn scan_marked(needles: &[&[u8]]) -> Vec<Vec<u32>> {
         }
     }
     found
+}
+
+/// Reads `/proc/<pid>/environ` into `buf`, reused from process to process.
+fn read_environ(pid: u32, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::io::Read;
+    buf.clear();
+    std::fs::File::open(format!("/proc/{pid}/environ"))?.read_to_end(buf)?;
+    Ok(())
 }
 
 /// Kills (SIGKILL) every process carrying the marker and everything below
