@@ -104,29 +104,9 @@ fn run(dir: &Path, env: &[(&str, String)], args: &[&str]) -> Ran {
         stderr.read_to_string(&mut s).unwrap();
         s
     });
-    let (done, watchdog) = std::sync::mpsc::channel::<()>();
-    let pid = child.id();
-    std::thread::spawn(move || {
-        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-            watchdog.recv_timeout(Duration::from_secs(300))
-        {
-            // SAFETY: signalling our own child, not yet reaped.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-    });
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to fill in.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child, which std has not reaped.
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    assert_eq!(pid, child.id() as i32);
-    let _ = done.send(());
+    let (code, usage) = common::wait4_within(&child, Duration::from_secs(300));
     Ran {
-        code: if libc::WIFEXITED(status) {
-            libc::WEXITSTATUS(status)
-        } else {
-            -1
-        },
+        code,
         stdout: out.join().unwrap(),
         stderr: err.join().unwrap(),
         max_rss_kb: usage.ru_maxrss,

@@ -59,28 +59,9 @@ fn a_slow_reader_slows_a_long_log_down_instead_of_growing_the_invokers_memory() 
         }
         (lines, others)
     });
-    let pid = child.id();
-    let (done, watchdog) = std::sync::mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-            watchdog.recv_timeout(Duration::from_secs(180))
-        {
-            // SAFETY: signalling our own child, not yet reaped.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-    });
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to fill in.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child, which std has not reaped.
-    let waited = unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) };
-    assert_eq!(waited, pid as i32);
-    let _ = done.send(());
+    let (code, usage) = common::wait4_within(&child, Duration::from_secs(180));
     let (lines, others) = reader.join().unwrap();
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "status {status}"
-    );
+    assert_eq!(code, 0);
     assert_eq!(lines, LOG_BYTES / LINE.len(), "every line once");
     // The shard's own line, and nothing else: no line came out changed.
     assert!(

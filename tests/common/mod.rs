@@ -561,3 +561,30 @@ pub async fn output_within(
         }
     }
 }
+
+/// Waits for `child` with `wait4`, which also gives its own peak memory and
+/// CPU time (not its children's), killing it first if it runs past `limit`.
+/// Returns its exit code (-1 when a signal ended it) and its usage.
+pub fn wait4_within(child: &std::process::Child, limit: Duration) -> (i32, libc::rusage) {
+    let (done, watchdog) = std::sync::mpsc::channel::<()>();
+    let pid = child.id();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watchdog.recv_timeout(limit) {
+            // SAFETY: signalling our own child, not yet reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    });
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, which std has not reaped.
+    let waited = unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid as i32, "wait4 failed");
+    let _ = done.send(());
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    (code, usage)
+}
