@@ -290,7 +290,9 @@ pub struct RunArgs {
     /// shard K): the same tests, command and runner, without listing. Every
     /// run records its plan next to its report (`junit.xml` →
     /// `junit.plan.json`, with --runner or --junit) and in
-    /// mvm-shard/plan.json in the repository's git directory.
+    /// mvm-shard/plan.json in the repository's git directory. A plan whose
+    /// command held a --mask value has `***` there instead: give the command
+    /// again after --.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["shards", "runner", "list_command", "list_local", "files", "timings"])]
     pub replay_plan: Option<PathBuf>,
     /// The command each shard runs; `{index}` and `{count}` are replaced.

@@ -100,7 +100,8 @@ fn not_run(summary: &RunSummary) -> String {
     }
     let other = summary.records.len() - passed - not_run;
     if other > 0 {
-        said.push_str(&format!(", {other} failed or were interrupted"));
+        let were = if other == 1 { "was" } else { "were" };
+        said.push_str(&format!(", {other} failed or {were} interrupted"));
     }
     said
 }
@@ -809,12 +810,11 @@ async fn dispatch_and_report(
     }
     let _ = reporter.finish(&summary, &tests);
     if let Some(shard) = failed_fast {
+        let stopped = summary.count(|s| matches!(s, ShardStatus::Interrupted { .. }));
+        let were = if stopped == 1 { "was" } else { "were" };
         eprintln!(
-            "mvm-shard: --fail-fast: shard {shard} failed, so the rest stopped: {} never started or were interrupted",
-            crate::report::plural(
-                summary.count(|s| matches!(s, ShardStatus::Interrupted { .. })),
-                "shard"
-            )
+            "mvm-shard: --fail-fast: shard {shard} failed, so the rest stopped: {} never started or {were} interrupted",
+            crate::report::plural(stopped, "shard"),
         );
     }
     let flaky = tests.flaky.len();

@@ -783,6 +783,10 @@ fn every_run_records_its_plan_in_the_git_directory_and_fail_fast_skips_reruns() 
     );
     assert_eq!(code, 1, "{stdout}\n{stderr}");
     assert!(!stdout.contains("rerun"), "{stdout}");
+    assert!(
+        stderr.contains("so the rest stopped: 1 shard never started or was interrupted"),
+        "{stderr}"
+    );
     let log = std::fs::read_to_string(runs.path().join("runs")).unwrap();
     assert_eq!(log, "1\n", "shard 1 once, no rerun, shard 2 never");
 
