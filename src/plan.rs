@@ -369,6 +369,9 @@ fn request_for(
     source: SourceSpec,
     tests: Option<&[String]>,
 ) -> Result<ShardRequest, PlanError> {
+    // `{index}` and `{count}` are replaced in the template before the test
+    // ids go in, so that an id containing them (`t/{index}.sh`) stays itself.
+    let template: Vec<String> = spec.command.iter().map(|a| substitute(a, shard)).collect();
     let command = match tests {
         Some(tests) => {
             let words = match spec.runner {
@@ -378,9 +381,9 @@ fn request_for(
                 }
                 None => tests.to_vec(),
             };
-            crate::runner::select(&spec.command, &words)
+            crate::runner::select(&template, &words)
         }
-        None => spec.command.clone(),
+        None => template,
     };
     let mut overlays = spec.overlays.clone();
     if let (Some(tests), true) = (tests, crate::runner::uses_tests_file(&spec.command)) {
@@ -393,7 +396,7 @@ fn request_for(
         version: PROTOCOL_VERSION,
         run_id: run_id.to_string(),
         shard,
-        command: command.iter().map(|a| substitute(a, shard)).collect(),
+        command,
         env: spec.env.clone(),
         timeout_ms: spec.timeout.as_millis().min(u64::MAX as u128) as u64,
         workdir: spec.workdir.clone(),
@@ -522,6 +525,41 @@ mod tests {
         assert!(shares.iter().all(|s| s.tests.len() == 1), "{shares:?}");
         let shares = balance(&ids(2), &[1.0, 1.0], 3);
         assert_eq!(shares.iter().filter(|s| s.tests.is_empty()).count(), 1);
+    }
+
+    #[test]
+    fn test_ids_that_look_like_placeholders_reach_the_command_unchanged() {
+        let tests = vec![
+            "t/{index}.sh".to_string(),
+            "t/{count} {tests_file}".to_string(),
+        ];
+        let spec = RunSpec {
+            shards: 1,
+            only: None,
+            command: vec![
+                "run".into(),
+                "{tests}".into(),
+                "{index}/{count}: {tests}".into(),
+            ],
+            env: BTreeMap::new(),
+            timeout: Duration::from_secs(60),
+            workdir: String::new(),
+            collect: Vec::new(),
+            overlays: Vec::new(),
+            caches: Vec::new(),
+            shares: Some(balance(&tests, &[1.0, 1.0], 1)),
+            runner: None,
+        };
+        let jobs = jobs(&spec, "run", &SourceSpec::Empty).unwrap();
+        assert_eq!(
+            jobs[0].request.command,
+            vec![
+                "run",
+                "t/{count} {tests_file}",
+                "t/{index}.sh",
+                "1/1: 't/{count} {tests_file}' 't/{index}.sh'"
+            ]
+        );
     }
 
     #[test]

@@ -183,6 +183,9 @@ impl RecordedPlan {
         if plan.runner.is_some() && plan.shares.is_none() {
             return Err(parse("a runner without the shards' tests".into()));
         }
+        if let (Some(name), None) = (&plan.runner, plan.runner_kind()) {
+            return Err(parse(format!("an unknown runner {name:?}")));
+        }
         Ok(plan)
     }
 
@@ -274,7 +277,12 @@ mod tests {
         short["shards"] = 3.into();
         std::fs::write(&path, short.to_string()).unwrap();
         assert!(RecordedPlan::load(&path).is_err());
-        for e in [missing, format, junk] {
+        let mut unknown = serde_json::to_value(plan()).unwrap();
+        unknown["runner"] = "rspec".into();
+        std::fs::write(&path, unknown.to_string()).unwrap();
+        let runner = RecordedPlan::load(&path).unwrap_err().to_string();
+        assert!(runner.contains("unknown runner \"rspec\""), "{runner}");
+        for e in [missing, format, junk, runner] {
             assert!(!e.contains('\n'), "{e}");
         }
     }

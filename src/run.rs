@@ -171,9 +171,13 @@ async fn run_on(
     target: &Target,
     max_parallel: usize,
 ) -> Result<(RunSummary, bool, Option<ShardId>, i32), RunError> {
+    // From here on SIGINT and SIGTERM no longer end the process by
+    // themselves: the listing, like the shards, is stopped and released.
+    let shutdown = Shutdown::from_os()
+        .map_err(|e| RunError::Local(format!("cannot handle SIGINT and SIGTERM: {e}")))?;
     let shares = match &planned.suite {
         Some(suite) => {
-            let tests = list_tests(args, planned, suite, target).await?;
+            let tests = list_tests(args, planned, suite, target, &shutdown).await?;
             let shares = plan_suite(args, planned, &tests)?;
             Some((tests, shares))
         }
@@ -213,7 +217,8 @@ async fn run_on(
         },
     );
     let jobs = std::mem::take(&mut planned.jobs);
-    let dispatched = dispatch_and_report(args, planned, jobs, target, max_parallel).await?;
+    let dispatched =
+        dispatch_and_report(args, planned, jobs, target, max_parallel, shutdown).await?;
     let summary = dispatched.summary;
     let learnable = summary.stopped_by.is_none();
     if let (Some(suite), Some((tests, shares)), true) = (&mut planned.suite, &shares, learnable) {
@@ -675,9 +680,8 @@ async fn dispatch_and_report(
     jobs: Vec<ShardJob>,
     target: &Target,
     max_parallel: usize,
+    shutdown: Shutdown,
 ) -> Result<Dispatched, RunError> {
-    let shutdown = Shutdown::from_os()
-        .map_err(|e| RunError::Local(format!("cannot handle SIGINT and SIGTERM: {e}")))?;
     let cancel = CancellationToken::new();
     let signals = tokio::spawn(escalate(
         shutdown.clone(),
@@ -1130,33 +1134,53 @@ impl Suite {
 }
 
 /// Lists the tests: in a fresh environment of the backend, with the same
-/// source, or here with `--list-local`.
+/// source, or here with `--list-local`. A stop request ends the listing
+/// (exit 3).
 async fn list_tests(
     args: &RunArgs,
     planned: &PlannedRun,
     suite: &Suite,
     target: &Target,
+    shutdown: &Shutdown,
 ) -> Result<Vec<String>, RunError> {
     let command = &suite.adapter.list_command;
+    let interrupted =
+        |signal: Signal| RunError::ListingNotRun(format!("interrupted by {}", signal.name()));
     let (ok, status, stdout, stderr) = if args.list_local {
         let dir = planned.archive.root.join(&planned.spec.workdir);
-        let output = tokio::process::Command::new("sh")
+        let child = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(format!("pwd && {{\n{command}\n}}"))
             .current_dir(&dir)
             .envs(&planned.spec.env)
             .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            // A group of its own: what the listing started ends with it.
+            .process_group(0)
             .kill_on_drop(true)
-            .output();
-        match tokio::time::timeout(planned.spec.timeout, output).await {
-            Ok(Ok(out)) => (
+            .spawn()
+            .map_err(|e| RunError::Local(format!("cannot run sh: {e}")))?;
+        let group = child.id();
+        let outcome = tokio::select! {
+            done = tokio::time::timeout(planned.spec.timeout, child.wait_with_output()) => Ok(done),
+            signal = shutdown.requested() => Err(signal),
+        };
+        if !matches!(outcome, Ok(Ok(Ok(_)))) {
+            if let Some(group) = group {
+                crate::os::signal_group(group, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        match outcome {
+            Ok(Ok(Ok(out))) => (
                 out.status.success(),
                 out.status.to_string(),
                 out.stdout,
                 out.stderr,
             ),
-            Ok(Err(e)) => return Err(RunError::Local(format!("cannot run sh: {e}"))),
-            Err(_) => (false, "ran out of time".into(), Vec::new(), Vec::new()),
+            Ok(Ok(Err(e))) => return Err(RunError::Local(format!("cannot run sh: {e}"))),
+            Ok(Err(_)) => (false, "ran out of time".into(), Vec::new(), Vec::new()),
+            Err(signal) => return Err(interrupted(signal)),
         }
     } else {
         let job = plan::listing_job(&planned.spec, &planned.run_id, &planned.source, command)?;
@@ -1186,15 +1210,27 @@ async fn list_tests(
             ..DispatchOptions::default()
         };
         let run_id = format!("{}-list", planned.run_id);
+        let cancel = CancellationToken::new();
+        let stop = tokio::spawn({
+            let (shutdown, cancel) = (shutdown.clone(), cancel.clone());
+            async move {
+                shutdown.requested().await;
+                cancel.cancel();
+            }
+        });
         let summary = dispatch::dispatch(
             target.backend.clone(),
             &run_id,
             vec![job],
             &options,
             tx,
-            CancellationToken::new(),
+            cancel,
         )
         .await;
+        stop.abort();
+        if let Some(signal) = shutdown.last() {
+            return Err(interrupted(signal));
+        }
         let (stdout, stderr) = collected
             .await
             .map_err(|e| RunError::Local(format!("the listing's collector failed: {e}")))?;

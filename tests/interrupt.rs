@@ -297,3 +297,72 @@ async fn eventually_running(endpoint: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn sigint_while_the_tests_are_listed_terminates_the_listing_microvm() {
+    // The listing runs in a microVM of its own before any shard: a signal
+    // then must end it too, not kill the invoker and leave it running.
+    let (emulator, endpoint) = emulate(&[]).await;
+    let (run, _dir) = invoker(
+        &endpoint,
+        &[
+            "--microvm-image",
+            "mvm-shard",
+            "--runner",
+            "pytest",
+            "--list-command",
+            "sleep 60",
+        ],
+        2,
+        &["pytest", "{tests}"],
+    );
+    eventually_running(&endpoint).await;
+    signal(&run, Signal::SIGINT);
+    let (code, _, stderr) = finish(run).await;
+
+    assert_eq!(code, Some(3), "an interrupted run is incomplete\n{stderr}");
+    assert_eq!(states(&endpoint).await, vec!["TERMINATED"], "{stderr}");
+    assert!(stderr.contains("interrupted by SIGINT"), "{stderr}");
+    stop(emulator).await;
+}
+
+#[tokio::test]
+async fn sigint_while_the_tests_are_listed_here_ends_the_listing_and_its_children() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid_file = dir.path().join("listing.pid");
+    let listing = format!("sleep 60 & echo $! > {}; wait", pid_file.display());
+    let run = Command::new(binary())
+        .args(["run", "--local", "--source", ".", "--runner", "pytest"])
+        .args(["--list-local", "--list-command", &listing])
+        .args(["--", "pytest", "{tests}"])
+        .env_remove("GITHUB_ACTIONS")
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("invoker starts");
+    let deadline = tokio::time::Instant::now() + BOUND;
+    let sleeper: u32 = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break pid;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the listing never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    signal(&run, Signal::SIGINT);
+    let (code, _, stderr) = finish(run).await;
+
+    assert_eq!(code, Some(3), "an interrupted run is incomplete\n{stderr}");
+    assert!(stderr.contains("interrupted by SIGINT"), "{stderr}");
+    assert!(
+        common::wait_gone(sleeper).await,
+        "the listing's child {sleeper} outlived the run"
+    );
+}

@@ -336,10 +336,12 @@ pub fn select(command: &[String], tests: &[String]) -> Vec<String> {
         if arg == "{tests}" {
             out.extend(tests.iter().cloned());
         } else if arg.contains("{tests}") {
-            out.push(
-                arg.replace("{tests}", &quoted())
-                    .replace("{tests_file}", TESTS_FILE),
-            );
+            // One pass, so that an id containing `{tests_file}` stays itself.
+            let parts: Vec<String> = arg
+                .split("{tests}")
+                .map(|part| part.replace("{tests_file}", TESTS_FILE))
+                .collect();
+            out.push(parts.join(&quoted()));
         } else {
             out.push(arg.replace("{tests_file}", TESTS_FILE));
         }
