@@ -1146,6 +1146,12 @@ async fn list_tests(
     let command = &suite.adapter.list_command;
     let interrupted =
         |signal: Signal| RunError::ListingNotRun(format!("interrupted by {}", signal.name()));
+    let too_long = || {
+        RunError::from(RunnerError::ListingTooLong {
+            command: command.clone(),
+            limit: LISTING_LIMIT,
+        })
+    };
     let (ok, status, stdout, stderr) = if args.list_local {
         let dir = planned.archive.root.join(&planned.spec.workdir);
         let child = tokio::process::Command::new("sh")
@@ -1163,7 +1169,7 @@ async fn list_tests(
             .map_err(|e| RunError::Local(format!("cannot run sh: {e}")))?;
         let group = child.id();
         let outcome = tokio::select! {
-            done = tokio::time::timeout(planned.spec.timeout, child.wait_with_output()) => Ok(done),
+            done = tokio::time::timeout(planned.spec.timeout, listing_output(child)) => Ok(done),
             signal = shutdown.requested() => Err(signal),
         };
         if !matches!(outcome, Ok(Ok(Ok(_)))) {
@@ -1172,34 +1178,43 @@ async fn list_tests(
             }
         }
         match outcome {
-            Ok(Ok(Ok(out))) => (
-                out.status.success(),
-                out.status.to_string(),
-                out.stdout,
-                out.stderr,
-            ),
-            Ok(Ok(Err(e))) => return Err(RunError::Local(format!("cannot run sh: {e}"))),
+            Ok(Ok(Ok((status, stdout, stderr)))) => {
+                (status.success(), status.to_string(), stdout, stderr)
+            }
+            Ok(Ok(Err(None))) => return Err(too_long()),
+            Ok(Ok(Err(Some(e)))) => return Err(RunError::Local(format!("cannot run sh: {e}"))),
             Ok(Err(_)) => (false, "ran out of time".into(), Vec::new(), Vec::new()),
             Err(signal) => return Err(interrupted(signal)),
         }
     } else {
         let job = plan::listing_job(&planned.spec, &planned.run_id, &planned.source, command)?;
         let (tx, mut rx) = dispatch::event_channel();
-        // The channel is bounded: collect the listing while it runs.
-        let collected = tokio::spawn(async move {
-            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-            while let Some(event) = rx.recv().await {
-                match event {
-                    RunEvent::Output {
-                        stream: OutputStream::Stdout,
-                        data,
-                        ..
-                    } => stdout.extend_from_slice(&data),
-                    RunEvent::Output { data, .. } => stderr.extend_from_slice(&data),
-                    _ => {}
+        let cancel = CancellationToken::new();
+        // The channel is bounded: collect the listing while it runs, up to
+        // LISTING_LIMIT a stream (past it, the listing is stopped).
+        let collected = tokio::spawn({
+            let cancel = cancel.clone();
+            async move {
+                let (mut stdout, mut stderr, mut over) = (Vec::new(), Vec::new(), false);
+                while let Some(event) = rx.recv().await {
+                    let (kept, data) = match event {
+                        RunEvent::Output {
+                            stream: OutputStream::Stdout,
+                            data,
+                            ..
+                        } => (&mut stdout, data),
+                        RunEvent::Output { data, .. } => (&mut stderr, data),
+                        _ => continue,
+                    };
+                    if over || kept.len() + data.len() > LISTING_LIMIT {
+                        over = true;
+                        cancel.cancel();
+                    } else {
+                        kept.extend_from_slice(&data);
+                    }
                 }
+                (stdout, stderr, over)
             }
-            (stdout, stderr)
         });
         let options = DispatchOptions {
             max_parallel: 1,
@@ -1210,7 +1225,6 @@ async fn list_tests(
             ..DispatchOptions::default()
         };
         let run_id = format!("{}-list", planned.run_id);
-        let cancel = CancellationToken::new();
         let stop = tokio::spawn({
             let (shutdown, cancel) = (shutdown.clone(), cancel.clone());
             async move {
@@ -1231,9 +1245,12 @@ async fn list_tests(
         if let Some(signal) = shutdown.last() {
             return Err(interrupted(signal));
         }
-        let (stdout, stderr) = collected
+        let (stdout, stderr, over) = collected
             .await
             .map_err(|e| RunError::Local(format!("the listing's collector failed: {e}")))?;
+        if over {
+            return Err(too_long());
+        }
         let Some(record) = summary.records.first() else {
             return Err(RunError::ListingNotRun("no result".into()));
         };
@@ -1245,7 +1262,7 @@ async fn list_tests(
     };
     let stdout = String::from_utf8_lossy(&stdout);
     let (root, listing) = stdout.split_once('\n').unwrap_or((&stdout, ""));
-    let output = || format!("{listing}{}", String::from_utf8_lossy(&stderr));
+    let output = || last_part(&format!("{listing}{}", String::from_utf8_lossy(&stderr)));
     if !ok {
         return Err(RunnerError::ListingFailed {
             command: command.clone(),
@@ -1263,6 +1280,59 @@ async fn list_tests(
         .into());
     }
     Ok(tests)
+}
+
+/// The most a listing may print on each of stdout and stderr: far more than
+/// any suite's ids (100,000 ids of 200 bytes are 20 MB), far less than
+/// would take the invoker's memory.
+const LISTING_LIMIT: usize = 64 << 20;
+
+/// What `--list-local`'s listing printed and how it ended; `Err(None)` once
+/// it printed more than [`LISTING_LIMIT`] on one stream.
+async fn listing_output(
+    mut child: tokio::process::Child,
+) -> Result<(std::process::ExitStatus, Vec<u8>, Vec<u8>), Option<std::io::Error>> {
+    async fn capped(
+        stream: Option<impl tokio::io::AsyncRead + Unpin>,
+    ) -> Result<Vec<u8>, Option<std::io::Error>> {
+        use tokio::io::AsyncReadExt;
+        let mut kept = Vec::new();
+        if let Some(stream) = stream {
+            stream
+                .take(LISTING_LIMIT as u64 + 1)
+                .read_to_end(&mut kept)
+                .await?;
+        }
+        if kept.len() > LISTING_LIMIT {
+            return Err(None);
+        }
+        Ok(kept)
+    }
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let (stdout, stderr, status) = tokio::try_join!(capped(stdout), capped(stderr), async {
+        child.wait().await.map_err(Some)
+    })?;
+    Ok((status, stdout, stderr))
+}
+
+/// The end of a listing's output, as much as is worth showing in an error.
+fn last_part(output: &str) -> String {
+    const SHOWN: usize = 16 << 10;
+    if output.len() <= SHOWN {
+        return output.to_string();
+    }
+    let mut start = output.len() - SHOWN;
+    while !output.is_char_boundary(start) {
+        start += 1;
+    }
+    let rest = &output[start..];
+    let rest = rest
+        .split_once('\n')
+        .map_or(rest, |(_, whole_lines)| whole_lines);
+    format!(
+        "(the first {} left out)\n{rest}",
+        human_bytes((output.len() - rest.len()) as u64)
+    )
 }
 
 /// Splits the listed tests into the shards by learned duration, asks the

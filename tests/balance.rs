@@ -1014,3 +1014,33 @@ fn a_masked_value_in_the_command_is_not_recorded_and_its_replay_asks_for_the_com
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(stdout.contains("token-ok"), "{stdout}");
 }
+
+#[test]
+fn a_listing_that_never_stops_printing_is_cut_off_with_the_invoker_small() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x"), "").unwrap();
+    for local in [false, true] {
+        let err = tempfile::NamedTempFile::new().unwrap();
+        let mut run = std::process::Command::new(common::binary());
+        run.args(["run", "--local", "--source", ".", "--runner", "pytest"])
+            .args(["--list-command", "yes tests/test_garbage.py::test_x"])
+            .args(["--timings", "t.json"])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(err.reopen().unwrap());
+        if local {
+            run.arg("--list-local");
+        }
+        let child = run.args(["--", "pytest", "{tests}"]).spawn().unwrap();
+        let (code, usage) = common::wait4_within(&child, std::time::Duration::from_secs(120));
+        let stderr = std::fs::read_to_string(err.path()).unwrap();
+        assert_eq!(code, 2, "{}", &stderr[..stderr.len().min(2000)]);
+        assert!(
+            stderr.contains("printed more than 64 MiB"),
+            "{stderr:.2000}"
+        );
+        // ru_maxrss is in KiB: what the listing printed was not all kept.
+        let peak_mib = usage.ru_maxrss / 1024;
+        assert!(peak_mib < 400, "the invoker grew to {peak_mib} MiB");
+    }
+}

@@ -54,6 +54,14 @@ pub enum RunnerError {
         /// What it printed.
         output: String,
     },
+    /// The listing printed more than the invoker keeps.
+    #[error("listing the tests with `{command}` printed more than {} MiB: is it the listing command? (see --list-command)", limit >> 20)]
+    ListingTooLong {
+        /// The listing command.
+        command: String,
+        /// The most it may print, in bytes.
+        limit: usize,
+    },
     /// The listing found no tests.
     #[error("listing the tests with `{command}` found none; its output:\n{output}")]
     NoTests {
