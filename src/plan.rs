@@ -124,7 +124,11 @@ pub fn balance(tests: &[String], expected: &[f64], shards: u32) -> Vec<Share> {
         };
         shares[shard].tests.push(tests[i].clone());
         shares[shard].expected += expected[i];
-        loads.push(Reverse((load + micros(expected[i]), count + 1, shard)));
+        loads.push(Reverse((
+            load.saturating_add(micros(expected[i])),
+            count + 1,
+            shard,
+        )));
     }
     for share in &mut shares {
         share.tests.sort();
@@ -517,6 +521,14 @@ mod tests {
         all.sort();
         assert_eq!(all, tests);
         assert_eq!(balance(&tests, &expected, 4), shares, "deterministic");
+    }
+
+    #[test]
+    fn balance_takes_absurd_durations_in_its_stride() {
+        let shares = balance(&ids(4), &[1e308, 1e308, f64::MAX, -1.0], 2);
+        let mut all: Vec<String> = shares.iter().flat_map(|s| s.tests.clone()).collect();
+        all.sort();
+        assert_eq!(all, ids(4));
     }
 
     #[test]

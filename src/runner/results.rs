@@ -78,10 +78,16 @@ fn nextest_line(line: &str) -> Option<(String, TestResult)> {
     Some((
         format!("{binary} {test}"),
         TestResult {
-            duration: Some(Duration::from_secs_f64(seconds)),
+            duration: seconds_said(seconds),
             passed,
         },
     ))
+}
+
+/// A time a log line says, if it could be one: the log is the shard's
+/// output, which any test can write to (`-1s`, `NaNs`, `1e300s`).
+fn seconds_said(seconds: f64) -> Option<Duration> {
+    Duration::try_from_secs_f64(seconds).ok()
 }
 
 /// A package's end in `go test`'s output: `ok  \tpkg\t0.002s`,
@@ -103,7 +109,7 @@ fn go_line(line: &str) -> Option<(String, TestResult)> {
         let duration = event
             .get("Elapsed")
             .and_then(serde_json::Value::as_f64)
-            .map(Duration::from_secs_f64);
+            .and_then(seconds_said);
         return Some((package, TestResult { duration, passed }));
     }
     let mut fields = line.split('\t');
@@ -123,7 +129,7 @@ fn go_line(line: &str) -> Option<(String, TestResult)> {
     }
     let said = fields.next().map(str::trim).unwrap_or("");
     let duration = match said.strip_suffix('s').and_then(|s| s.parse::<f64>().ok()) {
-        Some(seconds) => Some(Duration::from_secs_f64(seconds)),
+        Some(seconds) => seconds_said(seconds),
         // Nothing ran: no time to learn, but nothing to wait for either.
         None if said == "[no test files]" => Some(Duration::ZERO),
         None => None,
@@ -343,6 +349,25 @@ mod tests {
 
     fn secs(s: f64) -> Option<Duration> {
         Some(Duration::from_secs_f64(s))
+    }
+
+    #[test]
+    fn times_no_run_could_take_are_not_learned() {
+        for said in ["-1", "NaN", "inf", "1e300"] {
+            for (kind, line) in [
+                (
+                    RunnerKind::CargoNextest,
+                    format!("        PASS [ {said}s] nx tests::ok"),
+                ),
+                (RunnerKind::Go, format!("ok  \texample.com/m/a\t{said}s")),
+            ] {
+                if let Some((_, result)) = log_line(kind, &line) {
+                    assert_eq!(result.duration, None, "{line}");
+                }
+            }
+        }
+        let event = r#"{"Action":"pass","Package":"example.com/m/a","Elapsed":-3}"#;
+        assert_eq!(log_line(RunnerKind::Go, event).unwrap().1.duration, None);
     }
 
     #[test]

@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 /// Weight of the newest observation in the moving average: recent runs weigh more.
 const NEWEST_WEIGHT: f64 = 0.5;
 
+/// The longest duration a timings file may hold: a year.
+const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
 /// Expected seconds per test id.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timings {
@@ -56,10 +59,21 @@ impl Timings {
     /// Reads `path`; a file that does not exist yet is empty timings.
     pub fn load(path: &Path) -> Result<Self, TimingsError> {
         match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| TimingsError::Format {
-                path: path.to_path_buf(),
-                source,
-            }),
+            Ok(bytes) => {
+                let mut timings: Timings =
+                    serde_json::from_slice(&bytes).map_err(|source| TimingsError::Format {
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
+                // Durations no run could have taken (an edited or foreign
+                // file) are forgotten: such tests count as never seen.
+                let possible = |s: &f64| s.is_finite() && (0.0..=MAX_SECONDS).contains(s);
+                timings.tests.retain(|_, s| possible(s));
+                if let Some(before) = &mut timings.before {
+                    before.retain(|_, s| possible(s));
+                }
+                Ok(timings)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Timings::default()),
             Err(source) => Err(TimingsError::Io {
                 path: path.to_path_buf(),
@@ -304,5 +318,19 @@ mod tests {
         assert_eq!(Timings::load(&path).unwrap(), t);
         std::fs::write(&path, "nope").unwrap();
         assert!(Timings::load(&path).is_err());
+    }
+
+    #[test]
+    fn durations_no_run_could_take_are_forgotten_on_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("timings.json");
+        std::fs::write(
+            &path,
+            r#"{"tests": {"a": -5, "b": 1e308, "c": 2.5}, "run": "1", "before": {"a": -1, "c": 1}}"#,
+        )
+        .unwrap();
+        let t = Timings::load(&path).unwrap();
+        assert_eq!(t.tests, BTreeMap::from([("c".to_string(), 2.5)]));
+        assert_eq!(t.before, Some(BTreeMap::from([("c".to_string(), 1.0)])));
     }
 }
