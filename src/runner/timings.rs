@@ -91,7 +91,9 @@ impl Timings {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let tmp = path.with_extension("json.tmp");
+        // A temporary of this process's own: two runs sharing the file (the
+        // default one, in the git directory) never write into each other's.
+        let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
         let json = serde_json::to_vec_pretty(self).map_err(|source| TimingsError::Format {
             path: path.to_path_buf(),
             source,
@@ -318,6 +320,18 @@ mod tests {
         assert_eq!(Timings::load(&path).unwrap(), t);
         std::fs::write(&path, "nope").unwrap();
         assert!(Timings::load(&path).is_err());
+    }
+
+    #[test]
+    fn another_writers_temporary_file_does_not_stop_a_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("timings.json");
+        // What a concurrent run may hold at the moment this one saves.
+        std::fs::create_dir(path.with_extension("json.tmp")).unwrap();
+        let mut t = Timings::default();
+        t.tests.insert("a".into(), 1.0);
+        t.save(&path).unwrap();
+        assert_eq!(Timings::load(&path).unwrap(), t);
     }
 
     #[test]
