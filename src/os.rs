@@ -20,8 +20,8 @@ use tokio::sync::oneshot;
 /// Caps glibc's malloc arenas at two. By default every thread that meets a
 /// locked arena gets one of its own (up to eight per core), and memory freed
 /// in one is never reused by another: with a thousand shards in flight the
-/// invoker's resident memory grew by a fifth from that alone. Call it before
-/// any thread starts.
+/// invoker's peak resident memory was 10-20 % higher from that alone. Call
+/// it before any thread starts.
 pub fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets a tunable of the allocator; no thread runs yet.
