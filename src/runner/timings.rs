@@ -45,7 +45,7 @@ pub enum TimingsError {
         source: std::io::Error,
     },
     /// The file is not a timings file.
-    #[error("timings file {path} is not valid: {source}")]
+    #[error("timings file {path} is not valid ({source}): delete it to learn afresh, or name another with --timings")]
     Format {
         /// The file.
         path: PathBuf,
@@ -319,7 +319,8 @@ mod tests {
         t.save(&path).unwrap();
         assert_eq!(Timings::load(&path).unwrap(), t);
         std::fs::write(&path, "nope").unwrap();
-        assert!(Timings::load(&path).is_err());
+        let error = Timings::load(&path).unwrap_err().to_string();
+        assert!(error.contains("delete it to learn afresh"), "{error}");
     }
 
     #[test]
