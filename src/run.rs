@@ -514,7 +514,8 @@ fn link_lifetime(args: &RunArgs) -> Duration {
 }
 
 /// The `--cache` folders with their links. A cache only speeds a run up: a
-/// store that fails here is said and skipped; a malformed `--cache` is exit 2.
+/// store that fails here or a key file that cannot be read is said and
+/// skipped; a malformed `--cache` is exit 2.
 async fn caches(
     args: &RunArgs,
     cwd: &std::path::Path,
@@ -534,7 +535,15 @@ async fn caches(
     let mut specs = Vec::new();
     for given in &args.caches {
         let cache = CacheArg::parse(given)?;
-        let key = cache.key(cwd, &identity)?;
+        // A key file that cannot be read (not generated yet, a typo) leaves
+        // the run uncached, never failed: said here, and the run goes on.
+        let key = match cache.key(cwd, &identity) {
+            Ok(key) => key,
+            Err(e) => {
+                eprintln!("mvm-shard: cache {} not used: {e}", cache.path);
+                continue;
+            }
+        };
         match channel.cache(&key).await {
             Ok(links) => {
                 links_to_mask.extend(links.secrets);

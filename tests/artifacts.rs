@@ -446,6 +446,28 @@ fn a_local_cache_is_saved_once_restored_and_a_broken_one_is_ignored() {
         "{}",
         changed.stdout
     );
+
+    // No lockfile at all (not generated yet, a typo): the run goes on
+    // uncached and says so; nothing is saved under a key of nothing.
+    std::fs::remove_file(work.path().join("deps.lock")).unwrap();
+    let keyless = run(work.path(), &[], &args);
+    assert_eq!(keyless.code, 0, "{}{}", keyless.stdout, keyless.stderr);
+    assert_eq!(
+        keyless.stdout.matches("MISS").count(),
+        2,
+        "{}",
+        keyless.stdout
+    );
+    assert!(
+        keyless.stderr.contains("cache deps not used") && keyless.stderr.contains("deps.lock"),
+        "{}",
+        keyless.stderr
+    );
+    assert!(
+        !keyless.stdout.contains("cache deps saved"),
+        "{}",
+        keyless.stdout
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -712,9 +712,10 @@ fn tests_file_carries_a_list_too_long_for_a_command_line() {
         .map(|i| format!("tests/test_module.py::test_case_{i:05}"))
         .collect();
     assert_eq!(ids, want, "every id exactly once, one a line");
-    // The same list on the command line does not fit.
-    let (code, stdout, _) = run("echo {tests} | wc -w");
-    assert_ne!(code, 0, "{stdout}");
+    // The same list on the command line does not fit, and the error says what does.
+    let (code, stdout, stderr) = run("echo {tests} | wc -w");
+    assert_eq!(code, 2, "{stdout}\n{stderr}");
+    assert!(stderr.contains("{tests_file}"), "{stderr}");
 }
 
 #[test]

@@ -26,6 +26,9 @@ pub const MAX_REQUEST_BYTES: usize = 6 * 1024 * 1024;
 const MAX_RUN_ID: usize = 128;
 const MAX_ARGS: usize = 4096;
 const MAX_ARG_BYTES: usize = 128 * 1024;
+/// What to do when a runner's selected tests overflow the command line.
+const TESTS_FILE_HINT: &str =
+    " (with --runner, pass long test lists through {tests_file} instead of {tests})";
 const MAX_ENV_VARS: usize = 1024;
 const MAX_ENV_NAME: usize = 256;
 const MAX_ENV_VALUE: usize = 128 * 1024;
@@ -242,7 +245,9 @@ impl ShardRequest {
             return invalid("command is empty".into());
         }
         if self.command.len() > MAX_ARGS {
-            return invalid(format!("command has over {MAX_ARGS} arguments"));
+            return invalid(format!(
+                "command has over {MAX_ARGS} arguments{TESTS_FILE_HINT}"
+            ));
         }
         if let Some(arg) = self
             .command
@@ -250,7 +255,7 @@ impl ShardRequest {
             .find(|a| a.len() > MAX_ARG_BYTES || a.contains('\0'))
         {
             return invalid(format!(
-                "argument starting {:?} is over {MAX_ARG_BYTES} bytes or contains NUL",
+                "argument starting {:?} is over {MAX_ARG_BYTES} bytes or contains NUL{TESTS_FILE_HINT}",
                 arg.chars().take(20).collect::<String>()
             ));
         }
