@@ -366,3 +366,61 @@ async fn sigint_while_the_tests_are_listed_here_ends_the_listing_and_its_childre
         "the listing's child {sleeper} outlived the run"
     );
 }
+
+/// With `--local` the run's own emulator ends every environment with the
+/// run: an interrupted shard is said to have ended, and nothing it started
+/// outlives the invoker.
+#[tokio::test]
+async fn an_interrupted_local_shard_ends_with_the_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid_file = dir.path().join("shard.pid");
+    std::fs::write(dir.path().join("x"), "").expect("source file");
+    let script = format!("echo $$ > {}; exec sleep 300", pid_file.display());
+    let mut run = Command::new(binary())
+        .args(["run", "--local", "--source", ".", "--shards", "1"])
+        .args(["--", "sh", "-c", &script])
+        .env_remove("GITHUB_ACTIONS")
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("invoker starts");
+    let deadline = tokio::time::Instant::now() + BOUND;
+    let sleeper: u32 = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break pid;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the shard never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let stdout = run.stdout.take().expect("piped");
+    signal(&run, Signal::SIGINT);
+    let mut rest = String::new();
+    let mut lines = BufReader::new(stdout).lines();
+    while let Some(line) = tokio::time::timeout(BOUND, lines.next_line())
+        .await
+        .expect("the invoker ends in time")
+        .expect("stdout readable")
+    {
+        rest.push_str(&line);
+        rest.push('\n');
+    }
+    let (code, _, stderr) = finish(run).await;
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        rest.contains("INTERRUPTED (interrupted; ended with the local emulator)"),
+        "{rest}"
+    );
+    assert!(!rest.contains("may still be running"), "{rest}");
+    assert!(
+        common::wait_gone(sleeper).await,
+        "the shard's process {sleeper} outlived the run"
+    );
+}

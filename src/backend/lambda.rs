@@ -23,7 +23,8 @@ pub struct LambdaOptions {
     pub region: Option<String>,
     /// Send a tenant id per shard and attempt (functions in `PER_TENANT` mode).
     pub tenant_isolation: bool,
-    /// Fixed placeholder credentials, for the local emulator.
+    /// Fixed placeholder credentials, for the run's own local emulator
+    /// (`--local`, which also ends every environment with the run).
     pub local_credentials: bool,
 }
 
@@ -34,6 +35,9 @@ pub struct LambdaBackend {
     tenant_isolation: bool,
     region: Option<String>,
     endpoint: Option<String>,
+    /// Talks to the run's own in-process emulator (`--local`), which ends
+    /// every environment when the run ends: nothing outlives an interruption.
+    embedded: bool,
 }
 
 impl LambdaBackend {
@@ -66,6 +70,7 @@ impl LambdaBackend {
             tenant_isolation: options.tenant_isolation,
             region,
             endpoint: options.endpoint_url,
+            embedded: options.local_credentials,
         })
     }
 
@@ -127,9 +132,14 @@ impl LambdaBackend {
 
 impl Backend for LambdaBackend {
     /// An invocation cannot be cancelled: dropping the stream leaves the
-    /// function running in its environment until it ends or times out.
+    /// function running in its environment until it ends or times out (on
+    /// AWS; the run's own emulator of `--local` ends it with the run).
     fn interrupted(&self) -> &'static str {
-        "the function may still be running until its timeout"
+        if self.embedded {
+            "ended with the local emulator"
+        } else {
+            "the function may still be running until its timeout"
+        }
     }
 
     fn invoke<'a>(
