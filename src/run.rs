@@ -331,16 +331,23 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
             } else {
                 (crate::protocol::MAX_REQUEST_BYTES / 4 * 3) as u64
             };
-            tokio::task::spawn_blocking(move || crate::source::pack_within(&source_dir, limit))
-                .await
-                .map_err(|e| RunError::Local(e.to_string()))?
-                .map_err(|e| match e {
-                    SourceError::TooLarge { limit } => RunError::Plan(PlanError::SourceTooLarge {
-                        size: format!("over {}", human_bytes(limit)),
-                        limit: human_bytes(limit),
-                    }),
-                    other => other.into(),
-                })?
+            // What a previous run wrote here is not the project's source.
+            let outputs = vec![
+                args.report.clone(),
+                crate::replay::next_to_report(&args.report),
+            ];
+            tokio::task::spawn_blocking(move || {
+                crate::source::pack_within(&source_dir, limit, &outputs)
+            })
+            .await
+            .map_err(|e| RunError::Local(e.to_string()))?
+            .map_err(|e| match e {
+                SourceError::TooLarge { limit } => RunError::Plan(PlanError::SourceTooLarge {
+                    size: format!("over {}", human_bytes(limit)),
+                    limit: human_bytes(limit),
+                }),
+                other => other.into(),
+            })?
         }
     };
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();

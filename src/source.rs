@@ -110,7 +110,7 @@ impl SourceError {
 
 /// Packs `dir` for shipping, with no budget; see [`pack_within`].
 pub fn pack(dir: &Path) -> Result<SourceArchive, SourceError> {
-    pack_within(dir, u64::MAX)
+    pack_within(dir, u64::MAX, &[])
 }
 
 /// Packs `dir` for shipping. Inside a git working tree this is the whole
@@ -121,7 +121,13 @@ pub fn pack(dir: &Path) -> Result<SourceArchive, SourceError> {
 /// ([`SourceError::TooLarge`]), so a tree too large to ship costs no time
 /// reading it all. `dir` must hold a file
 /// that is shipped, or the shards would have no such directory to start in.
-pub fn pack_within(dir: &Path, limit: u64) -> Result<SourceArchive, SourceError> {
+/// Files at `leave_out` (the run's own outputs, such as the merged report
+/// and its plan a previous run wrote here) are never shipped.
+pub fn pack_within(
+    dir: &Path,
+    limit: u64,
+    leave_out: &[PathBuf],
+) -> Result<SourceArchive, SourceError> {
     let dir = dir
         .canonicalize()
         .map_err(|source| SourceError::Unreadable {
@@ -135,6 +141,20 @@ pub fn pack_within(dir: &Path, limit: u64) -> Result<SourceArchive, SourceError>
         }
         None => (dir.clone(), walk_files(&dir)?),
     };
+    let leave_out: Vec<PathBuf> = leave_out
+        .iter()
+        .filter_map(|path| {
+            let parent = match path.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => Path::new("."),
+            };
+            Some(parent.canonicalize().ok()?.join(path.file_name()?))
+        })
+        .collect();
+    let files = files
+        .into_iter()
+        .filter(|file| !leave_out.contains(&root.join(file)))
+        .collect();
     let workdir = dir
         .strip_prefix(&root)
         .map(|p| p.to_string_lossy().into_owned())
@@ -666,11 +686,11 @@ mod tests {
             }
             std::fs::write(src.path().join(name), noise).unwrap();
         }
-        match pack_within(src.path(), 1 << 20) {
+        match pack_within(src.path(), 1 << 20, &[]) {
             Err(SourceError::TooLarge { limit }) => assert_eq!(limit, 1 << 20),
             other => panic!("expected TooLarge, got {other:?}"),
         }
-        let whole = pack_within(src.path(), 4 << 20).unwrap();
+        let whole = pack_within(src.path(), 4 << 20, &[]).unwrap();
         assert_eq!(whole.entries, 3);
     }
 

@@ -1088,3 +1088,41 @@ fn a_listing_that_never_stops_printing_is_cut_off_with_the_invoker_small() {
         assert!(peak_mib < 400, "the invoker grew to {peak_mib} MiB");
     }
 }
+
+/// The report and plan a run writes where it starts are its outputs, not
+/// the project's source: the next run does not ship (or list) them.
+#[test]
+fn a_runs_own_outputs_are_not_shipped_with_the_next_runs_source() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.sh"), "echo ran a.sh\n").unwrap();
+    let run = || {
+        cli(
+            dir.path(),
+            &[
+                "run",
+                "--local",
+                "--source",
+                ".",
+                "--runner",
+                "files",
+                "--files",
+                "*",
+                "--",
+                "sh",
+                "-c",
+                "for f in {tests}; do echo ran \"$f\"; done",
+            ],
+        )
+    };
+    let (code, stdout, stderr) = run();
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        dir.path().join("mvm-shard-junit.plan.json").is_file(),
+        "the plan is recorded next to the default report: {stderr}"
+    );
+    std::fs::write(dir.path().join("mvm-shard-junit.xml"), "<testsuites/>").unwrap();
+    let (code, stdout, stderr) = run();
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stderr.contains("1 test listed"), "{stderr}");
+    assert!(!stdout.contains("mvm-shard-junit"), "{stdout}");
+}
