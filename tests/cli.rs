@@ -539,6 +539,16 @@ fn statuses_are_coloured_on_a_terminal_and_plain_on_a_pipe() {
 }
 
 #[test]
+fn the_progress_line_counts_shards_in_the_singular_and_the_plural() {
+    let dir = plain_dir();
+    let one = on_a_terminal(dir.path(), "run --local --shards 1 -- sleep 1", &[]);
+    assert!(one.contains("/1 shard done"), "{one:?}");
+    assert!(!one.contains("shards done"), "{one:?}");
+    let two = on_a_terminal(dir.path(), "run --local --shards 2 -- sleep 1", &[]);
+    assert!(two.contains("/2 shards done"), "{two:?}");
+}
+
+#[test]
 fn output_failed_hides_passing_shards_and_shows_failures_whole() {
     let dir = plain_dir();
     let (code, stdout, stderr) = cli(

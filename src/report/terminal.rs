@@ -180,17 +180,28 @@ impl<W: Write> TerminalReporter<W> {
     pub fn with_progress(mut self, bar: ProgressBar) -> Self {
         let running = self.running.clone();
         let style = ProgressStyle::with_template(
-            "{spinner} {elapsed_precise} {pos}/{len} shards done{msg}{running}",
+            "{spinner} {elapsed_precise} {pos}/{len} {shards} done{msg}{running}",
         )
         .map(|style| {
-            style.with_key(
-                "running",
-                move |_: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
-                    if let Ok(running) = running.lock() {
-                        let _ = w.write_str(&running_list(&running, Instant::now()));
-                    }
-                },
-            )
+            style
+                .with_key(
+                    "shards",
+                    |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = w.write_str(if state.len() == Some(1) {
+                            "shard"
+                        } else {
+                            "shards"
+                        });
+                    },
+                )
+                .with_key(
+                    "running",
+                    move |_: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                        if let Ok(running) = running.lock() {
+                            let _ = w.write_str(&running_list(&running, Instant::now()));
+                        }
+                    },
+                )
         });
         if let Ok(style) = style {
             bar.set_style(style);
