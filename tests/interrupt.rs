@@ -342,20 +342,7 @@ async fn sigint_while_the_tests_are_listed_here_ends_the_listing_and_its_childre
         .kill_on_drop(true)
         .spawn()
         .expect("invoker starts");
-    let deadline = tokio::time::Instant::now() + BOUND;
-    let sleeper: u32 = loop {
-        if let Some(pid) = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-        {
-            break pid;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the listing never started"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let sleeper = pid_in(&pid_file, "the listing never started").await;
     signal(&run, Signal::SIGINT);
     let (code, _, stderr) = finish(run).await;
 
@@ -386,20 +373,7 @@ async fn an_interrupted_local_shard_ends_with_the_run() {
         .kill_on_drop(true)
         .spawn()
         .expect("invoker starts");
-    let deadline = tokio::time::Instant::now() + BOUND;
-    let sleeper: u32 = loop {
-        if let Some(pid) = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-        {
-            break pid;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the shard never started"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let sleeper = pid_in(&pid_file, "the shard never started").await;
     let stdout = run.stdout.take().expect("piped");
     signal(&run, Signal::SIGINT);
     let mut rest = String::new();
@@ -423,4 +397,20 @@ async fn an_interrupted_local_shard_ends_with_the_run() {
         common::wait_gone(sleeper).await,
         "the shard's process {sleeper} outlived the run"
     );
+}
+
+/// The process id a script wrote to `file`, waited for (bounded): a
+/// process the test then expects gone.
+async fn pid_in(file: &std::path::Path, never: &str) -> u32 {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        if let Some(pid) = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{never}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
