@@ -41,17 +41,7 @@ async fn versioned_bucket(moto: &Moto) -> aws_sdk_s3::Client {
 /// A git repository with a small tracked file and `big.bin` (ignored, so
 /// it travels only as an include) of random bytes; returns its SHA-256.
 fn project(dir: &Path) -> String {
-    let git = |args: &[&str]| {
-        assert!(Command::new("git")
-            .arg("-C")
-            .arg(dir)
-            .args(args)
-            .output()
-            .unwrap()
-            .status
-            .success());
-    };
-    git(&["init", "-q"]);
+    common::git(dir, &["init", "-q"]);
     std::fs::write(dir.join(".gitignore"), "big.bin\n").unwrap();
     std::fs::write(dir.join("hello.txt"), "hello\n").unwrap();
     let mut big = std::fs::File::create(dir.join("big.bin")).unwrap();
@@ -371,13 +361,7 @@ fn a_bad_artifacts_location_is_a_clear_error() {
 const BUILD_DEPS: &str = "if [ -f deps/built ]; then echo HIT; else mkdir -p deps && echo yes > deps/built && echo MISS; fi";
 
 fn git_project(dir: &Path) {
-    assert!(Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["init", "-q"])
-        .status()
-        .unwrap()
-        .success());
+    common::git(dir, &["init", "-q"]);
     std::fs::write(dir.join(".gitignore"), "deps/\n").unwrap();
     std::fs::write(dir.join("deps.lock"), "v1\n").unwrap();
 }

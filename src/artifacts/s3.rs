@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
-use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
+use aws_sdk_s3::error::SdkError;
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
@@ -307,7 +307,7 @@ impl S3Store {
         let client_fault = e
             .raw_response()
             .is_some_and(|r| r.status().is_client_error());
-        let message = format!("{action} failed: {}", DisplayErrorContext(&e));
+        let message = format!("{action} failed: {}", crate::backend::errors::causes(&e));
         if client_fault || matches!(e, SdkError::ConstructionFailure(_)) {
             ArtifactError::Config {
                 location: self.location(key),
