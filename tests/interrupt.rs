@@ -213,15 +213,7 @@ async fn an_interrupted_function_shard_is_said_to_maybe_still_run() {
         }
     }
     signal(&run, Signal::SIGINT);
-    let mut rest = String::new();
-    while let Some(line) = tokio::time::timeout(BOUND, lines.next_line())
-        .await
-        .expect("the invoker ends in time")
-        .expect("stdout readable")
-    {
-        rest.push_str(&line);
-        rest.push('\n');
-    }
+    let rest = rest_of(&mut lines).await;
     let (code, _, stderr) = finish(run).await;
     assert_eq!(code, Some(3), "{stderr}");
     assert!(
@@ -376,16 +368,8 @@ async fn an_interrupted_local_shard_ends_with_the_run() {
     let sleeper = pid_in(&pid_file, "the shard never started").await;
     let stdout = run.stdout.take().expect("piped");
     signal(&run, Signal::SIGINT);
-    let mut rest = String::new();
     let mut lines = BufReader::new(stdout).lines();
-    while let Some(line) = tokio::time::timeout(BOUND, lines.next_line())
-        .await
-        .expect("the invoker ends in time")
-        .expect("stdout readable")
-    {
-        rest.push_str(&line);
-        rest.push('\n');
-    }
+    let rest = rest_of(&mut lines).await;
     let (code, _, stderr) = finish(run).await;
     assert_eq!(code, Some(3), "{stderr}");
     assert!(
@@ -413,4 +397,18 @@ async fn pid_in(file: &std::path::Path, never: &str) -> u32 {
         assert!(tokio::time::Instant::now() < deadline, "{never}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The rest of the invoker's stdout, line by line, until it closes (bounded).
+async fn rest_of<R: tokio::io::AsyncBufRead + Unpin>(lines: &mut tokio::io::Lines<R>) -> String {
+    let mut rest = String::new();
+    while let Some(line) = tokio::time::timeout(BOUND, lines.next_line())
+        .await
+        .expect("the invoker ends in time")
+        .expect("stdout readable")
+    {
+        rest.push_str(&line);
+        rest.push('\n');
+    }
+    rest
 }
