@@ -186,9 +186,9 @@ pub struct RunArgs {
     /// AWS region (default: from the environment or profile).
     #[arg(long, conflicts_with = "local", value_parser = non_empty)]
     pub region: Option<String>,
-    /// How many shards to split the command into.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub shards: u32,
+    /// How many shards to split the command into [default: 1].
+    #[arg(long, value_name = "N")]
+    pub shards: Option<u32>,
     /// Run only these shards of N (e.g. `1,3` or `2-4`), for matrix jobs.
     #[arg(long, value_name = "LIST")]
     pub only: Option<String>,
@@ -293,8 +293,18 @@ pub struct RunArgs {
     /// mvm-shard/plan.json in the repository's git directory. A plan whose
     /// command held a --mask value has `***` there instead: give the command
     /// again after --.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["shards", "runner", "list_command", "list_local", "files", "timings"])]
+    ///
+    /// What is given besides (the command, --shards, --runner, --files,
+    /// --list-command) must be what the plan was made from, and the source
+    /// must be at the commit it was made at: else exit 2, saying what
+    /// differs. With --timings, what the shards took is learned.
+    #[arg(long, value_name = "FILE", conflicts_with = "list_local")]
     pub replay_plan: Option<PathBuf>,
+    /// List the tests and plan the shards, write the plan to FILE, and run
+    /// no shard: for matrix jobs (or separate runs) that each run one share
+    /// of the same plan with --replay-plan FILE --only K.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["replay_plan", "only"])]
+    pub plan_only: Option<PathBuf>,
     /// The command each shard runs; `{index}` and `{count}` are replaced.
     #[arg(
         last = true,
@@ -302,6 +312,13 @@ pub struct RunArgs {
         value_name = "COMMAND"
     )]
     pub command: Vec<String>,
+}
+
+impl RunArgs {
+    /// `--shards`, 1 when not given.
+    pub fn shard_count(&self) -> u32 {
+        self.shards.unwrap_or(1)
+    }
 }
 
 /// A value that must not be empty (`--function ""` is a mistake, not a default).

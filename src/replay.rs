@@ -2,7 +2,14 @@
 //! tests with `--runner`, the command and the runner), and `--replay-plan
 //! FILE --only K` runs exactly shard K's part again, here with `--local` or
 //! on the configured backend, without listing or planning anew.
+//!
+//! A plan also records what it was made from (the source's commit, the
+//! command, the runner and its listing, the shard count, the learned
+//! timings it planned with), so that the matrix jobs of a workflow run can
+//! each run their share of one published plan (`--plan-only`, then
+//! `--replay-plan FILE --only K`) and a job whose inputs differ refuses.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -11,7 +18,7 @@ use crate::plan::Share;
 use crate::runner::RunnerKind;
 
 /// The plan file's format; a file of another format is refused (exit 2).
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 /// Where a run's plan goes next to its report: `junit.xml` → `junit.plan.json`.
 pub fn next_to_report(report: &Path) -> PathBuf {
@@ -52,11 +59,16 @@ pub enum ReplayError {
         /// Its format.
         found: u32,
     },
-    /// `--replay-plan` with a command, a runner or a shard count of its own.
+    /// The replay's own inputs differ from what the plan was made from.
     #[error(
-        "--replay-plan takes the command, the runner and the shard count from the plan; drop {0}"
+        "--replay-plan {path}: {what}: run it with the inputs it was made from, or plan again"
     )]
-    Conflict(&'static str),
+    Differs {
+        /// The file.
+        path: PathBuf,
+        /// What differs, in words.
+        what: String,
+    },
     /// A plan whose command held a masked value, replayed without a command.
     #[error("--replay-plan {path}: its command held a value asked to be masked (--mask), so the plan does not have it: give the command again after --")]
     MaskedCommand {
@@ -88,6 +100,33 @@ pub struct RecordedPlan {
     pub runner: Option<String>,
     /// With `--runner`: each shard's tests and expected seconds, by index - 1.
     pub shares: Option<Vec<RecordedShare>>,
+    /// The commit the tests were listed at (`GITHUB_SHA` with `--source-from
+    /// github`, else the source's `HEAD`); `None` outside a git repository.
+    #[serde(default)]
+    pub commit: Option<String>,
+    /// With `--runner`: the shell command that listed the tests.
+    #[serde(default)]
+    pub list_command: Option<String>,
+    /// With `--runner`: the learned seconds per test it was planned with.
+    /// Every job that replays the plan learns as from this snapshot, so
+    /// that their timings files merge (`merge-timings`).
+    #[serde(default)]
+    pub planned_with: Option<BTreeMap<String, f64>>,
+}
+
+/// What a replay was given, to be checked against what its plan was made from.
+#[derive(Debug, Default)]
+pub struct ReplayInputs<'a> {
+    /// The command after `--`, masked as the plan records it (empty: none given).
+    pub command: Vec<String>,
+    /// `--shards`, when given.
+    pub shards: Option<u32>,
+    /// `--runner`, when given.
+    pub runner: Option<RunnerKind>,
+    /// With `--runner`: the command that would list the tests.
+    pub list_command: Option<&'a str>,
+    /// The commit of the source here.
+    pub commit: Option<&'a str>,
 }
 
 /// One shard's part of a recorded plan.
@@ -145,6 +184,78 @@ impl RecordedPlan {
                     })
                     .collect()
             }),
+            commit: None,
+            list_command: None,
+            planned_with: None,
+        }
+    }
+
+    /// The command as this plan would record it, each masked value (`secrets`) as [`MASKED`].
+    pub fn masked_command(command: &[String], secrets: &[&str]) -> Vec<String> {
+        RecordedPlan::new("", 1, command, secrets, None, None).command
+    }
+
+    /// Every test of the plan, sorted: the listing it was made from.
+    pub fn tests(&self) -> Vec<String> {
+        let mut tests: Vec<String> = self
+            .shares
+            .iter()
+            .flatten()
+            .flat_map(|s| s.tests.iter().cloned())
+            .collect();
+        tests.sort();
+        tests.dedup();
+        tests
+    }
+
+    /// Checks a replay's own inputs against what the plan was made from:
+    /// the first that differs, in words (one line), when one does.
+    pub fn differs(&self, given: &ReplayInputs<'_>) -> Option<String> {
+        let short = |commit: &str| commit.chars().take(12).collect::<String>();
+        if let Some(shards) = given.shards.filter(|s| *s != self.shards) {
+            return Some(format!(
+                "it was made for {}, not {shards}",
+                crate::report::plural(self.shards as usize, "shard")
+            ));
+        }
+        if !given.command.is_empty() && given.command != self.command {
+            return Some(format!(
+                "it was made for the command {:?}, not {:?}",
+                self.command.join(" "),
+                given.command.join(" ")
+            ));
+        }
+        if let Some(runner) = given.runner {
+            if self.runner_kind() != Some(runner) {
+                use clap::ValueEnum;
+                let name = runner
+                    .to_possible_value()
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default();
+                return Some(match &self.runner {
+                    Some(made) => format!("it was made with --runner {made}, not {name}"),
+                    None => format!("it was made without --runner, not with --runner {name}"),
+                });
+            }
+        }
+        if let (Some(made), Some(given)) = (&self.list_command, given.list_command) {
+            if made != given {
+                return Some(format!(
+                    "its tests were listed with {made:?}, not {given:?} (--files or --list-command)"
+                ));
+            }
+        }
+        match (&self.commit, given.commit) {
+            (Some(made), Some(here)) if made != here => Some(format!(
+                "it was made at commit {}, this source is at {}",
+                short(made),
+                short(here)
+            )),
+            (Some(made), None) => Some(format!(
+                "it was made at commit {}, this source has no commit",
+                short(made)
+            )),
+            _ => None,
         }
     }
 
@@ -270,7 +381,7 @@ mod tests {
         other["format"] = 99.into();
         std::fs::write(&path, other.to_string()).unwrap();
         let format = RecordedPlan::load(&path).unwrap_err().to_string();
-        assert!(format.contains("format 99") && format.contains("reads format 1"));
+        assert!(format.contains("format 99") && format.contains("reads format 2"));
         std::fs::write(&path, "{\"timings\": 1}").unwrap();
         let junk = RecordedPlan::load(&path).unwrap_err().to_string();
         assert!(junk.contains("not a plan"), "{junk}");
@@ -285,6 +396,75 @@ mod tests {
         assert!(runner.contains("unknown runner \"rspec\""), "{runner}");
         for e in [missing, format, junk, runner] {
             assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_replay_whose_inputs_differ_is_told_what_differs_in_one_line() {
+        let mut made = plan();
+        made.commit = Some("a".repeat(40));
+        made.list_command = Some("cargo nextest list".into());
+        let same = ReplayInputs {
+            command: made.command.clone(),
+            shards: Some(2),
+            runner: Some(RunnerKind::CargoNextest),
+            list_command: Some("cargo nextest list"),
+            commit: Some(&made.commit.clone().unwrap()),
+        };
+        assert_eq!(made.differs(&same), None);
+        // Nothing given but the plan: nothing to differ (a laptop's replay).
+        let commit = made.commit.clone().unwrap();
+        let bare = ReplayInputs {
+            commit: Some(&commit),
+            ..ReplayInputs::default()
+        };
+        assert_eq!(made.differs(&bare), None);
+        let other_commit = "b".repeat(40);
+        let cases = [
+            (
+                ReplayInputs {
+                    shards: Some(3),
+                    ..ReplayInputs::default()
+                },
+                "it was made for 2 shards, not 3",
+            ),
+            (
+                ReplayInputs {
+                    command: vec!["pytest".into(), "-x\n{tests}".into()],
+                    ..ReplayInputs::default()
+                },
+                "it was made for the command \"pytest {tests}\", not \"pytest -x\\n{tests}\"",
+            ),
+            (
+                ReplayInputs {
+                    runner: Some(RunnerKind::Pytest),
+                    ..ReplayInputs::default()
+                },
+                "it was made with --runner cargo-nextest, not pytest",
+            ),
+            (
+                ReplayInputs {
+                    list_command: Some("ls"),
+                    ..ReplayInputs::default()
+                },
+                "its tests were listed with \"cargo nextest list\", not \"ls\" (--files or --list-command)",
+            ),
+            (
+                ReplayInputs {
+                    commit: Some(&other_commit),
+                    ..ReplayInputs::default()
+                },
+                "it was made at commit aaaaaaaaaaaa, this source is at bbbbbbbbbbbb",
+            ),
+            (
+                ReplayInputs::default(),
+                "it was made at commit aaaaaaaaaaaa, this source has no commit",
+            ),
+        ];
+        for (given, says) in cases {
+            let what = made.differs(&given);
+            assert_eq!(what.as_deref(), Some(says));
+            assert!(!says.contains('\n'));
         }
     }
 }

@@ -138,7 +138,7 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
     let max_parallel = max_parallel(&args);
     let target = connect(&args, &planned.archive.root, max_parallel).await?;
     let outcome = run_on(&args, &mut planned, &target, max_parallel).await;
-    if outcome.is_err() {
+    if !matches!(outcome, Ok(RunOn::Ran { .. })) {
         // The listing may have started something; nothing may outlive the run.
         tell_released(&target.backend.shutdown().await, None);
     }
@@ -146,7 +146,15 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
         let _ = emulator.shutdown().await;
     }
     planned.channel.shutdown().await;
-    let (summary, left_running, failed_fast, code_floor) = outcome?;
+    let (summary, left_running, failed_fast, code_floor) = match outcome? {
+        RunOn::Planned => return Ok(0),
+        RunOn::Ran {
+            summary,
+            left_running,
+            failed_fast,
+            code_floor,
+        } => (summary, left_running, failed_fast, code_floor),
+    };
     if let Some(error) = summary.stopped_by.clone() {
         // Told once, by the caller, with what had happened by then.
         return Err(RunError::Stopped {
@@ -163,6 +171,23 @@ pub async fn run(args: RunArgs) -> Result<i32, RunError> {
     Ok(if left_running { code.max(3) } else { code })
 }
 
+/// How the stages that need the backend ended.
+enum RunOn {
+    /// `--plan-only`: the plan was written, no shard ran.
+    Planned,
+    /// The shards ran.
+    Ran {
+        /// Every shard's record.
+        summary: RunSummary,
+        /// Something may still be running.
+        left_running: bool,
+        /// The shard `--fail-fast` stopped the run at.
+        failed_fast: Option<ShardId>,
+        /// The least exit status (1 with `--no-flaky` and a flaky test).
+        code_floor: i32,
+    },
+}
+
 /// The stages that need the backend: list and plan the tests (with
 /// `--runner`), dispatch and report, learn.
 async fn run_on(
@@ -170,19 +195,38 @@ async fn run_on(
     planned: &mut PlannedRun,
     target: &Target,
     max_parallel: usize,
-) -> Result<(RunSummary, bool, Option<ShardId>, i32), RunError> {
+) -> Result<RunOn, RunError> {
     // From here on SIGINT and SIGTERM no longer end the process by
     // themselves: the listing, like the shards, is stopped and released.
     let shutdown = Shutdown::from_os()
         .map_err(|e| RunError::Local(format!("cannot handle SIGINT and SIGTERM: {e}")))?;
-    let shares = match &planned.suite {
-        Some(suite) => {
+    let shares = match (&planned.suite, &planned.replayed) {
+        (Some(suite), Some(replayed)) => {
+            // The plan's tests are the listing it was made from.
+            let tests = replayed.tests();
+            if let Ok(mut log) = suite.log.lock() {
+                log.expect(&tests);
+            }
+            Some((tests, planned.spec.shares.clone().unwrap_or_default()))
+        }
+        (Some(suite), None) => {
             let tests = list_tests(args, planned, suite, target, &shutdown).await?;
             let shares = plan_suite(args, planned, &tests)?;
             Some((tests, shares))
         }
-        None => None,
+        (None, _) => None,
     };
+    if let Some(path) = &args.plan_only {
+        publish_plan(args, planned, path)?;
+        return Ok(RunOn::Planned);
+    }
+    if let (Some(replayed), Some(path)) = (&planned.replayed, &args.replay_plan) {
+        eprintln!(
+            "mvm-shard: replaying plan {} ({})",
+            replayed.run_id,
+            path.display()
+        );
+    }
     let source = match &planned.github {
         // Nothing was packed here: each shard fetches the commit itself.
         Some(_) => {
@@ -233,12 +277,12 @@ async fn run_on(
         );
         code_floor = 1;
     }
-    Ok((
+    Ok(RunOn::Ran {
         summary,
-        dispatched.left_running,
-        dispatched.failed_fast,
+        left_running: dispatched.left_running,
+        failed_fast: dispatched.failed_fast,
         code_floor,
-    ))
+    })
 }
 
 /// What the plan stage produced: the jobs, and what must live while they run.
@@ -269,6 +313,10 @@ struct PlannedRun {
     github: Option<Arc<TarballLinks>>,
     /// Links already handed out, for masking.
     links_to_mask: Vec<String>,
+    /// The commit the tests are listed at, when known.
+    commit: Option<String>,
+    /// With `--replay-plan`: the plan replayed.
+    replayed: Option<RecordedPlan>,
 }
 
 /// Checks the input, packs the source and the overlay, and plans the jobs.
@@ -277,17 +325,14 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
         Some(path) => {
             let plan = RecordedPlan::load(path)?;
             // The command comes from the plan, unless the plan could not keep it.
-            match (plan.masked, args.command.is_empty()) {
-                (false, false) => return Err(ReplayError::Conflict("the command after --").into()),
-                (true, true) => {
-                    return Err(ReplayError::MaskedCommand { path: path.clone() }.into())
-                }
-                _ => Some(plan),
+            if plan.masked && args.command.is_empty() {
+                return Err(ReplayError::MaskedCommand { path: path.clone() }.into());
             }
+            Some(plan)
         }
         None => None,
     };
-    let shards = replay.as_ref().map_or(args.shards, |p| p.shards);
+    let shards = replay.as_ref().map_or(args.shard_count(), |p| p.shards);
     if shards == 0 || shards > 10_000 {
         return Err(PlanError::ShardCount(shards).into());
     }
@@ -320,6 +365,15 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
         Some(dir) => dir.clone(),
         None => std::env::current_dir().map_err(|e| RunError::Local(e.to_string()))?,
     };
+    // The commit the tests are listed at: a plan made at one is replayed at it only.
+    let commit = match &github {
+        Some(_) => std::env::var("GITHUB_SHA").ok().filter(|s| !s.is_empty()),
+        None => crate::source::git_rev_parse(&source_dir, &["--verify", "--quiet", "HEAD"])
+            .map(|p| p.display().to_string()),
+    };
+    if let (Some(plan), Some(path)) = (&replay, &args.replay_plan) {
+        check_replay(args, plan, path, &env, commit.as_deref())?;
+    }
     let archive = match &github {
         // The commit's tree comes from GitHub; only the working directory is needed here.
         Some(_) => SourceArchive::nothing(&source_dir),
@@ -368,18 +422,41 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
         runner: args.runner,
     };
     let mut replayed_runner = None;
+    let mut suite = None;
     if let Some(replay) = &replay {
-        // Exactly what the plan gave each shard: no listing, nothing learned.
+        // Exactly what the plan gave each shard, without listing; learned
+        // with --timings, as from the timings the plan was made with.
         if let Some(kind) = replay.runner_kind() {
-            let adapter = Adapter::new(kind, Some(String::new()), None)?;
+            let adapter = Adapter::new(
+                kind,
+                Some(replay.list_command.clone().unwrap_or_default()),
+                None,
+            )?;
             ask_for_junit(&mut spec, &adapter);
             spec.runner = Some(kind);
+            if let Some(path) = &args.timings {
+                let planning = Timings {
+                    tests: replay.planned_with.clone().unwrap_or_default(),
+                    ..Timings::default()
+                };
+                let log = LogScanner::new(kind);
+                suite = Some(Suite {
+                    log: Arc::new(std::sync::Mutex::new(log)),
+                    adapter: adapter.clone(),
+                    timings_path: Some(path.clone()),
+                    timings: Timings::load(path)?,
+                    planning,
+                    workflow_run: workflow_run(),
+                    planned_with: replay.planned_with.clone(),
+                });
+            }
             replayed_runner = Some(adapter);
         }
         spec.shares = replay.shares();
     }
-    let suite = match args.runner {
-        Some(kind) => {
+    let suite = match (args.runner, &replay) {
+        (_, Some(_)) => suite,
+        (Some(kind), None) => {
             crate::runner::check_command(&args.command)?;
             let adapter = Adapter::new(kind, args.list_command.clone(), args.files.as_deref())?;
             let timings_path = args
@@ -390,9 +467,7 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
                 Some(path) => Timings::load(path)?,
                 None => Timings::default(),
             };
-            let workflow_run = std::env::var("GITHUB_RUN_ID")
-                .ok()
-                .filter(|r| !r.is_empty());
+            let workflow_run = workflow_run();
             let planning = timings.for_run(workflow_run.as_deref());
             Some(Suite {
                 log: Arc::new(std::sync::Mutex::new(LogScanner::new(kind))),
@@ -401,9 +476,10 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
                 timings,
                 planning,
                 workflow_run,
+                planned_with: None,
             })
         }
-        None => None,
+        (None, None) => None,
     };
     let cwd = std::env::current_dir().map_err(|e| RunError::Local(e.to_string()))?;
     let channel = Channel::open(
@@ -478,19 +554,16 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
         },
         _ => SourceSpec::Empty,
     };
-    let jobs = match suite {
+    let jobs = match (&suite, &replay) {
         // The tests are listed where they run, once the backend is connected.
-        Some(_) => Vec::new(),
-        None => plan::jobs(&spec, &run_id, &source)?,
+        (Some(_), None) => Vec::new(),
+        _ => plan::jobs(&spec, &run_id, &source)?,
     };
-    if suite.is_none() && replay.is_none() {
-        record_plan(args, &spec, &run_id, &archive.root);
-    }
     let runner = suite
         .as_ref()
         .map(|s| s.adapter.clone())
         .or(replayed_runner);
-    Ok(PlannedRun {
+    let planned = PlannedRun {
         run_id,
         jobs,
         runner,
@@ -503,7 +576,61 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
         notes,
         github,
         links_to_mask,
-    })
+        commit,
+        replayed: replay,
+    };
+    if planned.suite.is_none() && planned.replayed.is_none() && args.plan_only.is_none() {
+        record_plan(args, &planned);
+    }
+    Ok(planned)
+}
+
+/// `GITHUB_RUN_ID`, in a workflow.
+fn workflow_run() -> Option<String> {
+    std::env::var("GITHUB_RUN_ID")
+        .ok()
+        .filter(|r| !r.is_empty())
+}
+
+/// Refuses (exit 2) a replay whose own inputs differ from what its plan was
+/// made from: the command, the shard count, the runner and its listing, the
+/// source's commit.
+fn check_replay(
+    args: &RunArgs,
+    plan: &RecordedPlan,
+    path: &std::path::Path,
+    env: &BTreeMap<String, String>,
+    commit: Option<&str>,
+) -> Result<(), RunError> {
+    let secrets: Vec<&str> = args
+        .mask
+        .iter()
+        .filter_map(|name| env.get(name))
+        .map(String::as_str)
+        .collect();
+    let listing = match args.runner {
+        Some(kind) => Some(Adapter::new(
+            kind,
+            args.list_command.clone(),
+            args.files.as_deref(),
+        )?),
+        None => None,
+    };
+    let given = crate::replay::ReplayInputs {
+        command: RecordedPlan::masked_command(&args.command, &secrets),
+        shards: args.shards,
+        runner: args.runner,
+        list_command: listing.as_ref().map(|a| a.list_command.as_str()),
+        commit,
+    };
+    match plan.differs(&given) {
+        Some(what) => Err(ReplayError::Differs {
+            path: path.to_path_buf(),
+            what,
+        }
+        .into()),
+        None => Ok(()),
+    }
 }
 
 /// True when archives too large for a request have another way to the
@@ -516,7 +643,7 @@ fn has_channel(args: &RunArgs) -> bool {
 /// wave of `--max-parallel` shards and one more (a retried wave).
 fn link_lifetime(args: &RunArgs) -> Duration {
     // All N shards bound the selected ones (`--only`) from above.
-    let waves = (args.shards as usize).div_ceil(max_parallel(args)) as u32 + 1;
+    let waves = (args.shard_count() as usize).div_ceil(max_parallel(args)) as u32 + 1;
     Duration::from_secs(3600) + args.timeout.saturating_mul(waves)
 }
 
@@ -1097,6 +1224,10 @@ struct Suite {
     planning: Timings,
     /// `GITHUB_RUN_ID`, when in a workflow.
     workflow_run: Option<String>,
+    /// With `--replay-plan`: the timings the plan was made with, which
+    /// every job replaying it learns as from (`before`), so that the jobs'
+    /// files merge.
+    planned_with: Option<BTreeMap<String, f64>>,
 }
 
 impl Suite {
@@ -1140,6 +1271,9 @@ impl Suite {
             }
         }
         self.timings.begin_update(self.workflow_run.as_deref());
+        if let (Some(_), Some(planned_with)) = (&self.workflow_run, &self.planned_with) {
+            self.timings.before = Some(planned_with.clone());
+        }
         self.timings.learn(tests, &observed);
         if let Some(path) = &self.timings_path {
             if let Err(e) = self.timings.save(path) {
@@ -1369,7 +1503,11 @@ fn plan_suite(
     ask_for_junit(&mut planned.spec, &suite.adapter);
     planned.spec.shares = Some(shares.clone());
     planned.jobs = plan::jobs(&planned.spec, &planned.run_id, &planned.source)?;
-    if let Some(path) = record_plan(args, &planned.spec, &planned.run_id, &planned.archive.root) {
+    let recorded = match &args.plan_only {
+        Some(_) => None,
+        None => record_plan(args, planned),
+    };
+    if let Some(path) = recorded {
         eprintln!(
             "mvm-shard: plan recorded in {} (run a shard's tests again with --replay-plan {0} --only K)",
             path.display()
@@ -1401,34 +1539,60 @@ fn ask_for_junit(spec: &mut RunSpec, adapter: &Adapter) {
     }
 }
 
-/// Records the run's plan for `--replay-plan`: next to the report (with
-/// `--runner` or `--junit`) and in the repository's git directory. Returns
-/// the path next to the report, or else the other, when it was written.
-fn record_plan(
-    args: &RunArgs,
-    spec: &RunSpec,
-    run_id: &str,
-    source_root: &std::path::Path,
-) -> Option<std::path::PathBuf> {
+/// The run's plan as recorded for `--replay-plan`, with what it was made from.
+fn recorded_plan(args: &RunArgs, planned: &PlannedRun) -> RecordedPlan {
+    let spec = &planned.spec;
     let secrets: Vec<&str> = args
         .mask
         .iter()
         .filter_map(|name| spec.env.get(name))
         .map(String::as_str)
         .collect();
-    let plan = RecordedPlan::new(
-        run_id,
+    let mut plan = RecordedPlan::new(
+        &planned.run_id,
         spec.shards,
         &spec.command,
         &secrets,
         args.runner,
         spec.shares.as_deref(),
     );
+    plan.commit = planned.commit.clone();
+    if let Some(suite) = &planned.suite {
+        plan.list_command = Some(suite.adapter.list_command.clone());
+        plan.planned_with = Some(suite.planning.tests.clone());
+    }
+    plan
+}
+
+/// `--plan-only FILE`: writes the plan there, for `--replay-plan FILE --only K`.
+fn publish_plan(
+    args: &RunArgs,
+    planned: &PlannedRun,
+    path: &std::path::Path,
+) -> Result<(), RunError> {
+    let plan = recorded_plan(args, planned);
+    plan.save(path).map_err(|e| {
+        RunError::Local(format!("cannot write the plan to {}: {e}", path.display()))
+    })?;
+    eprintln!(
+        "mvm-shard: plan {} of {} written to {} (run shard K with --replay-plan {2} --only K)",
+        plan.run_id,
+        crate::report::plural(plan.shards as usize, "shard"),
+        path.display()
+    );
+    Ok(())
+}
+
+/// Records the run's plan for `--replay-plan`: next to the report (with
+/// `--runner` or `--junit`) and in the repository's git directory. Returns
+/// the path next to the report, or else the other, when it was written.
+fn record_plan(args: &RunArgs, planned: &PlannedRun) -> Option<std::path::PathBuf> {
+    let plan = recorded_plan(args, planned);
     let mut paths = Vec::new();
     if args.runner.is_some() || !args.junit.is_empty() {
         paths.push(crate::replay::next_to_report(&args.report));
     }
-    paths.extend(crate::replay::default_path(source_root));
+    paths.extend(crate::replay::default_path(&planned.archive.root));
     let mut written = None;
     for path in paths {
         match plan.save(&path) {

@@ -411,6 +411,160 @@ fn matrix_jobs_reach_the_same_plan_when_the_timings_change_between_them() {
     assert_eq!(ran, names, "every test exactly once across the jobs");
 }
 
+/// Runs `mvm-shard run --local ARGS` in `dir` as a job of workflow run 88.
+fn job_of_run_88(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(common::binary())
+        .args(["run", "--local", "--source", "."])
+        .args(args)
+        .current_dir(dir)
+        .env("GITHUB_RUN_ID", "88")
+        .env_remove("GITHUB_ACTIONS")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn jobs_that_each_replay_one_published_plan_run_every_test_once_whatever_timings_they_restored() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("t")).unwrap();
+    let names: Vec<String> = "abcdefgh".chars().map(|c| format!("t/{c}.sh")).collect();
+    for name in &names {
+        std::fs::write(dir.path().join(name), format!("echo ran {name}\n")).unwrap();
+    }
+    common::git(dir.path(), &["init", "-q"]);
+    common::git(dir.path(), &["add", "-A"]);
+    let commit = [
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@t.invalid",
+        "commit",
+        "-q",
+    ];
+    common::git(dir.path(), &[&commit[..], &["-m", "tests"]].concat());
+    // Two snapshots of learned timings that plan differently: the jobs
+    // restore one or the other (another workflow run saved in between).
+    let snapshot = |slow: &str| {
+        let tests: serde_json::Map<String, serde_json::Value> = names
+            .iter()
+            .map(|n| {
+                (
+                    n.clone(),
+                    serde_json::json!(if n == slow { 30.0 } else { 1.0 }),
+                )
+            })
+            .collect();
+        serde_json::json!({ "tests": tests }).to_string()
+    };
+    let plan = state.path().join("plan.json");
+    let timings = |job: u32| state.path().join(format!("timings-{job}.json"));
+    let inputs = |job: u32| -> Vec<String> {
+        [
+            "--shards",
+            "3",
+            "--runner",
+            "files",
+            "--files",
+            "t/*.sh",
+            "--timings",
+            timings(job).to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "for f in {tests}; do sh \"$f\"; done",
+        ]
+        .map(str::to_string)
+        .to_vec()
+    };
+    let with = |extra: &[&str], job: u32| -> Vec<String> {
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        args.extend(inputs(job));
+        args
+    };
+    let run = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        job_of_run_88(dir.path(), &args)
+    };
+
+    // The first job plans with the snapshot it restored and publishes the plan.
+    std::fs::write(timings(0), snapshot("t/a.sh")).unwrap();
+    let (code, stdout, stderr) = run(with(&["--plan-only", plan.to_str().unwrap()], 0));
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(!stdout.contains("ran "), "plans only: {stdout}");
+    let published: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    let plan_id = published["run_id"].as_str().unwrap().to_string();
+
+    // Each job restored other timings (another run saved between them);
+    // each runs its share of the one published plan.
+    let mut ran = Vec::new();
+    for (job, slow) in [(1, "t/a.sh"), (2, "t/h.sh"), (3, "t/d.sh")] {
+        std::fs::write(timings(job), snapshot(slow)).unwrap();
+        let only = job.to_string();
+        let (code, stdout, stderr) = run(with(
+            &["--replay-plan", plan.to_str().unwrap(), "--only", &only],
+            job,
+        ));
+        assert_eq!(code, 0, "job {job}: {stdout}\n{stderr}");
+        assert!(
+            stderr.contains(&format!("replaying plan {plan_id} ")),
+            "job {job}: {stderr}"
+        );
+        let mine: Vec<String> = stdout
+            .lines()
+            .filter_map(|l| l.split("ran ").nth(1).map(str::to_string))
+            .collect();
+        let want: Vec<String> = published["shares"][job as usize - 1]["tests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect();
+        let mut sorted = mine.clone();
+        sorted.sort();
+        assert_eq!(sorted, want, "job {job} ran its share: {stdout}");
+        ran.extend(mine);
+        // It learned its tests' durations, kept the others', and records
+        // the plan's snapshot as what the run planned with.
+        let learned: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(timings(job)).unwrap()).unwrap();
+        assert_eq!(learned["tests"].as_object().unwrap().len(), 8, "{learned}");
+        assert_eq!(learned["before"], published["planned_with"], "{learned}");
+    }
+    ran.sort();
+    assert_eq!(ran, names, "every test exactly once across the jobs");
+
+    // Their files merge as one run's (no "other timings" alarm).
+    for job in [2, 3] {
+        let out = std::process::Command::new(common::binary())
+            .arg("merge-timings")
+            .args([timings(job), timings(job - 1)])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+    }
+
+    // A job at another commit refuses, in one line, and runs nothing.
+    common::git(
+        dir.path(),
+        &[&commit[..], &["--allow-empty", "-m", "later"]].concat(),
+    );
+    let (code, stdout, stderr) = run(with(
+        &["--replay-plan", plan.to_str().unwrap(), "--only", "1"],
+        1,
+    ));
+    assert_eq!(code, 2, "{stdout}\n{stderr}");
+    assert!(!stdout.contains("ran "), "{stdout}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("it was made at commit"), "{stderr}");
+}
+
 #[test]
 fn fail_fast_stops_the_run_after_the_first_failing_shard() {
     let dir = tempfile::tempdir().unwrap();
@@ -687,13 +841,30 @@ fn a_recorded_plan_replays_exactly_one_shards_tests() {
         assert!(!stdout.contains("ran "), "{stdout}");
     };
     bad(&["--only", "4"], "shards are numbered 1 to 3");
-    bad(&["--shards", "3"], "cannot be used with");
+    // A replay given inputs of its own: they must be what the plan was made from.
+    bad(
+        &["--only", "1", "--shards", "4"],
+        "it was made for 3 shards, not 4",
+    );
     bad(
         &["--only", "1", "--", "sh", "-c", "true"],
-        "drop the command",
+        "it was made for the command \"sh -c for f in {tests}",
     );
+    bad(
+        &["--only", "1", "--runner", "pytest"],
+        "it was made with --runner files, not pytest",
+    );
+    bad(
+        &["--only", "1", "--runner", "files", "--files", "t/a.sh"],
+        "its tests were listed with",
+    );
+    let (code, stdout, stderr) = replay(&[
+        "--only", "3", "--shards", "3", "--runner", "files", "--files", "t/*.sh", "--", command[1],
+        command[2], command[3],
+    ]);
+    assert_eq!(code, 0, "the same inputs replay: {stdout}\n{stderr}");
     let mut other = plan.clone();
-    other["format"] = 2.into();
+    other["format"] = 1.into();
     std::fs::write(&plan_path, other.to_string()).unwrap();
     bad(&["--only", "1"], "another version of mvm-shard");
     std::fs::remove_file(&plan_path).unwrap();
