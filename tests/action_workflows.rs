@@ -104,6 +104,10 @@ fn git(dir: &Path, args: &[&str]) {
         .args(args)
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        // The same checkout is the same commit in every act run: the jobs
+        // of one workflow run, each run by act on its own, share a commit.
+        .env("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
+        .env("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
         .output()
         .expect("git runs");
     assert!(
@@ -249,6 +253,8 @@ struct ActOptions<'a> {
     cache_dir: Option<&'a Path>,
     /// More `--env NAME=VALUE` for the jobs.
     env: Vec<(&'a str, String)>,
+    /// The checkout is one commit further (a job of another commit).
+    later_commit: bool,
 }
 
 /// Runs `tests/workflows/<workflow>` under act in a temporary folder of its
@@ -265,6 +271,12 @@ async fn run_workflow_with(workflow: &str, options: ActOptions<'_>) -> Run {
     let root = tmp.path();
     let checkout = root.join("checkout");
     let workflow_file = make_checkout(&checkout, workflow);
+    if options.later_commit {
+        git(
+            &checkout,
+            &["commit", "--quiet", "--allow-empty", "--message", "later"],
+        );
+    }
     let results = root.join("results");
     let home = root.join("home");
     let tmpdir = root.join("tmp");
@@ -675,13 +687,20 @@ async fn a_pytest_project_is_annotated_at_its_failing_assertion_and_masks_nothin
 
 // ---- learned timings in the Actions cache ----------------------------------
 
-/// The caches the stand-in for actions/cache saved into `dir`, oldest first:
-/// each key and the timings file inside.
+/// The timings caches the stand-in for actions/cache saved into `dir`,
+/// oldest first: each key and the timings file inside.
 fn saved_timings(dir: &Path) -> Vec<(String, Value)> {
+    saved_caches(dir, "mvm-shard-timings-")
+}
+
+/// The caches whose key starts with `prefix` the stand-in for actions/cache
+/// saved into `dir`, oldest first: each key and the JSON file inside.
+fn saved_caches(dir: &Path, prefix: &str) -> Vec<(String, Value)> {
     let mut keys: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "key"))
+        .filter(|p| std::fs::read_to_string(p).is_ok_and(|k| k.starts_with(prefix)))
         .collect();
     keys.sort();
     keys.iter()
@@ -736,6 +755,7 @@ async fn timings_run_of(caches: &Path, run_id: u32, branch: &str, fail: bool, gl
                 ("MVM_SHARD_TEST_FAIL", fail.to_string()),
                 ("MVM_SHARD_TEST_GLOB", glob.to_string()),
             ],
+            later_commit: false,
         },
     )
     .await
@@ -842,6 +862,7 @@ async fn matrix_jobs_that_run_at_once_each_add_their_learning_to_the_cache() {
                 event: Some(serde_json::json!({ "ref": "refs/heads/main" })),
                 cache_dir: Some(caches.path()),
                 env: vec![("MVM_SHARD_TEST_CACHE_SIGNAL", signal)],
+                later_commit: false,
             },
         )
     };
@@ -887,21 +908,253 @@ async fn matrix_jobs_that_run_at_once_each_add_their_learning_to_the_cache() {
         "{newest}"
     );
 
-    // Run 2: both jobs plan with every test's learned duration, and reach
-    // the same plan: each test runs once.
+    // Run 2: the plan is made with every test's learned duration (by one
+    // job, or by both at once: one plan is published), and both jobs run it:
+    // each test runs once.
     let run = run_with(202, "none".into()).await;
     let ctx = run.context();
     assert!(run.status.success(), "{ctx}");
     let mut lines = Vec::new();
+    let mut planned = 0;
+    let mut replayed = BTreeSet::new();
     for shard in [1, 2] {
         let job = job_lines(&run, shard);
-        assert!(
-            job.contains(&"mvm-shard: 6 tests listed, 6 with learned durations".to_string()),
-            "shard {shard}\n{ctx}"
-        );
+        if job.contains(&"mvm-shard: 6 tests listed, 6 with learned durations".to_string()) {
+            planned += 1;
+        }
+        replayed.extend(replayed_plans(&job));
         lines.extend(job);
     }
+    assert!(planned >= 1, "{ctx}");
+    assert_eq!(
+        replayed.len(),
+        1,
+        "both jobs ran one plan: {replayed:?}\n{ctx}"
+    );
     assert_each_test_ran_once(&lines.iter().map(String::as_str).collect::<Vec<_>>(), &ctx);
+}
+
+/// One matrix job (`only: K`) of timings.yml in workflow run `run_id`,
+/// attempt `attempt`, on branch main; with `later_commit`, its checkout is
+/// one commit further than the other jobs'.
+async fn matrix_job(
+    caches: &Path,
+    run_id: u32,
+    only: u32,
+    attempt: u32,
+    later_commit: bool,
+) -> Run {
+    run_workflow_with(
+        "timings.yml",
+        ActOptions {
+            run_id: Some(run_id),
+            event: Some(serde_json::json!({
+                "ref": "refs/heads/main",
+                "repository": { "default_branch": "main" },
+            })),
+            cache_dir: Some(caches),
+            env: vec![
+                ("MVM_SHARD_TEST_FAIL", "false".into()),
+                ("MVM_SHARD_TEST_GLOB", "tests/*.sh".into()),
+                ("MVM_SHARD_TEST_ONLY", only.to_string()),
+                ("GITHUB_RUN_ATTEMPT", attempt.to_string()),
+                // The waits for a plan another job is still publishing.
+                ("MVM_SHARD_PLAN_WAIT", "0".into()),
+            ],
+            later_commit,
+        },
+    )
+    .await
+}
+
+/// Every line of a run's log.
+fn log_lines(run: &Run) -> Vec<String> {
+    let records: Vec<&Value> = run.records.iter().collect();
+    raw_lines(&records)
+        .into_iter()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Saves into the stand-in's folder `dir`, as another workflow run
+/// (`run_id`) of the branch would, timings whose durations are those of the
+/// newest timings cache with `changed` replacing some: the cache the next
+/// job restores.
+fn another_run_saves_timings(dir: &Path, run_id: u32, changed: &[(&str, f64)]) -> String {
+    let saved = saved_timings(dir);
+    let (key, newest) = saved.last().expect("a timings cache");
+    let mut tests = newest["tests"].clone();
+    for (test, seconds) in changed {
+        tests[*test] = serde_json::json!(seconds);
+    }
+    let timings = serde_json::json!({ "tests": tests, "run": run_id.to_string() });
+    let (prefix, _) = key.rsplit_once(':').unwrap();
+    let new_key = format!("{prefix}:{run_id}-1");
+    let seq = std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "key")
+        })
+        .count()
+        + 1;
+    let key_files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| std::fs::read_to_string(p).is_ok_and(|k| k == *key))
+        .collect();
+    // The same member (its path relative to the workspace), new content.
+    let script = "import io, sys, tarfile\n\
+        src, dst, data = sys.argv[1], sys.argv[2], sys.argv[3].encode()\n\
+        member = tarfile.open(src).getmembers()[0]\n\
+        member.size = len(data)\n\
+        with tarfile.open(dst, 'w') as out:\n    out.addfile(member, io.BytesIO(data))\n";
+    let out = StdCommand::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(key_files[0].with_extension("tar"))
+        .arg(dir.join(format!("{seq:06}.tar")))
+        .arg(timings.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::fs::write(dir.join(format!("{seq:06}.key")), &new_key).unwrap();
+    new_key
+}
+
+/// Removes the caches saved under `key` from the stand-in's folder `dir`.
+fn forget_cache(dir: &Path, key: &str) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if std::fs::read_to_string(&path).is_ok_and(|k| k == key) {
+            std::fs::remove_file(path.with_extension("tar")).unwrap();
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn matrix_jobs_run_one_published_plan_whatever_timings_they_restore() {
+    let caches = tempfile::tempdir().unwrap();
+    let dir = caches.path();
+    let restored =
+        |lines: &[String], key: &str| lines.contains(&format!("Cache restored from key: {key}"));
+    // Run 301 learns every test's duration: the slow test takes a second.
+    let run = timings_run(dir, 301, "main", false).await;
+    assert!(run.status.success(), "{}", run.context());
+
+    // Run 302, job 1 of 2: it finds no plan of its run, so it plans with
+    // those timings, publishes the plan, and runs shard 1 of it.
+    let run = matrix_job(dir, 302, 1, 1, false).await;
+    let (ctx, job_1) = (run.context(), log_lines(&run));
+    assert!(run.status.success(), "{ctx}");
+    assert!(
+        job_1.contains(&"mvm-shard: 6 tests listed, 6 with learned durations".to_string()),
+        "{ctx}"
+    );
+    let plans = saved_caches(dir, "mvm-shard-plan-");
+    assert_eq!(plans.len(), 1, "{plans:?}\n{ctx}");
+    let (plan_key, plan) = &plans[0];
+    assert!(plan_key.starts_with("mvm-shard-plan-v1-302-"), "{plan_key}");
+    let plan_id = plan["run_id"].as_str().unwrap().to_string();
+    assert_eq!(replayed_plans(&job_1), [plan_id.as_str()], "{ctx}");
+
+    // Before any job of run 302 saved its timings (job 1's save is not
+    // there yet), another workflow run saves timings that plan otherwise:
+    // a quick test became the slow one.
+    let job_1_timings = saved_timings(dir).last().unwrap().0.clone();
+    assert!(job_1_timings.ends_with(":302-1-only-1"), "{job_1_timings}");
+    forget_cache(dir, &job_1_timings);
+    let other = another_run_saves_timings(
+        dir,
+        303,
+        &[("tests/quick3.sh", 5.0), ("tests/slow.sh", 0.01)],
+    );
+
+    // Job 2 restores those timings, and runs shard 2 of the published plan.
+    let run = matrix_job(dir, 302, 2, 1, false).await;
+    let (ctx, job_2) = (run.context(), log_lines(&run));
+    assert!(run.status.success(), "{ctx}");
+    assert!(restored(&job_2, &other), "the other run's timings\n{ctx}");
+    assert!(restored(&job_2, plan_key), "the published plan\n{ctx}");
+    assert!(
+        !job_2.iter().any(|l| l.contains(" tests listed")),
+        "no listing or planning of its own\n{ctx}"
+    );
+    assert_eq!(replayed_plans(&job_2), [plan_id.as_str()], "{ctx}");
+    let both: Vec<&str> = job_1.iter().chain(&job_2).map(String::as_str).collect();
+    assert_each_test_ran_once(&both, &ctx);
+
+    // "Re-run failed jobs": job 1 again, in attempt 2, after the timings
+    // changed once more, runs the same share of the same plan.
+    another_run_saves_timings(dir, 304, &[("tests/quick1.sh", 9.0)]);
+    let run = matrix_job(dir, 302, 1, 2, false).await;
+    let (ctx, again) = (run.context(), log_lines(&run));
+    assert!(run.status.success(), "{ctx}");
+    assert!(restored(&again, plan_key), "{ctx}");
+    assert_eq!(replayed_plans(&again), [plan_id.as_str()], "{ctx}");
+    let ran = |lines: &[String]| -> Vec<String> {
+        let mut ran: Vec<String> = lines
+            .iter()
+            .filter(|l| l.ends_with(" passed") && !l.starts_with("mvm-shard"))
+            .cloned()
+            .collect();
+        ran.sort();
+        ran
+    };
+    assert_eq!(ran(&again), ran(&job_1), "{ctx}");
+    assert!(!ran(&again).is_empty(), "{ctx}");
+
+    // A job of the run whose source is at another commit refuses: exit 2,
+    // saying what differs, and runs nothing.
+    let run = matrix_job(dir, 302, 2, 2, true).await;
+    let (ctx, later) = (run.context(), log_lines(&run));
+    assert!(!run.status.success(), "{ctx}");
+    assert_outputs(&run, "shards", &[("result", "usage-error")]);
+    let told = |run: &Run, says: &[&str]| {
+        let records: Vec<&Value> = run.records.iter().collect();
+        commands(&records, "error").iter().any(|e| {
+            e["arg"]
+                .as_str()
+                .is_some_and(|a| says.iter().all(|s| a.contains(s)))
+        })
+    };
+    assert!(
+        told(&run, &["--replay-plan ", "it was made at commit"]),
+        "{ctx}"
+    );
+    assert!(ran(&later).is_empty(), "{ctx}");
+
+    // A plan another job reserved and never finished publishing: the job
+    // waits a bounded time, then fails and says to re-run; it never runs a
+    // plan of its own.
+    let reserved = plan_key.replacen("-302-", "-305-", 1);
+    std::fs::write(dir.join("999999.key"), &reserved).unwrap();
+    let run = matrix_job(dir, 305, 1, 1, false).await;
+    let (ctx, lost) = (run.context(), log_lines(&run));
+    assert!(!run.status.success(), "{ctx}");
+    assert_outputs(&run, "shards", &[("result", "usage-error")]);
+    assert!(
+        told(
+            &run,
+            &["did not appear in the Actions cache", "re-run all jobs"]
+        ),
+        "{ctx}"
+    );
+    assert!(ran(&lost).is_empty(), "{ctx}");
+}
+
+/// The plans a job's log says it replayed (`mvm-shard: replaying plan ID (…)`).
+fn replayed_plans(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("mvm-shard: replaying plan "))
+        .filter_map(|rest| rest.split(' ').next())
+        .map(str::to_string)
+        .collect()
 }
 
 // ---- action.yml's inputs reach the invoker through env: ---------------------
@@ -909,6 +1162,8 @@ async fn matrix_jobs_that_run_at_once_each_add_their_learning_to_the_cache() {
 /// A step of action.yml's composite run.
 struct ActionStep {
     id: String,
+    /// Its `if:` condition, when it has one.
+    condition: Option<String>,
     env: BTreeMap<String, String>,
     run: String,
 }
@@ -923,6 +1178,7 @@ fn action_steps() -> (serde_norway::Value, Vec<ActionStep>) {
         .filter(|s| s.get("run").is_some())
         .map(|s| ActionStep {
             id: s["id"].as_str().unwrap_or_default().to_string(),
+            condition: s.get("if").and_then(|c| c.as_str()).map(str::to_string),
             env: s
                 .get("env")
                 .and_then(|e| e.as_mapping())
@@ -996,7 +1252,7 @@ fn run_action_step(
     let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
-        out.status.success() || step.id == "run",
+        out.status.success() || step.id == "run" || step.id == "args",
         "step {}: {}",
         step.id,
         String::from_utf8_lossy(&out.stderr)
@@ -1042,9 +1298,16 @@ fn invoker_args(inputs: &[(&str, &str)]) -> Vec<String> {
         "install".to_string(),
         BTreeMap::from([("path".to_string(), fake.display().to_string())]),
     );
-    for step in steps.iter().filter(|s| s.id != "install") {
+    // The conditional steps before the run are those of a matrix job's plan.
+    let before_run = |s: &&ActionStep| s.condition.is_none() || s.id == "run";
+    for step in steps
+        .iter()
+        .filter(|s| s.id != "install")
+        .filter(before_run)
+    {
         let (values, stdout) = run_action_step(&action, step, &inputs, &outputs, &[], temp.path());
-        if step.id == "run" {
+        // The run step's arguments, or what a step that refused the inputs told.
+        if step.id == "run" || stdout.starts_with("exit ") {
             return stdout.lines().map(str::to_string).collect();
         }
         outputs.insert(step.id.clone(), values);
