@@ -32,7 +32,7 @@ use crate::replay::{RecordedPlan, ReplayError};
 use crate::report::github::GithubFiles;
 use crate::report::junit::{GoModule, TestReport};
 use crate::report::{GithubReporter, Reporter, TerminalReporter};
-use crate::runner::timings::TimingsError;
+use crate::runner::timings::{TimingsError, TimingsFile};
 use crate::runner::{
     Adapter, LogScanner, Results, RunnerError, RunnerKind, Timings, JEST_REPORT_PATH,
 };
@@ -443,8 +443,7 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
                 suite = Some(Suite {
                     log: Arc::new(std::sync::Mutex::new(log)),
                     adapter: adapter.clone(),
-                    timings_path: Some(path.clone()),
-                    timings: Timings::load(path)?,
+                    timings_file: open_timings(path)?.1,
                     planning,
                     workflow_run: workflow_run(),
                     planned_with: replay.planned_with.clone(),
@@ -463,17 +462,16 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
                 .timings
                 .clone()
                 .or_else(|| crate::runner::timings::default_path(&archive.root));
-            let timings = match &timings_path {
-                Some(path) => Timings::load(path)?,
-                None => Timings::default(),
+            let (timings, timings_file) = match &timings_path {
+                Some(path) => open_timings(path)?,
+                None => (Timings::default(), None),
             };
             let workflow_run = workflow_run();
             let planning = timings.for_run(workflow_run.as_deref());
             Some(Suite {
                 log: Arc::new(std::sync::Mutex::new(LogScanner::new(kind))),
                 adapter,
-                timings_path,
-                timings,
+                timings_file,
                 planning,
                 workflow_run,
                 planned_with: None,
@@ -1211,15 +1209,24 @@ fn jest_reports_to_junit(summary: &mut RunSummary, workdir: &str) {
     }
 }
 
+/// The timings a run plans with, and the file to learn into (`None` for a
+/// newer version's); what made the file unusable is said once.
+fn open_timings(path: &std::path::Path) -> Result<(Timings, Option<TimingsFile>), RunError> {
+    let opened = TimingsFile::open(path)?;
+    if let Some(note) = &opened.note {
+        eprintln!("mvm-shard: warning: {note}");
+    }
+    Ok((opened.timings, opened.file))
+}
+
 /// A listed suite: the runner's adapter and the learned timings.
 struct Suite {
     adapter: Adapter,
     /// What the shards' logs said of each test (the runners that say it there).
     log: Arc<std::sync::Mutex<LogScanner>>,
-    /// Where the timings are kept; `None` outside a git repository without `--timings`.
-    timings_path: Option<std::path::PathBuf>,
-    /// What was learned, as read and then updated.
-    timings: Timings,
+    /// Where the timings are learned into; `None` outside a git repository
+    /// without `--timings`, or when the file is a newer version's.
+    timings_file: Option<TimingsFile>,
     /// What this run plans with (the same for every job of a workflow run).
     planning: Timings,
     /// `GITHUB_RUN_ID`, when in a workflow.
@@ -1270,15 +1277,22 @@ impl Suite {
                 }
             }
         }
-        self.timings.begin_update(self.workflow_run.as_deref());
-        if let (Some(_), Some(planned_with)) = (&self.workflow_run, &self.planned_with) {
-            self.timings.before = Some(planned_with.clone());
-        }
-        self.timings.learn(tests, &observed);
-        if let Some(path) = &self.timings_path {
-            if let Err(e) = self.timings.save(path) {
-                eprintln!("mvm-shard: warning: cannot save the learned timings: {e}");
+        let Some(file) = &self.timings_file else {
+            return;
+        };
+        // Into the file as it is now: another run may have saved since this one read it.
+        let run = self.workflow_run.as_deref();
+        let planned_with = self.planned_with.as_ref().filter(|_| run.is_some());
+        match file.update(|latest| {
+            latest.begin_update(run);
+            if let Some(planned_with) = planned_with {
+                latest.before = Some(planned_with.clone());
             }
+            latest.learn(tests, &observed);
+        }) {
+            Ok(None) => {}
+            Ok(Some(note)) => eprintln!("mvm-shard: warning: {note}"),
+            Err(e) => eprintln!("mvm-shard: warning: cannot save the learned timings: {e}"),
         }
     }
 }
@@ -1410,9 +1424,19 @@ async fn list_tests(
         let ok = record.status == ShardStatus::Passed;
         (ok, record.status.describe(), stdout, stderr)
     };
-    let stdout = String::from_utf8_lossy(&stdout);
-    let (root, listing) = stdout.split_once('\n').unwrap_or((&stdout, ""));
-    let output = || last_part(&format!("{listing}{}", String::from_utf8_lossy(&stderr)));
+    // The first line is the folder the listing ran in (`pwd`).
+    let (root, listing) = match stdout.iter().position(|b| *b == b'\n') {
+        Some(end) => (&stdout[..end], &stdout[end + 1..]),
+        None => (&stdout[..], &[][..]),
+    };
+    let root = String::from_utf8_lossy(root);
+    let output = || {
+        last_part(&format!(
+            "{}{}",
+            String::from_utf8_lossy(listing),
+            String::from_utf8_lossy(&stderr)
+        ))
+    };
     if !ok {
         return Err(RunnerError::ListingFailed {
             command: command.clone(),
@@ -1421,7 +1445,14 @@ async fn list_tests(
         }
         .into());
     }
-    let tests = suite.adapter.parse_listing(listing, root);
+    if listing.iter().all(u8::is_ascii_whitespace) && !stderr.is_empty() {
+        return Err(RunnerError::NothingOnStdout {
+            command: command.clone(),
+            output: last_part(&String::from_utf8_lossy(&stderr)),
+        }
+        .into());
+    }
+    let tests = suite.adapter.parse_listing(listing, &root)?;
     if tests.is_empty() {
         return Err(RunnerError::NoTests {
             command: command.clone(),

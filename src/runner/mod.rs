@@ -2,6 +2,7 @@
 //! the command selects a subset (`{tests}`), and how each test's duration and
 //! outcome come back (a report the runner is asked to write, or its log).
 
+pub mod listing;
 pub mod results;
 pub mod timings;
 
@@ -21,17 +22,17 @@ pub const JEST_REPORT_PATH: &str = ".mvm-shard-jest.json";
 /// The test runners mvm-shard knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RunnerKind {
-    /// pytest: node ids from `pytest --collect-only -q`, JUnit through `PYTEST_ADDOPTS`.
+    /// pytest: node ids from `pytest --collect-only`, JUnit through `PYTEST_ADDOPTS`.
     Pytest,
     /// Files matching `--files GLOB`, split by file.
     Files,
-    /// cargo-nextest: `binary test` ids from `cargo nextest list`.
+    /// cargo-nextest: `binary test` ids from `cargo nextest list`'s JSON.
     CargoNextest,
     /// Go: packages from `go list ./...`.
     Go,
-    /// Jest: test files from `jest --listTests`.
+    /// Jest: test files from `jest --listTests --json`.
     Jest,
-    /// Vitest: test files from `vitest list --filesOnly`.
+    /// Vitest: test files from `vitest list --filesOnly --json`.
     Vitest,
 }
 
@@ -61,6 +62,25 @@ pub enum RunnerError {
         command: String,
         /// The most it may print, in bytes.
         limit: usize,
+    },
+    /// The listing's output is not the runner's listing format.
+    #[error("listing the tests with `{command}` did not give {format}: {source}")]
+    Listing {
+        /// The listing command.
+        command: String,
+        /// The format expected ([`RunnerKind::listing_format`]).
+        format: &'static str,
+        /// What is wrong with the output.
+        #[source]
+        source: listing::ListingError,
+    },
+    /// The listing printed nothing on its standard output.
+    #[error("listing the tests with `{command}` printed nothing on its standard output, where the test ids are read from; on its standard error:\n{output}")]
+    NothingOnStdout {
+        /// The listing command.
+        command: String,
+        /// What it printed on its standard error.
+        output: String,
     },
     /// The listing found no tests.
     #[error("listing the tests with `{command}` found none; its output:\n{output}")]
@@ -94,49 +114,31 @@ impl Adapter {
             (None, RunnerKind::Files) => {
                 let glob = glob.ok_or(RunnerError::NoGlob)?;
                 // bash expands ** with globstar; nullglob: no match lists nothing.
+                // Each path ended by a NUL: a name may hold a line break.
                 format!(
-                    "exec bash -O globstar -O nullglob -c 'for f in {glob}; do [ -f \"$f\" ] && printf \"%s\\n\" \"$f\"; done; true'"
+                    "exec bash -O globstar -O nullglob -c 'for f in {glob}; do [ -f \"$f\" ] && printf \"%s\\0\" \"$f\"; done; true'"
                 )
             }
-            (None, RunnerKind::Pytest) => "python3 -m pytest --collect-only -q".into(),
-            (None, RunnerKind::CargoNextest) => {
-                "cargo nextest list --message-format oneline".into()
-            }
+            // --verbosity=-1 (ids only) whatever -q or -v the project's addopts add.
+            (None, RunnerKind::Pytest) => "python3 -m pytest --collect-only --verbosity=-1".into(),
+            (None, RunnerKind::CargoNextest) => "cargo nextest list --message-format json".into(),
             (None, RunnerKind::Go) => "go list ./...".into(),
-            (None, RunnerKind::Jest) => "npx jest --listTests".into(),
-            (None, RunnerKind::Vitest) => "npx vitest list --filesOnly".into(),
+            (None, RunnerKind::Jest) => "npx jest --listTests --json".into(),
+            (None, RunnerKind::Vitest) => "npx vitest list --filesOnly --json".into(),
         };
         Ok(Adapter { kind, list_command })
     }
 
-    /// The test ids in the listing command's output, sorted and without
-    /// duplicates, relative to `root` where the runner prints absolute paths.
-    pub fn parse_listing(&self, output: &str, root: &str) -> Vec<String> {
-        let lines = output.lines().map(str::trim).filter(|l| !l.is_empty());
-        let mut ids: Vec<String> = match self.kind {
-            // Node ids until the summary ("3 tests collected in 0.01s").
-            RunnerKind::Pytest => lines
-                .take_while(|l| !l.starts_with('='))
-                .filter(|l| l.contains("::") && !l.contains(' '))
-                .map(str::to_string)
-                .collect(),
-            // `binary-id test-name`: the binary id has no space.
-            RunnerKind::CargoNextest => lines
-                .filter(|l| l.split_whitespace().count() == 2)
-                .map(str::to_string)
-                .collect(),
-            RunnerKind::Go => lines
-                .filter(|l| !l.contains(' ') && !l.starts_with("go:"))
-                .map(str::to_string)
-                .collect(),
-            // One path a line (spaces and all).
-            RunnerKind::Jest | RunnerKind::Vitest | RunnerKind::Files => {
-                lines.map(|l| relative(l, root)).collect()
-            }
-        };
-        ids.sort();
-        ids.dedup();
-        ids
+    /// The test ids in the listing command's standard output (`root`: the
+    /// folder it ran in), sorted and without duplicates; output that is not
+    /// the runner's listing format, or ids the shards cannot be given, are
+    /// an error naming the command.
+    pub fn parse_listing(&self, output: &[u8], root: &str) -> Result<Vec<String>, RunnerError> {
+        listing::parse(self.kind, output, root).map_err(|source| RunnerError::Listing {
+            command: self.list_command.clone(),
+            format: self.kind.listing_format(),
+            source,
+        })
     }
 
     /// Environment that makes the runner write a JUnit report at
@@ -284,14 +286,6 @@ fn pytest_id(classname: &str, name: &str, file: Option<&str>) -> Option<String> 
     Some(id)
 }
 
-fn relative(path: &str, root: &str) -> String {
-    let root = root.trim_end_matches('/');
-    match path.strip_prefix(root) {
-        Some(rest) if !root.is_empty() && rest.starts_with('/') => rest[1..].to_string(),
-        _ => path.trim_start_matches("./").to_string(),
-    }
-}
-
 /// Where `{tests_file}` puts the selected tests, one id a line, relative to
 /// the shard's working directory (the file travels in the shard's request).
 pub const TESTS_FILE: &str = ".mvm-shard-tests.txt";
@@ -368,41 +362,6 @@ pub fn check_command(command: &[String]) -> Result<(), RunnerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn adapter(kind: RunnerKind) -> Adapter {
-        Adapter::new(kind, None, Some("t/*.sh")).unwrap()
-    }
-
-    #[test]
-    fn pytest_listing_is_node_ids_until_the_summary() {
-        let out = "tests/test_a.py::test_one\ntests/test_a.py::TestK::test_two[1-x]\n\n3 tests collected in 0.02s\n";
-        assert_eq!(
-            adapter(RunnerKind::Pytest).parse_listing(out, "/src"),
-            vec![
-                "tests/test_a.py::TestK::test_two[1-x]",
-                "tests/test_a.py::test_one"
-            ]
-        );
-    }
-
-    #[test]
-    fn nextest_go_and_jest_listings() {
-        let nextest = "mvm-shard::cli a_test\nmvm-shard plan::tests::b\n";
-        assert_eq!(
-            adapter(RunnerKind::CargoNextest).parse_listing(nextest, "/src"),
-            vec!["mvm-shard plan::tests::b", "mvm-shard::cli a_test"]
-        );
-        let go = "example.com/m/a\nexample.com/m/b\n";
-        assert_eq!(
-            adapter(RunnerKind::Go).parse_listing(go, "/src"),
-            vec!["example.com/m/a", "example.com/m/b"]
-        );
-        let jest = "/src/app/b.test.js\n/src/app/a.test.js\n";
-        assert_eq!(
-            adapter(RunnerKind::Jest).parse_listing(jest, "/src/"),
-            vec!["app/a.test.js", "app/b.test.js"]
-        );
-    }
 
     #[test]
     fn files_needs_a_glob() {

@@ -13,9 +13,20 @@ const NEWEST_WEIGHT: f64 = 0.5;
 /// The longest duration a timings file may hold: a year.
 const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 
+/// The timings file's format version this build writes and reads. A file
+/// without one is version 1 (what builds before the field wrote).
+pub const VERSION: u64 = 1;
+
+fn version_one() -> u64 {
+    1
+}
+
 /// Expected seconds per test id.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Timings {
+    /// The file's format version ([`VERSION`]).
+    #[serde(default = "version_one")]
+    pub version: u64,
     /// Seconds per test id, an exponential moving average of the runs seen.
     pub tests: BTreeMap<String, f64>,
     /// The workflow run (`GITHUB_RUN_ID`) that last updated these timings.
@@ -30,6 +41,18 @@ pub struct Timings {
     /// what one job adds when it takes in another's file ([`Timings::merge_run`]).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub observed: BTreeSet<String>,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Timings {
+            version: VERSION,
+            tests: BTreeMap::new(),
+            run: None,
+            before: None,
+            observed: BTreeSet::new(),
+        }
+    }
 }
 
 /// Why the timings file could not be read or written.
@@ -53,6 +76,24 @@ pub enum TimingsError {
         #[source]
         source: serde_json::Error,
     },
+    /// The file was written by a newer mvm-shard, in a format this one does
+    /// not know.
+    #[error(
+        "timings file {path} has format version {version}, newer than this mvm-shard's ({VERSION})"
+    )]
+    Newer {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        version: u64,
+    },
+}
+
+/// Just the version of a timings file, read before the rest.
+#[derive(Deserialize)]
+struct Versioned {
+    #[serde(default = "version_one")]
+    version: u64,
 }
 
 impl Timings {
@@ -60,11 +101,19 @@ impl Timings {
     pub fn load(path: &Path) -> Result<Self, TimingsError> {
         match std::fs::read(path) {
             Ok(bytes) => {
-                let mut timings: Timings =
-                    serde_json::from_slice(&bytes).map_err(|source| TimingsError::Format {
+                let format = |source| TimingsError::Format {
+                    path: path.to_path_buf(),
+                    source,
+                };
+                let Versioned { version } = serde_json::from_slice(&bytes).map_err(format)?;
+                if version > VERSION {
+                    return Err(TimingsError::Newer {
                         path: path.to_path_buf(),
-                        source,
-                    })?;
+                        version,
+                    });
+                }
+                let mut timings: Timings = serde_json::from_slice(&bytes).map_err(format)?;
+                timings.version = VERSION;
                 // Durations no run could have taken (an edited or foreign
                 // file) are forgotten: such tests count as never seen.
                 let possible = |s: &f64| s.is_finite() && (0.0..=MAX_SECONDS).contains(s);
@@ -210,6 +259,141 @@ impl Timings {
     }
 }
 
+/// A run's timings file: read as the run starts, updated as it ends under
+/// an advisory lock, so that runs sharing it (two on one laptop, in the
+/// repository's git directory) each add their learning to the newest file
+/// rather than the last to finish replacing the other's.
+#[derive(Debug, Clone)]
+pub struct TimingsFile {
+    path: PathBuf,
+}
+
+/// What a run found in its timings file.
+#[derive(Debug)]
+pub struct Opened {
+    /// What the run plans with (nothing learned when the file was unusable).
+    pub timings: Timings,
+    /// Where to learn into; `None` when the file is a newer version's,
+    /// which is left as it is.
+    pub file: Option<TimingsFile>,
+    /// What the run should say once about the file, when it could not use it.
+    pub note: Option<String>,
+}
+
+impl TimingsFile {
+    /// Reads `path` for a run. A file of a newer version is not used, nor
+    /// ever written; a file that does not parse is set aside (renamed, kept)
+    /// and learning starts afresh. Both are said in the note.
+    pub fn open(path: &Path) -> Result<Opened, TimingsError> {
+        let file = TimingsFile {
+            path: path.to_path_buf(),
+        };
+        match Timings::load(path) {
+            Ok(timings) => Ok(Opened {
+                timings,
+                file: Some(file),
+                note: None,
+            }),
+            Err(e @ TimingsError::Newer { .. }) => Ok(Opened {
+                timings: Timings::default(),
+                file: None,
+                note: Some(format!(
+                    "{e}: planning without learned timings, and leaving the file as it is"
+                )),
+            }),
+            Err(TimingsError::Format { .. }) => {
+                let _lock = file.lock()?;
+                // Another run may have set it aside (and saved) meanwhile.
+                let (timings, note) = file.load_or_set_aside()?;
+                Ok(Opened {
+                    timings: timings.unwrap_or_default(),
+                    file: Some(file),
+                    note,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Applies `change` (this run's learning) to the file as it is now,
+    /// under its lock, and writes the result through a temporary file.
+    /// Returns what to say when the file could not be used: a newer
+    /// version's is left untouched; one that does not parse is set aside.
+    pub fn update(
+        &self,
+        change: impl FnOnce(&mut Timings),
+    ) -> Result<Option<String>, TimingsError> {
+        let _lock = self.lock()?;
+        let (latest, note) = self.load_or_set_aside()?;
+        let Some(mut latest) = latest else {
+            return Ok(note);
+        };
+        change(&mut latest);
+        latest.save(&self.path)?;
+        Ok(note)
+    }
+
+    /// The file's timings (`None` for a newer version's), a file that does
+    /// not parse renamed aside first (empty timings then); with what to say.
+    fn load_or_set_aside(&self) -> Result<(Option<Timings>, Option<String>), TimingsError> {
+        match Timings::load(&self.path) {
+            Ok(timings) => Ok((Some(timings), None)),
+            Err(e @ TimingsError::Newer { .. }) => Ok((
+                None,
+                Some(format!("{e}: leaving it as it is; nothing learned")),
+            )),
+            Err(TimingsError::Format { source, .. }) => {
+                let aside = self.beside(&format!(
+                    "unreadable-{}",
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs())
+                ));
+                std::fs::rename(&self.path, &aside).map_err(|source| TimingsError::Io {
+                    path: self.path.clone(),
+                    source,
+                })?;
+                let note = format!(
+                    "timings file {} is not valid ({source}): kept as {}; learning afresh",
+                    self.path.display(),
+                    aside.display()
+                );
+                Ok((Some(Timings::default()), Some(note)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `name.SUFFIX` next to the file.
+    fn beside(&self, suffix: &str) -> PathBuf {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(".");
+        name.push(suffix);
+        PathBuf::from(name)
+    }
+
+    /// Takes the advisory lock (`flock` on `name.lock` next to the file,
+    /// which stays), waiting for another run's to be released.
+    fn lock(&self) -> Result<std::fs::File, TimingsError> {
+        let lock_path = self.beside("lock");
+        let io = |source| TimingsError::Io {
+            path: lock_path.clone(),
+            source,
+        };
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io)?;
+        lock.lock().map_err(io)?;
+        Ok(lock)
+    }
+}
+
 /// The default timings file: under the repository's git directory (shared
 /// by its worktrees), so a laptop learns without touching the work tree.
 pub fn default_path(dir: &Path) -> Option<PathBuf> {
@@ -321,6 +505,97 @@ mod tests {
         std::fs::write(&path, "nope").unwrap();
         let error = Timings::load(&path).unwrap_err().to_string();
         assert!(error.contains("delete it to learn afresh"), "{error}");
+    }
+
+    #[test]
+    fn the_file_says_its_version_and_an_unversioned_one_is_version_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("timings.json");
+        let mut t = Timings::default();
+        t.tests.insert("a".into(), 1.5);
+        t.save(&path).unwrap();
+        let saved: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(saved["version"], 1);
+        std::fs::write(&path, r#"{"tests": {"a": 1.5}}"#).unwrap();
+        assert_eq!(Timings::load(&path).unwrap(), t);
+    }
+
+    #[test]
+    fn a_newer_versions_file_is_not_used_nor_ever_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("timings.json");
+        let newer = r#"{"version": 2, "tests": {"a": {"mean": 1.5}}}"#;
+        std::fs::write(&path, newer).unwrap();
+        let opened = TimingsFile::open(&path).unwrap();
+        assert_eq!(opened.timings, Timings::default());
+        assert!(opened.file.is_none(), "nothing to learn into");
+        let note = opened.note.unwrap();
+        assert!(note.contains("format version 2, newer"), "{note}");
+        // Made newer by another run while this one ran: still untouched.
+        std::fs::write(&path, "{}").unwrap();
+        let file = TimingsFile::open(&path).unwrap().file.unwrap();
+        std::fs::write(&path, newer).unwrap();
+        let note = file.update(|t| t.tests.clear()).unwrap().unwrap();
+        assert!(note.contains("leaving it as it is"), "{note}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), newer);
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_is_kept_aside_and_learning_starts_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("timings.json");
+        std::fs::write(&path, "{\"tests\": {\"a\": 1").unwrap();
+        let opened = TimingsFile::open(&path).unwrap();
+        assert_eq!(opened.timings, Timings::default());
+        let note = opened.note.unwrap();
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains(".unreadable-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{note}");
+        assert_eq!(
+            std::fs::read_to_string(&aside[0]).unwrap(),
+            "{\"tests\": {\"a\": 1"
+        );
+        assert!(note.contains(&aside[0].display().to_string()), "{note}");
+        opened
+            .file
+            .unwrap()
+            .update(|t| {
+                t.tests.insert("b".into(), 2.0);
+            })
+            .unwrap();
+        assert_eq!(Timings::load(&path).unwrap().tests["b"], 2.0);
+    }
+
+    #[test]
+    fn runs_sharing_the_file_each_add_their_learning_to_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("timings.json");
+        let listed: Vec<String> = (0..64).map(|i| format!("t{i:02}")).collect();
+        // Each "run" read the file before any saved, then learns its own tests.
+        let runs: Vec<TimingsFile> = (0..8)
+            .map(|_| TimingsFile::open(&path).unwrap().file.unwrap())
+            .collect();
+        std::thread::scope(|scope| {
+            for (n, run) in runs.iter().enumerate() {
+                let listed = &listed;
+                scope.spawn(move || {
+                    for test in listed.iter().skip(n).step_by(8) {
+                        let observed = BTreeMap::from([(test.clone(), Duration::from_secs(1))]);
+                        run.update(|t| t.learn(listed, &observed)).unwrap();
+                    }
+                });
+            }
+        });
+        let learned = Timings::load(&path).unwrap();
+        assert_eq!(
+            learned.tests.keys().collect::<Vec<_>>(),
+            listed.iter().collect::<Vec<_>>(),
+            "every run's learning is kept"
+        );
     }
 
     #[test]
