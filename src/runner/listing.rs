@@ -58,7 +58,7 @@ impl RunnerKind {
         match self {
             RunnerKind::Pytest => {
                 "pytest node ids (path::name), one a line, then pytest's summary after a blank line, \
-                 as `pytest --collect-only -q` prints them"
+                 as `pytest --collect-only --verbosity=-1` prints them"
             }
             RunnerKind::CargoNextest => "the JSON of `cargo nextest list --message-format json`",
             RunnerKind::Go => "Go import paths, one a line, as `go list ./...` prints them",
