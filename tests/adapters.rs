@@ -545,3 +545,38 @@ async fn vitest_files_are_learned_from_its_junit_report_and_failures_placed() {
     let once: BTreeMap<String, usize> = JS_LISTED.iter().map(|t| (t.to_string(), 1)).collect();
     assert_eq!(project.ran(), once, "each file once: {apart}");
 }
+
+/// A test file whose name holds a line break, as jest and vitest list it
+/// (their JSON keeps it whole): the run refuses it with exit 2, naming it
+/// with escapes, before any shard runs; it is never split into two files.
+#[tokio::test(flavor = "multi_thread")]
+async fn jest_and_vitest_files_named_with_a_line_break_are_refused() {
+    for (runner, package, package_json, header, command) in [
+        (
+            "jest",
+            "jest@30",
+            "{\"private\":true}\n",
+            "const { appendFileSync } = require('node:fs');\n",
+            &["npx", "jest", "{tests}"][..],
+        ),
+        (
+            "vitest",
+            "vitest@3",
+            "{\"private\":true,\"type\":\"module\"}\n",
+            "import { describe, test, expect } from 'vitest';\nimport { appendFileSync } from 'node:fs';\n",
+            &["npx", "vitest", "run", "{tests}"][..],
+        ),
+    ] {
+        let project = js_project(runner, package_json, header, &npm_runner(package));
+        let odd = project.dir.path().join("app/web/new\nline.test.js");
+        std::fs::copy(project.dir.path().join("app/web/bsum.test.js"), &odd).unwrap();
+        let ran = run(&project, &[], command).await;
+        assert_eq!(ran.code, 2, "{runner}: {ran}");
+        assert!(
+            ran.stderr
+                .contains("names the test \"web/new\\nline.test.js\", which contains a line break"),
+            "{runner}: {ran}"
+        );
+        assert!(project.ran().is_empty(), "{runner}: nothing ran: {ran}");
+    }
+}
