@@ -10,24 +10,14 @@
 
 mod common;
 
+use common::Ran;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The most one `mvm-shard run` of these small projects may take.
 const RUN_LIMIT: Duration = Duration::from_secs(300);
-
-struct Ran {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Display for Ran {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit {}\n{}\n{}", self.code, self.stdout, self.stderr)
-    }
-}
 
 /// Runs `mvm-shard run --local --shards 2 --runner RUNNER` in `dir` with
 /// `extra` options (another `--shards` among them replaces 2) and `command`, as a user would from a shell (none of the
@@ -67,11 +57,7 @@ async fn run(project: &Project, extra: &[&str], command: &[&str]) -> Ran {
         }
     }
     let out = common::output_within(cmd, RUN_LIMIT, &format!("mvm-shard {args:?}")).await;
-    Ran {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Ran::from(out)
 }
 
 /// A project made for one runner, and where its tests say they ran.

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::Ran;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -14,28 +16,12 @@ use std::time::Duration;
 /// The most one `mvm-shard run` here may take.
 const RUN_LIMIT: Duration = Duration::from_secs(120);
 
-struct Ran {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Display for Ran {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit {}\n{}\n{}", self.code, self.stdout, self.stderr)
-    }
-}
-
 /// `mvm-shard ARGS` in `dir`, killed after [`RUN_LIMIT`].
 async fn mvm(dir: &Path, args: &[&str]) -> Ran {
     let mut cmd = tokio::process::Command::new(common::binary());
     cmd.args(args).current_dir(dir);
     let out = common::output_within(cmd, RUN_LIMIT, &format!("mvm-shard {args:?}")).await;
-    Ran {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Ran::from(out)
 }
 
 /// `run --local --source . --runner files --files 't/*.sh'` learning into

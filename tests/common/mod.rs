@@ -588,3 +588,27 @@ pub fn wait4_within(child: &std::process::Child, limit: Duration) -> (i32, libc:
     };
     (code, usage)
 }
+
+/// What a finished command said: its exit code (-1 when a signal ended it)
+/// and its output, shown whole when an assertion about it fails.
+pub struct Ran {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<std::process::Output> for Ran {
+    fn from(out: std::process::Output) -> Self {
+        Ran {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for Ran {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}\n{}\n{}", self.code, self.stdout, self.stderr)
+    }
+}
