@@ -222,8 +222,18 @@ fn nextest(text: &str) -> Result<Vec<String>, ListingError> {
 
 /// `path` relative to `root` (the folder the listing ran in): an absolute
 /// path under it loses the prefix, one elsewhere is reached with `..`; a
-/// relative one loses a leading `./`.
+/// relative one loses a leading `./`, unless it would then start with `-`
+/// and be taken for an option by the command it is given to.
 fn relative(path: &str, root: &str) -> String {
+    let out = relative_path(path, root);
+    if out.starts_with('-') {
+        format!("./{out}")
+    } else {
+        out
+    }
+}
+
+fn relative_path(path: &str, root: &str) -> String {
     let root = root.trim_end_matches('/');
     if !path.starts_with('/') || !root.starts_with('/') {
         return path.trim_start_matches("./").to_string();
@@ -371,6 +381,15 @@ mod tests {
         assert_eq!(
             ids(RunnerKind::Files, "t/b.sh\n\nt/a.sh\n").unwrap(),
             vec!["t/a.sh", "t/b.sh"]
+        );
+        // A name that starts with `-` is never taken for an option.
+        assert_eq!(
+            ids(RunnerKind::Files, "./-rf.sh\0-x.sh\0").unwrap(),
+            vec!["./-rf.sh", "./-x.sh"]
+        );
+        assert_eq!(
+            ids(RunnerKind::Jest, r#"["/src/app/-a.test.js"]"#).unwrap(),
+            vec!["./-a.test.js"]
         );
         let not_utf8 = parse(RunnerKind::Files, b"t/a\xff.sh\0", "/src").unwrap_err();
         assert!(matches!(not_utf8, ListingError::Unusable { why, .. } if why.contains("UTF-8")),);
