@@ -259,8 +259,10 @@ pub struct RunArgs {
     /// directory; `**` crosses folders).
     #[arg(long, value_name = "GLOB", requires = "runner")]
     pub files: Option<String>,
-    /// List the tests with this shell command instead of the runner's own
-    /// (its output is read as the runner's listing).
+    /// List the tests with this shell command instead of the runner's own;
+    /// its output must be in the runner's listing format (pytest's node ids,
+    /// nextest's, jest's or vitest's JSON, Go import paths, file paths).
+    /// A line that is not a test id is exit 2.
     #[arg(long, value_name = "CMD", requires = "runner")]
     pub list_command: Option<String>,
     /// List the tests on this machine, in the working directory, instead of
