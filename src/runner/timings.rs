@@ -301,15 +301,25 @@ impl TimingsFile {
                     "{e}: planning without learned timings, and leaving the file as it is"
                 )),
             }),
-            Err(TimingsError::Format { .. }) => {
-                let _lock = file.lock()?;
+            Err(TimingsError::Format { source, .. }) => {
                 // Another run may have set it aside (and saved) meanwhile.
-                let (timings, note) = file.load_or_set_aside()?;
-                Ok(Opened {
-                    timings: timings.unwrap_or_default(),
-                    file: Some(file),
-                    note,
-                })
+                match file.lock().and_then(|_lock| file.load_or_set_aside()) {
+                    Ok((timings, note)) => Ok(Opened {
+                        timings: timings.unwrap_or_default(),
+                        file: Some(file),
+                        note,
+                    }),
+                    // Where it cannot be set aside, it is left as it is.
+                    Err(e) => Ok(Opened {
+                        timings: Timings::default(),
+                        file: None,
+                        note: Some(format!(
+                            "timings file {} is not valid ({source}), and cannot be set aside ({e}): \
+                             planning without learned timings, and leaving the file as it is",
+                            path.display()
+                        )),
+                    }),
+                }
             }
             Err(e) => Err(e),
         }
@@ -568,6 +578,21 @@ mod tests {
             })
             .unwrap();
         assert_eq!(Timings::load(&path).unwrap().tests["b"], 2.0);
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_and_cannot_be_set_aside_is_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("timings.json");
+        std::fs::write(&path, "nope").unwrap();
+        // The lock cannot be taken (as in a folder this user cannot write).
+        std::fs::create_dir(dir.path().join("timings.json.lock")).unwrap();
+        let opened = TimingsFile::open(&path).unwrap();
+        assert_eq!(opened.timings, Timings::default());
+        assert!(opened.file.is_none(), "nothing to learn into");
+        let note = opened.note.unwrap();
+        assert!(note.contains("cannot be set aside"), "{note}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "nope");
     }
 
     #[test]
