@@ -458,6 +458,14 @@ async fn plan_run(args: &RunArgs) -> Result<PlannedRun, RunError> {
         (Some(kind), None) => {
             crate::runner::check_command(&args.command)?;
             let adapter = Adapter::new(kind, args.list_command.clone(), args.files.as_deref())?;
+            if args.only.is_some() {
+                eprintln!(
+                    "mvm-shard: note: --only with --runner lists and plans in this run alone; \
+                     separate runs share the tests out exactly only when they list the same \
+                     tests and plan with the same timings. To make sure, plan once with \
+                     --plan-only FILE and run each share with --replay-plan FILE --only K"
+                );
+            }
             let timings_path = args
                 .timings
                 .clone()

@@ -379,6 +379,14 @@ fn matrix_job(dir: &Path, timings: &Path, only: &str) -> Vec<String> {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
+    // It says how to make separate runs share one plan.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "plan once with --plan-only FILE and run each share with --replay-plan FILE --only K"
+        ),
+        "{stderr}"
+    );
     stdout
         .lines()
         .filter_map(|l| l.split("ran ").nth(1).map(str::to_string))
