@@ -71,14 +71,20 @@ pub struct MergeTimingsArgs {
 
 /// `mvm-shard merge-timings`: exit 0; 1 when the other job planned with
 /// other timings (the jobs' shards may not have partitioned the tests); 2
-/// when a file cannot be read or written.
+/// when a file cannot be read or written. A file of a newer format version
+/// (a newer mvm-shard's) is left as it is and nothing is merged, as `run`
+/// leaves it: exit 0, said once.
 pub fn merge_timings(args: &MergeTimingsArgs) -> i32 {
-    use crate::runner::timings::{Merge, Timings};
+    use crate::runner::timings::{Merge, Timings, TimingsError};
     let merged = Timings::load(&args.into).and_then(|mut into| {
         let merge = into.merge_run(&Timings::load(&args.from)?);
         into.save(&args.into).map(|()| merge)
     });
     match merged {
+        Err(e @ TimingsError::Newer { .. }) => {
+            eprintln!("mvm-shard: warning: {e}: leaving both files as they are; nothing merged");
+            0
+        }
         Ok(Merge::Added(added)) => {
             eprintln!(
                 "mvm-shard: took in the durations of {} another job of this workflow run learned",

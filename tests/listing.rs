@@ -300,6 +300,35 @@ async fn a_newer_or_broken_timings_file_is_kept_and_the_run_goes_on() {
     assert_eq!(learned(&timings).len(), 2, "learned afresh: {ran}");
 }
 
+/// `merge-timings` (the action's matrix jobs) given a file of a newer
+/// version, as this job's or the other's: both files left byte for byte as
+/// they are, said once, exit 0 (as `run` leaves such a file).
+#[tokio::test(flavor = "multi_thread")]
+async fn merge_timings_leaves_a_newer_versions_file_as_it_is() {
+    let state = tempfile::tempdir().unwrap();
+    let newer_text = "{\"version\": 2, \"tests\": {\"t/a.sh\": {\"p50\": 9}}}";
+    let ours_text = "{\"version\": 1, \"tests\": {\"t/b.sh\": 1.0}}";
+    let (newer, ours) = (
+        state.path().join("newer.json"),
+        state.path().join("ours.json"),
+    );
+    for (into, from) in [(&newer, &ours), (&ours, &newer)] {
+        std::fs::write(&newer, newer_text).unwrap();
+        std::fs::write(&ours, ours_text).unwrap();
+        let (into_arg, from_arg) = (into.to_str().unwrap(), from.to_str().unwrap());
+        let ran = mvm(state.path(), &["merge-timings", into_arg, from_arg]).await;
+        assert_eq!(ran.code, 0, "{ran}");
+        assert_eq!(
+            ran.stderr.matches("newer than this mvm-shard's").count(),
+            1,
+            "{ran}"
+        );
+        assert!(ran.stderr.contains("nothing merged"), "{ran}");
+        assert_eq!(std::fs::read_to_string(&newer).unwrap(), newer_text);
+        assert_eq!(std::fs::read_to_string(&ours).unwrap(), ours_text);
+    }
+}
+
 /// Two runs on one laptop share the default timings file; each runs one
 /// shard of two (`--only`), and their shards meet (a FIFO: each waits for
 /// the other) so that both read the file before either saves it. Both
