@@ -352,6 +352,21 @@ pub fn hide_from_same_user() -> std::io::Result<()> {
     nix::sys::prctl::set_dumpable(false).map_err(std::io::Error::from)
 }
 
+/// Asks the kernel for a pipe buffer of `bytes` (Linux's default is 64 KiB),
+/// so that a writer in a burst fills it while its reader is busy instead of
+/// blocking and being woken every 64 KiB. Best effort: past the system's
+/// limits (`/proc/sys/fs/pipe-max-size`, a user's pipe pages) the pipe keeps
+/// its size. Returns the size the pipe has now.
+pub fn grow_pipe(pipe: &impl std::os::fd::AsRawFd, bytes: usize) -> Option<usize> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let fd = pipe.as_raw_fd();
+    let wanted = i32::try_from(bytes).unwrap_or(i32::MAX);
+    let _ = fcntl(fd, FcntlArg::F_SETPIPE_SZ(wanted));
+    fcntl(fd, FcntlArg::F_GETPIPE_SZ)
+        .ok()
+        .and_then(|n| usize::try_from(n).ok())
+}
+
 /// Marks every descriptor above 2 that this process inherited close-on-exec,
 /// so none reaches the commands it starts (a socket, a pipe to a parent, a
 /// jobserver). Descriptors opened from here on are close-on-exec already.

@@ -91,3 +91,31 @@ fn the_binary_is_linked_position_dependent_so_agents_start_without_relocating_it
     let e_type = u16::from_le_bytes([header[16], header[17]]);
     assert_eq!(e_type, 2, "the binary is a position-independent executable");
 }
+
+/// The command's stdout and stderr are 1 MiB pipes (Linux's default is
+/// 64 KiB): a command printing fast goes on while the agent compresses.
+#[test]
+fn the_commands_output_pipes_hold_a_mebibyte() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("README"), "pipes\n").unwrap();
+    // F_GETPIPE_SZ is 1032 on Linux.
+    let script = "import fcntl; print(fcntl.fcntl(1, 1032), fcntl.fcntl(2, 1032))";
+    let (code, stdout, stderr) = common::cli(
+        dir.path(),
+        &[
+            "run",
+            "--local",
+            "--timeout",
+            "60s",
+            "--",
+            "python3",
+            "-c",
+            script,
+        ],
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.lines().any(|l| l == "[1/1] 1048576 1048576"),
+        "{stdout}"
+    );
+}

@@ -7,6 +7,7 @@
 //! In [`microvm`] mode it serves one shard over HTTP instead, with the same
 //! shard code and the same frame stream.
 
+mod adapt;
 mod cache;
 mod download;
 mod hint;
@@ -153,6 +154,9 @@ pub(crate) async fn pump_frames<S: ChunkSink>(
 ) -> Result<(), PumpError<S::Error>> {
     let mut pump = Coalescer::default();
     let mut last_sent = Instant::now();
+    let mut adapt = adapt::Adapt::default();
+    let mut window = adapt::Window::default();
+    let mut window_start = Instant::now();
     loop {
         let wake = match pump.held_since {
             Some(since) => since + COALESCE_FOR,
@@ -171,6 +175,12 @@ pub(crate) async fn pump_frames<S: ChunkSink>(
         let mut encoded = Ok(());
         // Take in whatever is ready too, up to a chunk's worth.
         while let Some(frame) = next.take() {
+            if let Frame::Output { data, .. } = &frame {
+                window.bytes += data.len() as u64;
+                if data.len() >= shard::READ_CHUNK {
+                    window.full_read_bytes += data.len() as u64;
+                }
+            }
             encoded = pump.add(frame);
             if encoded.is_err() {
                 break;
@@ -195,12 +205,23 @@ pub(crate) async fn pump_frames<S: ChunkSink>(
             return Err(PumpError::Encode(e));
         }
         if !pump.buf.is_empty() {
+            let sending = Instant::now();
             if let Err(e) = sink.send_chunk(pump.buf.split().freeze()).await {
                 // Keep draining so the command's output readers never block.
                 while rx.recv().await.is_some() {}
                 return Err(PumpError::Sink(e));
             }
             last_sent = Instant::now();
+            window.waited_on_sink += last_sent - sending;
+        }
+        window.elapsed = window_start.elapsed();
+        if window.is_due() {
+            if let Some(level) = adapt.next_level(&window) {
+                tracing::debug!(level, "compression level");
+                pump.codec.set_level(level);
+            }
+            window = adapt::Window::default();
+            window_start = Instant::now();
         }
         if closed {
             return Ok(());
@@ -226,6 +247,12 @@ impl Coalescer {
             Frame::Output { stream, data } => {
                 if self.held.as_ref().is_some_and(|(s, _)| *s != stream) {
                     self.release()?;
+                }
+                if self.held.is_none() && data.len() >= COALESCE_BYTES {
+                    // A frame's worth already: encoded as it is, not copied.
+                    return self
+                        .codec
+                        .encode(Frame::Output { stream, data }, &mut self.buf);
                 }
                 let (_, pending) = self.held.get_or_insert_with(|| (stream, BytesMut::new()));
                 pending.extend_from_slice(&data);

@@ -4,7 +4,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
@@ -23,8 +23,16 @@ const DEADLINE_MARGIN: Duration = Duration::from_secs(3);
 pub(crate) const TERM_GRACE: Duration = Duration::from_secs(2);
 /// How long processes the command left behind get between SIGTERM and SIGKILL.
 const STRAGGLER_GRACE: Duration = Duration::from_millis(500);
-/// Output read size; also the largest output frame the agent sends.
-const READ_CHUNK: usize = 64 * 1024;
+/// Most output read at once: a command printing fast is read, framed and
+/// compressed in large pieces (fewer reads, wakeups and zstd flushes, and
+/// zstd compresses a large piece faster); a quiet one's lines come as written.
+pub(crate) const READ_CHUNK: usize = 256 * 1024;
+/// Reads at least this big are handed on as they are; smaller ones are copied
+/// out, so that a line does not hold a whole read buffer.
+const HAND_ON_FROM: usize = 16 * 1024;
+/// Size asked for the command's stdout and stderr pipes: a command printing
+/// fast goes on writing while the agent compresses what it read.
+const PIPE_BYTES: usize = 1024 * 1024;
 /// Most bytes of collected files one shard sends back.
 const MAX_COLLECT_BYTES: usize = 64 * 1024 * 1024;
 /// Size of one file frame's piece.
@@ -382,6 +390,12 @@ async fn run_command(
         Err(e) => return not_started(req, &e, frames).await,
     };
     let pgid = child.id();
+    if let Some(pipe) = &child.stdout {
+        os::grow_pipe(pipe, PIPE_BYTES);
+    }
+    if let Some(pipe) = &child.stderr {
+        os::grow_pipe(pipe, PIPE_BYTES);
+    }
     let readers = [
         tokio::spawn(forward_output(
             child.stdout.take(),
@@ -498,15 +512,21 @@ async fn forward_output(
     let Some(mut pipe) = pipe else {
         return (stream, tail);
     };
-    let mut buf = vec![0u8; READ_CHUNK];
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
-        match pipe.read(&mut buf).await {
+        buf.clear();
+        buf.reserve(READ_CHUNK);
+        match pipe.read_buf(&mut buf).await {
             Ok(0) | Err(_) => return (stream, tail),
             Ok(n) => {
                 tail.extend_from_slice(&buf[n.saturating_sub(hint::STDERR_TAIL)..n]);
                 let excess = tail.len().saturating_sub(hint::STDERR_TAIL);
                 tail.drain(..excess);
-                let data = Bytes::copy_from_slice(&buf[..n]);
+                let data = if n >= HAND_ON_FROM {
+                    buf.split().freeze()
+                } else {
+                    Bytes::copy_from_slice(&buf)
+                };
                 if frames.send(Frame::Output { stream, data }).await.is_err() {
                     return (stream, tail);
                 }

@@ -23,7 +23,8 @@ const HEADER_LEN: usize = 5;
 pub const MAX_FRAME_PAYLOAD: usize = 1024 * 1024;
 /// Bodies at least this big go through the shard's zstd stream.
 const COMPRESS_FROM: usize = 16;
-/// zstd level: the fastest, as the agent compresses while the command runs.
+/// zstd level a stream starts at: fast, as the agent compresses while the
+/// command runs; the agent moves it ([`FrameCodec::set_level`]).
 const ZSTD_LEVEL: i32 = 1;
 /// Window of the zstd stream (2^17 = 128 KiB): what a decoder of one shard
 /// holds in memory, and how far back a repeated line is found.
@@ -105,6 +106,12 @@ pub struct FrameCodec {
     decompressor: Option<ZstdDecoder<'static>>,
     /// Reused for every compressed body.
     scratch: Vec<u8>,
+    /// The level the next compressed body is to use, when it changes
+    /// ([`FrameCodec::set_level`]).
+    new_level: Option<i32>,
+    /// Size of the last body decompressed: the next one (of a burst) is
+    /// likely as big, and is decompressed into that much room at once.
+    last_body: usize,
 }
 
 impl std::fmt::Debug for FrameCodec {
@@ -123,6 +130,14 @@ impl FrameCodec {
         Self::default()
     }
 
+    /// Compresses the bodies to come at zstd `level` (the stream starts at
+    /// level 1). A zstd frame keeps the level it started with, so the frame
+    /// under way ends at the next body and a new one starts: decoders read
+    /// the frames one after the other, as any zstd stream, and need not know.
+    pub fn set_level(&mut self, level: i32) {
+        self.new_level = Some(level);
+    }
+
     /// The body of an output or file frame: through the zstd stream, flushed,
     /// unless it is too small to gain anything.
     fn encode_body<'a>(
@@ -132,20 +147,34 @@ impl FrameCodec {
         if data.len() < COMPRESS_FROM {
             return Ok((ENCODING_RAW, data.into()));
         }
-        let compressor = match &mut self.compressor {
-            Some(c) => c,
-            None => {
-                let mut c = ZstdEncoder::new(ZSTD_LEVEL)?;
-                c.set_parameter(CParameter::WindowLog(ZSTD_WINDOW_LOG))?;
-                self.compressor.insert(c)
-            }
-        };
+        let new_level = self.new_level.take();
         let out = &mut self.scratch;
         out.clear();
         if out.capacity() > 4 * MAX_FRAME_PAYLOAD {
             *out = Vec::new();
         }
         out.reserve(zstd::zstd_safe::compress_bound(data.len()) + 64);
+        let compressor = match (&mut self.compressor, new_level) {
+            (Some(c), None) => c,
+            (Some(c), Some(level)) => {
+                // End the frame under way; the next one starts at `level`.
+                loop {
+                    grow(out);
+                    let len = out.len();
+                    let mut piece = OutBuffer::around_pos(out, len);
+                    if c.finish(&mut piece, false)? == 0 {
+                        break;
+                    }
+                }
+                c.set_parameter(CParameter::CompressionLevel(level))?;
+                c
+            }
+            (None, level) => {
+                let mut c = ZstdEncoder::new(level.unwrap_or(ZSTD_LEVEL))?;
+                c.set_parameter(CParameter::WindowLog(ZSTD_WINDOW_LOG))?;
+                self.compressor.insert(c)
+            }
+        };
         let mut input = InBuffer::around(data);
         while input.pos() < data.len() {
             grow(out);
@@ -179,11 +208,12 @@ impl FrameCodec {
                 };
                 let bad =
                     |e: std::io::Error| FrameError::Invalid(format!("bad compressed data: {e}"));
-                // Room for a whole coalesced frame from the start: log lines
-                // often compress 50-fold, and growing from the payload's
-                // size copied each frame's output about once more.
-                let mut out: Vec<u8> =
-                    Vec::with_capacity((payload.len() * 4).clamp(64 * 1024, MAX_FRAME_PAYLOAD));
+                // Room for a whole frame from the start: log lines often
+                // compress 50-fold or more, and growing from the payload's
+                // size copied each frame's output about once more. A burst's
+                // frames are alike, so the last one's size is the guess.
+                let room = (payload.len() * 4).max(self.last_body + 1);
+                let mut out: Vec<u8> = Vec::with_capacity(room.clamp(64 * 1024, MAX_FRAME_PAYLOAD));
                 let mut input = InBuffer::around(&payload);
                 loop {
                     if out.len() == out.capacity() {
@@ -197,6 +227,7 @@ impl FrameCodec {
                     decompressor.run(&mut input, &mut piece).map_err(bad)?;
                     let room_left = piece.pos() < piece.capacity();
                     if input.pos() == payload.len() && room_left {
+                        self.last_body = out.len();
                         return Ok(Bytes::from(out));
                     }
                 }
@@ -476,6 +507,46 @@ mod tests {
             back.push(f);
         }
         assert_eq!(back, lines);
+    }
+
+    #[test]
+    fn a_stream_whose_level_changes_decodes_to_the_same_bytes_at_any_chunk_boundary() {
+        let mut codec = FrameCodec::new();
+        let mut wire = BytesMut::new();
+        let mut sent = Vec::new();
+        for (i, level) in [1, 1, -5, -5, 6, 3, 1, -1].into_iter().enumerate() {
+            codec.set_level(level);
+            let data: Vec<u8> = (0..2000 + i * 1500)
+                .flat_map(|n| format!("line {n} of piece {i} at level {level}\n").into_bytes())
+                .collect();
+            let frame = Frame::Output {
+                stream: OutputStream::Stdout,
+                data: Bytes::from(data),
+            };
+            codec.encode(frame.clone(), &mut wire).unwrap();
+            sent.push(frame);
+        }
+        sent.push(Frame::Heartbeat);
+        codec.encode(Frame::Heartbeat, &mut wire).unwrap();
+        let log: usize = sent
+            .iter()
+            .map(|f| match f {
+                Frame::Output { data, .. } => data.len(),
+                _ => 0,
+            })
+            .sum();
+        assert!(wire.len() * 5 < log, "{} bytes for {log}", wire.len());
+        for chunk in [1, 7, 4096, wire.len()] {
+            let mut codec = FrameCodec::new();
+            let (mut buf, mut back) = (BytesMut::new(), Vec::new());
+            for piece in wire.chunks(chunk) {
+                buf.extend_from_slice(piece);
+                while let Some(f) = codec.decode(&mut buf).unwrap() {
+                    back.push(f);
+                }
+            }
+            assert_eq!(back, sent, "chunk size {chunk}");
+        }
     }
 
     #[test]
