@@ -1067,9 +1067,15 @@ async fn rerun_failed(
     Ok(summary)
 }
 
+/// Size asked for the invoker's stdout when it is a pipe (Linux's default is 64 KiB).
+const STDOUT_PIPE_BYTES: usize = 1024 * 1024;
+
 /// The reporter for where the run is shown: GitHub Actions (with the
 /// secrets masked), a terminal with a progress bar, or plain output.
 fn reporter(args: &RunArgs, planned: &PlannedRun, shards: usize) -> Box<dyn Reporter> {
+    // A long log piped on (`| tee`, `| grep`) goes out in fewer, larger
+    // writes, with fewer wakeups of its reader; a terminal or a file is left as it is.
+    crate::os::grow_pipe(&std::io::stdout(), STDOUT_PIPE_BYTES);
     if std::env::var("GITHUB_ACTIONS").as_deref() == Ok("true") {
         let mut files = GithubFiles::from_env();
         if !args.junit.is_empty() {

@@ -119,3 +119,33 @@ fn the_commands_output_pipes_hold_a_mebibyte() {
         "{stdout}"
     );
 }
+
+/// The invoker's own stdout, when it is a pipe, is grown to 1 MiB as well:
+/// a long log piped on goes out in fewer, larger writes.
+#[test]
+#[expect(
+    clippy::zombie_processes,
+    reason = "reaped by wait4_within, which bounds the wait"
+)]
+fn the_invokers_stdout_pipe_is_grown_to_a_mebibyte() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("README"), "pipes\n").unwrap();
+    let mut child = Command::new(common::binary())
+        .args(["run", "--local", "--timeout", "60s", "--", "echo", "hello"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (code, _) = common::wait4_within(&child, Duration::from_secs(120));
+    let mut out = String::new();
+    stdout.read_to_string(&mut out).unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.lines().any(|l| l == "[1/1] hello"), "{out}");
+    // SAFETY: a plain query of a descriptor we own.
+    let size = unsafe { libc::fcntl(stdout.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    assert_eq!(size, 1024 * 1024);
+}
