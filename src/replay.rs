@@ -25,8 +25,8 @@ pub fn next_to_report(report: &Path) -> PathBuf {
     report.with_extension("plan.json")
 }
 
-/// Where a run's plan goes by default: `mvm-shard/plan.json` in the
-/// repository's git directory, next to the learned timings; `None` outside
+/// Where a run's plan goes by default: `mvm-shard/plan.json` in the git
+/// directory of the worktree, next to the learned timings; `None` outside
 /// a git repository.
 pub fn default_path(source_root: &Path) -> Option<PathBuf> {
     crate::runner::timings::default_path(source_root).map(|p| p.with_file_name("plan.json"))

@@ -10,7 +10,7 @@ mod common;
 use common::Ran;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The most one `mvm-shard run` here may take.
@@ -298,6 +298,61 @@ async fn a_newer_or_broken_timings_file_is_kept_and_the_run_goes_on() {
         serde_json::from_str(&std::fs::read_to_string(&timings).unwrap()).unwrap();
     assert_eq!(saved["version"], 1, "{saved}");
     assert_eq!(learned(&timings).len(), 2, "learned afresh: {ran}");
+}
+
+/// Two worktrees of one repository list other tests (another branch): each
+/// learns into, and records its plan in, its own git directory, so neither
+/// run drops the tests only the other lists.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_worktree_learns_its_own_tests() {
+    let repo = tempfile::tempdir().unwrap();
+    let main = repo.path().join("main");
+    let other = repo.path().join("other");
+    write(
+        &main,
+        &[("t/a.sh", "echo RAN a\n"), ("t/b.sh", "echo RAN b\n")],
+    );
+    let commit = [
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@t.invalid",
+        "commit",
+        "-q",
+    ];
+    common::git(&main, &["init", "-q"]);
+    common::git(&main, &["add", "."]);
+    common::git(&main, &[&commit[..], &["-m", "a b"]].concat());
+    let other_arg = other.to_str().unwrap();
+    common::git(&main, &["worktree", "add", "-q", "-b", "other", other_arg]);
+    common::git(&other, &["mv", "t/b.sh", "t/c.sh"]);
+    common::git(&other, &[&commit[..], &["-m", "a c"]].concat());
+
+    let run_in = |dir: PathBuf| async move {
+        let args = [
+            "run", "--local", "--source", ".", "--runner", "files", "--files", "t/*.sh",
+        ];
+        let command = [
+            "--",
+            "sh",
+            "-c",
+            "for f in {tests}; do sh \"$f\" || exit 1; done",
+        ];
+        let ran = mvm(&dir, &[&args[..], &command[..]].concat()).await;
+        assert_eq!(ran.code, 0, "{ran}");
+    };
+    for dir in [&main, &other, &main, &other] {
+        run_in(dir.clone()).await;
+    }
+    let keys = |path: PathBuf| learned(&path).into_keys().collect::<Vec<_>>();
+    let own = main.join(".git/mvm-shard");
+    let others = main.join(".git/worktrees/other/mvm-shard");
+    assert_eq!(keys(own.join("timings.json")), ["t/a.sh", "t/b.sh"]);
+    assert_eq!(keys(others.join("timings.json")), ["t/a.sh", "t/c.sh"]);
+    for (dir, test) in [(&own, "t/b.sh"), (&others, "t/c.sh")] {
+        let plan = std::fs::read_to_string(dir.join("plan.json")).unwrap();
+        assert!(plan.contains(test), "{plan}");
+    }
 }
 
 /// `merge-timings` (the action's matrix jobs) given a file of a newer

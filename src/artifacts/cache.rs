@@ -79,7 +79,9 @@ impl CacheArg {
 }
 
 /// Where local runs keep their caches: `mvm-shard/caches` in the git
-/// directory of `cwd`'s repository (never shipped, never committed).
+/// directory of `cwd`'s repository (never shipped, never committed), shared
+/// by its worktrees: a cache's key is its key files' content, whichever
+/// worktree saved it.
 pub fn local_dir(cwd: &Path) -> Option<PathBuf> {
     let dir = crate::source::git_rev_parse(cwd, &["--path-format=absolute", "--git-common-dir"])?;
     Some(dir.join("mvm-shard/caches"))

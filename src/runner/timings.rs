@@ -404,20 +404,13 @@ impl TimingsFile {
     }
 }
 
-/// The default timings file: under the repository's git directory (shared
-/// by its worktrees), so a laptop learns without touching the work tree.
+/// The default timings file: under the git directory of `dir`'s worktree,
+/// so a laptop learns without touching the work tree. Each worktree has its
+/// own (`--git-dir`, not the common one): worktrees at other commits list
+/// other tests, and a run drops the tests its listing no longer has.
 pub fn default_path(dir: &Path) -> Option<PathBuf> {
-    let out = std::process::Command::new("git")
-        .args(["rev-parse", "--path-format=absolute", "--git-common-dir"])
-        .current_dir(dir)
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let git_dir = String::from_utf8(out.stdout).ok()?;
-    Some(PathBuf::from(git_dir.trim()).join("mvm-shard/timings.json"))
+    let git_dir = crate::source::git_rev_parse(dir, &["--path-format=absolute", "--git-dir"])?;
+    Some(git_dir.join("mvm-shard/timings.json"))
 }
 
 #[cfg(test)]
