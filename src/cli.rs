@@ -276,7 +276,7 @@ pub struct RunArgs {
     #[arg(long, requires = "runner")]
     pub list_local: bool,
     /// Learned test durations, read to plan and updated after the run
-    /// (default: mvm-shard/timings.json in the repository's git directory).
+    /// (default: mvm-shard/timings.json in the worktree's git directory).
     #[arg(long, value_name = "PATH", requires = "runner")]
     pub timings: Option<PathBuf>,
     /// After the first shard that fails or times out, start no more shards
@@ -298,7 +298,7 @@ pub struct RunArgs {
     /// shard K): the same tests, command and runner, without listing. Every
     /// run records its plan next to its report (`junit.xml` →
     /// `junit.plan.json`, with --runner or --junit) and in
-    /// mvm-shard/plan.json in the repository's git directory. A plan whose
+    /// mvm-shard/plan.json in the worktree's git directory. A plan whose
     /// command held a --mask value has `***` there instead: give the command
     /// again after --.
     ///

@@ -1629,7 +1629,7 @@ fn publish_plan(
 }
 
 /// Records the run's plan for `--replay-plan`: next to the report (with
-/// `--runner` or `--junit`) and in the repository's git directory. Returns
+/// `--runner` or `--junit`) and in the worktree's git directory. Returns
 /// the path next to the report, or else the other, when it was written.
 fn record_plan(args: &RunArgs, planned: &PlannedRun) -> Option<std::path::PathBuf> {
     let plan = recorded_plan(args, planned);

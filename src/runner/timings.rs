@@ -261,7 +261,7 @@ impl Timings {
 
 /// A run's timings file: read as the run starts, updated as it ends under
 /// an advisory lock, so that runs sharing it (two on one laptop, in the
-/// repository's git directory) each add their learning to the newest file
+/// worktree's git directory) each add their learning to the newest file
 /// rather than the last to finish replacing the other's.
 #[derive(Debug, Clone)]
 pub struct TimingsFile {
