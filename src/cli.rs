@@ -153,6 +153,7 @@ pub async fn doctor(args: DoctorArgs) -> i32 {
         region: args.region,
         tenant_isolation: !args.no_tenant_isolation,
         local_credentials: false,
+        http_client: None,
     })
     .await;
     match backend {

@@ -757,6 +757,7 @@ async fn connect(
             region: None,
             tenant_isolation: true,
             local_credentials: true,
+            http_client: Some(running.sdk_http_client()),
         };
         emulator = Some(running);
         options
@@ -767,6 +768,7 @@ async fn connect(
             region: args.region.clone(),
             tenant_isolation: !args.no_tenant_isolation,
             local_credentials: false,
+            http_client: None,
         }
     };
     // One cheap read first, so a configuration mistake stops the run before any shard starts.

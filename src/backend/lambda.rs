@@ -26,6 +26,9 @@ pub struct LambdaOptions {
     /// Fixed placeholder credentials, for the run's own local emulator
     /// (`--local`, which also ends every environment with the run).
     pub local_credentials: bool,
+    /// The HTTP client to send with instead of the SDK's own: the run's
+    /// in-process emulator with `--local`.
+    pub http_client: Option<aws_smithy_runtime_api::client::http::SharedHttpClient>,
 }
 
 /// Runs shards as invocations of one Lambda function.
@@ -61,9 +64,12 @@ impl LambdaBackend {
             }
         }
         // Retries are ours: each attempt must carry a new tenant id.
-        let config = aws_sdk_lambda::config::Builder::from(&shared)
-            .retry_config(RetryConfig::disabled())
-            .build();
+        let mut config =
+            aws_sdk_lambda::config::Builder::from(&shared).retry_config(RetryConfig::disabled());
+        if let Some(client) = options.http_client {
+            config = config.http_client(client);
+        }
+        let config = config.build();
         Ok(LambdaBackend {
             client: aws_sdk_lambda::Client::from_conf(config),
             function: options.function,

@@ -11,6 +11,7 @@ mod environment;
 mod errors;
 mod eventstream;
 mod faults;
+mod in_process;
 mod invoke;
 mod microvms;
 mod output_tail;
@@ -340,6 +341,8 @@ pub struct RunningEmulator {
     /// `http://127.0.0.1:PORT`, for `--endpoint-url`.
     pub endpoint: String,
     emulator: Emulator,
+    /// The routes the listener serves, for [`RunningEmulator::sdk_http_client`].
+    router: axum::Router,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -350,6 +353,7 @@ impl RunningEmulator {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let endpoint = format!("http://{}", listener.local_addr()?);
         let emulator = Emulator::new(config)?;
+        let router = invoke::router(emulator.clone());
         let stop = CancellationToken::new();
         let signal = stop.clone();
         let task = tokio::spawn(
@@ -360,9 +364,16 @@ impl RunningEmulator {
         Ok(RunningEmulator {
             endpoint,
             emulator,
+            router,
             stop,
             task,
         })
+    }
+
+    /// An SDK HTTP client that reaches this emulator without a socket (see
+    /// `in_process`); requests still name [`RunningEmulator::endpoint`].
+    pub fn sdk_http_client(&self) -> aws_smithy_runtime_api::client::http::SharedHttpClient {
+        in_process::http_client(self.router.clone())
     }
 
     /// How many Invoke calls reached it; see [`Emulator::invocations`].

@@ -91,6 +91,7 @@ pub async fn backend(endpoint: &str, function: &str, tenant_isolation: bool) -> 
             region: Some("us-east-1".into()),
             tenant_isolation,
             local_credentials: true,
+            http_client: None,
         })
         .await
         .expect("backend connects"),
