@@ -145,7 +145,8 @@ fn scan_marked(needles: &[&[u8]]) -> Vec<Vec<u32>> {
     let index: HashMap<&[u8], usize> = needles.iter().enumerate().map(|(i, n)| (*n, i)).collect();
     let mut found = vec![Vec::new(); needles.len()];
     let mut env = Vec::with_capacity(64 * 1024);
-    for pid in all_pids().filter(|&pid| pid != me) {
+    let candidates = escape_candidates().unwrap_or_else(|| all_pids().collect());
+    for pid in candidates.into_iter().filter(|&pid| pid != me) {
         if read_environ(pid, &mut env).is_err() {
             continue;
         }
@@ -163,6 +164,29 @@ fn scan_marked(needles: &[&[u8]]) -> Vec<Vec<u32>> {
         }
     }
     found
+}
+
+/// Where a process that left one of our trees can be: orphans go to the
+/// nearest living subreaper above their dead parent, or to init. Above a
+/// process of ours that is this process or one of its ancestors, so an
+/// escaped process is a direct child of one of them (or of this process
+/// when it is a subreaper); it stays there until it dies, and what it starts
+/// is below it. Reading only those children keeps a sweep from reading
+/// every process's environment, with a thousand shards in flight most of
+/// them ours. `None` when the kernel cannot list children.
+fn escape_candidates() -> Option<Vec<u32>> {
+    let me = std::process::id();
+    let mut candidates = Vec::new();
+    if is_subreaper() {
+        candidates.extend(children_of(me)?);
+    }
+    let (mut below, mut pid) = (me, stat_state_and_parent(me)?.1);
+    // Parent 0: the top of this pid namespace (or the kernel's own threads).
+    while pid != 0 {
+        candidates.extend(children_of(pid)?.into_iter().filter(|&c| c != below));
+        (below, pid) = (pid, stat_state_and_parent(pid)?.1);
+    }
+    Some(candidates)
 }
 
 /// Reads `/proc/<pid>/environ` into `buf`, reused from process to process.
@@ -454,5 +478,38 @@ mod tests {
         child.kill().unwrap();
         let _ = child.wait();
         let _ = zombie.wait();
+    }
+
+    #[test]
+    fn a_marked_process_that_left_the_tree_is_found_and_killed() {
+        let marker = format!("escaped-{}", std::process::id());
+        // setsid and a parent that exits at once: the sleep is reparented to
+        // a subreaper above this process, or to init.
+        let out = std::process::Command::new("sh")
+            .args(["-c", "setsid sh -c 'sleep 300 >/dev/null 2>&1 & echo $!'"])
+            .env("MVM_SHARD_TEST_MARKER", &marker)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while descendants(std::process::id()).contains(&pid) && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(is_alive(pid), "the escaped sleep {pid} runs");
+        assert!(
+            !descendants(std::process::id()).contains(&pid),
+            "{pid} left this process's tree"
+        );
+        assert_eq!(
+            processes_marked("MVM_SHARD_TEST_MARKER", &marker),
+            vec![pid]
+        );
+        assert_eq!(kill_marked("MVM_SHARD_TEST_MARKER", &marker), 1);
+        while is_alive(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!is_alive(pid), "the escaped sleep {pid} was killed");
     }
 }

@@ -62,7 +62,9 @@ impl Environment {
         let runtime = RuntimeApi::new(rx, kill.clone(), exited.clone());
         let server_stop = exited.clone();
         // Shared by the connections (see `Emulator::serve`).
-        let router = runtime::router(runtime.clone()).into_make_service();
+        let router = axum::ServiceExt::<axum::extract::Request>::into_make_service(
+            runtime::RuntimeService::new(runtime.clone()),
+        );
         tokio::spawn(async move {
             use axum::serve::ListenerExt;
             let served = axum::serve(listener.tap_io(crate::net::no_delay), router)

@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Request};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::Router;
 use base64::Engine as _;
 use bytes::Bytes;
@@ -103,20 +104,55 @@ impl RuntimeApi {
     }
 }
 
-/// The Runtime API routes.
-pub fn router(state: Arc<RuntimeApi>) -> Router {
-    Router::new()
-        .route(api::NEXT, get(next))
-        .route(
-            "/2018-06-01/runtime/invocation/{id}/response",
-            post(response),
-        )
-        .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
-        .route(api::INIT_ERROR, post(init_error))
-        .with_state(state)
+/// The Runtime API of one environment: the routes every environment shares,
+/// and this environment's state, handed to them as an extension.
+#[derive(Clone)]
+pub struct RuntimeService {
+    routes: Router,
+    state: Arc<RuntimeApi>,
 }
 
-async fn next(State(rt): State<Arc<RuntimeApi>>) -> Response {
+impl RuntimeService {
+    /// The Runtime API served for `state`. The route table is built once:
+    /// a table per environment cost several KB with a thousand in flight.
+    pub fn new(state: Arc<RuntimeApi>) -> Self {
+        static ROUTES: std::sync::OnceLock<Router> = std::sync::OnceLock::new();
+        let routes = ROUTES.get_or_init(|| {
+            Router::new()
+                .route(api::NEXT, get(next))
+                .route(
+                    "/2018-06-01/runtime/invocation/{id}/response",
+                    post(response),
+                )
+                .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
+                .route(api::INIT_ERROR, post(init_error))
+        });
+        RuntimeService {
+            routes: routes.clone(),
+            state,
+        }
+    }
+}
+
+impl tower_service::Service<Request> for RuntimeService {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = <Router as tower_service::Service<Request>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        req.extensions_mut().insert(self.state.clone());
+        tower_service::Service::call(&mut self.routes, req)
+    }
+}
+
+async fn next(Extension(rt): Extension<Arc<RuntimeApi>>) -> Response {
     let next = async { rt.next.lock().await.recv().await };
     let inv = tokio::select! {
         inv = next => inv,
@@ -182,7 +218,7 @@ fn accepted() -> Response {
 }
 
 async fn response(
-    State(rt): State<Arc<RuntimeApi>>,
+    Extension(rt): Extension<Arc<RuntimeApi>>,
     Path(id): Path<String>,
     req: Request,
 ) -> Response {
@@ -264,7 +300,7 @@ fn trailer_error(trailers: &HeaderMap) -> Option<StreamPiece> {
 }
 
 async fn error(
-    State(rt): State<Arc<RuntimeApi>>,
+    Extension(rt): Extension<Arc<RuntimeApi>>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -278,7 +314,7 @@ async fn error(
 }
 
 async fn init_error(
-    State(rt): State<Arc<RuntimeApi>>,
+    Extension(rt): Extension<Arc<RuntimeApi>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
