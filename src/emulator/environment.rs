@@ -25,8 +25,9 @@ const LOG_TAIL: usize = 4096;
 pub struct Environment {
     /// Short id, for logs.
     pub id: String,
-    /// Hands invocations to the runtime's `next`.
-    pub invocations: mpsc::Sender<PendingInvocation>,
+    /// Hands invocations to the runtime's `next`; boxed, as a channel's
+    /// first block holds 32 of its messages and one is open per environment.
+    pub invocations: mpsc::Sender<Box<PendingInvocation>>,
     /// Fires once the runtime process has exited and its tree is gone.
     pub exited: CancellationToken,
     /// The Runtime API state, to read an init error.

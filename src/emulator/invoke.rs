@@ -525,7 +525,7 @@ async fn exchange(
             ),
         )
     };
-    if env.invocations.send(pending).await.is_err() {
+    if env.invocations.send(Box::new(pending)).await.is_err() {
         return (Err(exit_error(env, &request_id)), false);
     }
     let reply = tokio::select! {

@@ -74,7 +74,7 @@ pub enum StreamPiece {
 
 /// Shared state of one environment's Runtime API.
 pub struct RuntimeApi {
-    next: tokio::sync::Mutex<mpsc::Receiver<PendingInvocation>>,
+    next: tokio::sync::Mutex<mpsc::Receiver<Box<PendingInvocation>>>,
     waiting: Mutex<HashMap<String, oneshot::Sender<RuntimeReply>>>,
     /// Set when the runtime posted `/init/error`.
     pub init_error: Mutex<Option<(String, String)>>,
@@ -86,7 +86,7 @@ impl RuntimeApi {
     /// State fed by `invocations`; `on_init_error` is fired when init fails,
     /// and a `next` still waiting ends when `shutdown` fires.
     pub fn new(
-        invocations: mpsc::Receiver<PendingInvocation>,
+        invocations: mpsc::Receiver<Box<PendingInvocation>>,
         on_init_error: CancellationToken,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
@@ -158,7 +158,7 @@ async fn next(Extension(rt): Extension<Arc<RuntimeApi>>) -> Response {
         inv = next => inv,
         () = rt.shutdown.cancelled() => None,
     };
-    let Some(inv) = inv else {
+    let Some(inv) = inv.map(|boxed| *boxed) else {
         return (StatusCode::GONE, "environment is shutting down").into_response();
     };
     let deadline_ms = inv
