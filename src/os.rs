@@ -383,10 +383,15 @@ pub fn hide_from_same_user() -> std::io::Result<()> {
 /// its size. Returns the size the pipe has now.
 pub fn grow_pipe(pipe: &impl std::os::fd::AsRawFd, bytes: usize) -> Option<usize> {
     use nix::fcntl::{fcntl, FcntlArg};
-    let fd = pipe.as_raw_fd();
     let wanted = i32::try_from(bytes).unwrap_or(i32::MAX);
-    let _ = fcntl(fd, FcntlArg::F_SETPIPE_SZ(wanted));
-    fcntl(fd, FcntlArg::F_GETPIPE_SZ)
+    let _ = fcntl(pipe.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(wanted));
+    pipe_size(pipe)
+}
+
+/// The size of a pipe's buffer, or `None` when `pipe` is not a pipe.
+pub fn pipe_size(pipe: &impl std::os::fd::AsRawFd) -> Option<usize> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    fcntl(pipe.as_raw_fd(), FcntlArg::F_GETPIPE_SZ)
         .ok()
         .and_then(|n| usize::try_from(n).ok())
 }

@@ -92,14 +92,22 @@ fn the_binary_is_linked_position_dependent_so_agents_start_without_relocating_it
     assert_eq!(e_type, 2, "the binary is a position-independent executable");
 }
 
-/// The command's stdout and stderr are 1 MiB pipes (Linux's default is
-/// 64 KiB): a command printing fast goes on while the agent compresses.
+/// A command that prints fast gets 1 MiB pipes (Linux's default is 64 KiB):
+/// it goes on while the agent compresses. A quiet one keeps the default, as
+/// every byte of pipe size counts against the user's pipe pages.
 #[test]
-fn the_commands_output_pipes_hold_a_mebibyte() {
+fn a_command_that_fills_its_pipes_gets_them_grown_to_a_mebibyte() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("README"), "pipes\n").unwrap();
-    // F_GETPIPE_SZ is 1032 on Linux.
-    let script = "import fcntl; print(fcntl.fcntl(1, 1032), fcntl.fcntl(2, 1032))";
+    // F_GETPIPE_SZ is 1032 on Linux. A 64 KiB write fills an empty default
+    // pipe at once; the next, of 128 KiB, does not fit in what the agent's
+    // first (full) read frees, so it ends only after the agent grew the pipe.
+    let script = "import fcntl, os\n\
+                  quiet = (fcntl.fcntl(1, 1032), fcntl.fcntl(2, 1032))\n\
+                  for fd in (2, 1):\n\
+                  \x20   os.write(fd, b'.' * 65535 + b'\\n')\n\
+                  \x20   os.write(fd, b'.' * 131071 + b'\\n')\n\
+                  print('quiet', *quiet, 'busy', fcntl.fcntl(1, 1032), fcntl.fcntl(2, 1032))\n";
     let (code, stdout, stderr) = common::cli(
         dir.path(),
         &[
@@ -113,11 +121,12 @@ fn the_commands_output_pipes_hold_a_mebibyte() {
             script,
         ],
     );
-    assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(
-        stdout.lines().any(|l| l == "[1/1] 1048576 1048576"),
-        "{stdout}"
-    );
+    assert_eq!(code, 0, "{stderr}");
+    let sizes = stdout
+        .lines()
+        .find(|l| l.starts_with("[1/1] quiet"))
+        .unwrap_or_default();
+    assert_eq!(sizes, "[1/1] quiet 65536 65536 busy 1048576 1048576");
 }
 
 /// The invoker's own stdout, when it is a pipe, is grown to 1 MiB as well:

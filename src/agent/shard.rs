@@ -30,8 +30,10 @@ pub(crate) const READ_CHUNK: usize = 256 * 1024;
 /// Reads at least this big are handed on as they are; smaller ones are copied
 /// out, so that a line does not hold a whole read buffer.
 const HAND_ON_FROM: usize = 16 * 1024;
-/// Size asked for the command's stdout and stderr pipes: a command printing
-/// fast goes on writing while the agent compresses what it read.
+/// Size asked for the command's stdout or stderr pipe once a read finds it
+/// full: a command printing fast goes on writing while the agent compresses
+/// what it read. Quiet pipes keep the default size, which counts less
+/// against the user's pipe pages with a thousand shards in flight.
 const PIPE_BYTES: usize = 1024 * 1024;
 /// Most bytes of collected files one shard sends back.
 const MAX_COLLECT_BYTES: usize = 64 * 1024 * 1024;
@@ -390,12 +392,6 @@ async fn run_command(
         Err(e) => return not_started(req, &e, frames).await,
     };
     let pgid = child.id();
-    if let Some(pipe) = &child.stdout {
-        os::grow_pipe(pipe, PIPE_BYTES);
-    }
-    if let Some(pipe) = &child.stderr {
-        os::grow_pipe(pipe, PIPE_BYTES);
-    }
     let readers = [
         tokio::spawn(forward_output(
             child.stdout.take(),
@@ -504,7 +500,7 @@ fn outcome_of(status: std::process::ExitStatus) -> Outcome {
 /// Forwards a pipe as output frames; returns the stream and its last
 /// [`hint::STDERR_TAIL`] bytes, where a missing tool is named.
 async fn forward_output(
-    pipe: Option<impl AsyncRead + Unpin>,
+    pipe: Option<impl AsyncRead + std::os::fd::AsRawFd + Unpin>,
     stream: OutputStream,
     frames: FrameSender,
 ) -> (OutputStream, Vec<u8>) {
@@ -513,12 +509,17 @@ async fn forward_output(
         return (stream, tail);
     };
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut pipe_size = os::pipe_size(&pipe).unwrap_or(PIPE_BYTES);
     loop {
         buf.clear();
         buf.reserve(READ_CHUNK);
         match pipe.read_buf(&mut buf).await {
             Ok(0) | Err(_) => return (stream, tail),
             Ok(n) => {
+                if n >= pipe_size && pipe_size < PIPE_BYTES {
+                    // The read emptied a full pipe: the command prints fast.
+                    pipe_size = os::grow_pipe(&pipe, PIPE_BYTES).unwrap_or(PIPE_BYTES);
+                }
                 tail.extend_from_slice(&buf[n.saturating_sub(hint::STDERR_TAIL)..n]);
                 let excess = tail.len().saturating_sub(hint::STDERR_TAIL);
                 tail.drain(..excess);
