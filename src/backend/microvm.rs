@@ -569,7 +569,13 @@ impl LogReader {
             let resp = Self::with_headers(self.http.get(&url), &headers)
                 .send()
                 .await
-                .map_err(|e| format!("cannot reach microVM {}: {e}", self.id))?;
+                .map_err(|e| {
+                    format!(
+                        "cannot reach microVM {}: {}",
+                        self.id,
+                        super::errors::causes(&e)
+                    )
+                })?;
             match resp.status() {
                 s if s.is_success() => return Ok(Some(resp.bytes_stream().boxed())),
                 reqwest::StatusCode::RANGE_NOT_SATISFIABLE => return Ok(None),
@@ -614,8 +620,10 @@ impl LogReader {
                 Some(Err(e)) => {
                     self.body = None;
                     let e = format!(
-                        "the log of microVM {} broke off at byte {}: {e}",
-                        self.id, self.offset
+                        "the log of microVM {} broke off at byte {}: {}",
+                        self.id,
+                        self.offset,
+                        super::errors::causes(&e)
                     );
                     self.backoff(e).await?;
                 }

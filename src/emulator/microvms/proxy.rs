@@ -129,27 +129,30 @@ async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
 
 /// Passes `limit` bytes of `body` on, then breaks the response off as a
 /// failing connection would (fault injection, for clients that must resume).
+/// The bytes before the break reach the client: the server is given a turn
+/// to flush them first (hyper drops what it has not written when a body
+/// fails), so a reader that fell behind by more than `limit` still gets
+/// `limit` bytes a connection, as over a real connection that breaks.
 fn cut_after(body: hyper::body::Incoming, limit: u64) -> Body {
     use futures::StreamExt;
     use http_body_util::BodyExt;
-    let cut = || std::io::Error::other("connection cut by fault injection");
     let mut sent = 0u64;
     let stream = body.into_data_stream().flat_map(move |chunk| {
-        let pieces = match chunk {
-            Err(e) => vec![Err(std::io::Error::other(e))],
-            Ok(_) if sent >= limit => vec![Err(cut())],
+        let (pieces, cut) = match chunk {
+            Err(e) => (vec![Err(std::io::Error::other(e))], false),
+            Ok(_) if sent >= limit => (vec![], true),
             Ok(chunk) => {
                 let keep = (limit - sent).min(chunk.len() as u64) as usize;
                 sent += keep as u64;
-                if keep < chunk.len() {
-                    // Broken off mid-chunk: an error, even if the log ends with this chunk.
-                    vec![Ok(chunk.slice(..keep)), Err(cut())]
-                } else {
-                    vec![Ok(chunk)]
-                }
+                // Broken off mid-chunk: an error, even if the log ends with this chunk.
+                (vec![Ok(chunk.slice(..keep))], keep < chunk.len())
             }
         };
-        futures::stream::iter(pieces)
+        let broken = futures::stream::iter(cut.then_some(())).then(|()| async {
+            tokio::task::yield_now().await;
+            Err(std::io::Error::other("connection cut by fault injection"))
+        });
+        futures::stream::iter(pieces).chain(broken)
     });
     Body::from_stream(stream)
 }
@@ -208,5 +211,40 @@ mod tests {
         let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, ["content-length", "x-custom"]);
+    }
+
+    /// Serves `router` on a loopback port; its address.
+    async fn serve_on_loopback(router: Router) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_cut_response_delivers_its_bytes_before_it_breaks() {
+        // The upstream sends 1,000 bytes at once, as a log read by a reader
+        // that fell behind does; cut after 300, the client gets those 300.
+        let upstream = Router::new().fallback(|| async {
+            let chunk: std::io::Result<bytes::Bytes> = Ok(vec![b'x'; 1000].into());
+            Body::from_stream(futures::stream::iter([chunk]))
+        });
+        let upstream = serve_on_loopback(upstream).await;
+        let cutting = Router::new().fallback(move || async move {
+            let uri: Uri = format!("http://{upstream}/").parse().unwrap();
+            let resp = forwarder().get(uri).await.unwrap();
+            Response::new(cut_after(resp.into_body(), 300))
+        });
+        let cutting = serve_on_loopback(cutting).await;
+        let mut resp = reqwest::get(format!("http://{cutting}/")).await.unwrap();
+        let mut got = 0;
+        let broke = loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => got += chunk.len(),
+                Ok(None) => break false,
+                Err(_) => break true,
+            }
+        };
+        assert_eq!((got, broke), (300, true));
     }
 }
