@@ -9,7 +9,7 @@
 //! each run their share of one published plan (`--plan-only`, then
 //! `--replay-plan FILE --only K`) and a job whose inputs differ refuses.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -294,10 +294,41 @@ impl RecordedPlan {
         if plan.runner.is_some() && plan.shares.is_none() {
             return Err(parse("a runner without the shards' tests".into()));
         }
+        if plan.runner.is_none() && plan.shares.is_some() {
+            return Err(parse("the shards' tests without a runner".into()));
+        }
         if let (Some(name), None) = (&plan.runner, plan.runner_kind()) {
             return Err(parse(format!("an unknown runner {name:?}")));
         }
+        if plan.shares.is_some() {
+            crate::runner::check_command(&plan.command).map_err(|e| parse(e.to_string()))?;
+        }
+        plan.check_partition().map_err(parse)?;
         Ok(plan)
+    }
+
+    /// Each test in one shard only, once, with an id a shard can be handed:
+    /// else (a plan edited by hand) a test would run twice, or not as listed.
+    fn check_partition(&self) -> Result<(), String> {
+        let mut shard_of: HashMap<&str, usize> = HashMap::new();
+        for (i, share) in self.shares.iter().flatten().enumerate() {
+            for id in &share.tests {
+                if id.is_empty() {
+                    return Err(format!("an empty test id in shard {}", i + 1));
+                }
+                if let Some(why) = crate::runner::listing::unusable(id) {
+                    return Err(format!("test {id:?} {why}"));
+                }
+                if let Some(first) = shard_of.insert(id, i) {
+                    return Err(if first == i {
+                        format!("test {id:?} is in shard {} twice", i + 1)
+                    } else {
+                        format!("test {id:?} is in shards {} and {}", first + 1, i + 1)
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The runner the plan was made with.
@@ -396,6 +427,43 @@ mod tests {
         assert!(runner.contains("unknown runner \"rspec\""), "{runner}");
         for e in [missing, format, junk, runner] {
             assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn an_edited_plan_that_is_not_a_partition_or_cannot_select_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plan.json");
+        let refused = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut plan = serde_json::to_value(plan()).unwrap();
+            edit(&mut plan);
+            std::fs::write(&path, plan.to_string()).unwrap();
+            RecordedPlan::load(&path)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        // A test in two shards would run twice.
+        let twice = refused(&|p| p["shares"][1]["tests"][1] = "a".into());
+        assert!(twice.contains("\"a\" is in shards 1 and 2"), "{twice}");
+        let twice_in_one = refused(&|p| p["shares"][1]["tests"][1] = "b".into());
+        assert!(
+            twice_in_one.contains("\"b\" is in shard 2 twice"),
+            "{twice_in_one}"
+        );
+        // An id a listing would refuse cannot be handed to a shard either.
+        let line_break = refused(&|p| p["shares"][0]["tests"][0] = "a\nb".into());
+        assert!(line_break.contains("contains a line break"), "{line_break}");
+        let empty = refused(&|p| p["shares"][0]["tests"][0] = "".into());
+        assert!(empty.contains("an empty test id"), "{empty}");
+        // With a runner, a command without {tests} would run every test in every shard.
+        let all = refused(&|p| p["command"] = serde_json::json!(["pytest"]));
+        assert!(all.contains("{tests}"), "{all}");
+        // Shards' tests without a runner have no way into the command.
+        let no_runner = refused(&|p| p["runner"] = serde_json::Value::Null);
+        assert!(no_runner.contains("without a runner"), "{no_runner}");
+        for e in [twice, twice_in_one, line_break, empty, all, no_runner] {
+            assert!(e.starts_with("--replay-plan ") && !e.contains('\n'), "{e}");
         }
     }
 

@@ -108,19 +108,28 @@ pub fn parse(kind: RunnerKind, output: &[u8], root: &str) -> Result<Vec<String>,
 /// Refuses an id that the shards could not be handed as it is: one line of
 /// `{tests_file}` each, and the name of a real file or test.
 fn check_usable(id: &str) -> Result<(), ListingError> {
-    let why = if id.contains(['\n', '\r']) {
-        "contains a line break (ids travel one a line in {tests_file})"
+    match unusable(id) {
+        Some(why) => Err(ListingError::Unusable {
+            id: id.to_string(),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Why a test id cannot be handed to a shard as it is (one line of
+/// `{tests_file}`), in words; `None` when it can. Listings and replayed
+/// plans are held to it alike.
+pub fn unusable(id: &str) -> Option<&'static str> {
+    if id.contains(['\n', '\r']) {
+        Some("contains a line break (ids travel one a line in {tests_file})")
     } else if id.contains('\0') {
-        "contains a NUL byte"
+        Some("contains a NUL byte")
     } else if id.contains('\u{FFFD}') {
-        "is not valid UTF-8 (shown as \u{FFFD})"
+        Some("is not valid UTF-8 (shown as \u{FFFD})")
     } else {
-        return Ok(());
-    };
-    Err(ListingError::Unusable {
-        id: id.to_string(),
-        why,
-    })
+        None
+    }
 }
 
 /// pytest's `--collect-only -q`: the node ids, then, after a blank line (or
