@@ -13,6 +13,12 @@ const NEWEST_WEIGHT: f64 = 0.5;
 /// The longest duration a timings file may hold: a year.
 const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 
+/// How long a run waits for another process's lock on the timings file.
+/// Another run holds it for the milliseconds its save takes; a lock held
+/// longer is stuck (a hung process, a lock on a network file system), and
+/// this run gives its learning up rather than hang at its end.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
 /// The timings file's format version this build writes and reads. A file
 /// without one is version 1 (what builds before the field wrote).
 pub const VERSION: u64 = 1;
@@ -75,6 +81,14 @@ pub enum TimingsError {
         /// What is wrong.
         #[source]
         source: serde_json::Error,
+    },
+    /// Another process held the file's lock longer than a save takes.
+    #[error("timings file {path}: another process has held its lock for {}s: this run's learning is not saved (is a run stuck? end it)", waited.as_secs_f64())]
+    LockHeld {
+        /// The lock file.
+        path: PathBuf,
+        /// How long this run waited.
+        waited: Duration,
     },
     /// The file was written by a newer mvm-shard, in a format this one does
     /// not know.
@@ -266,6 +280,8 @@ impl Timings {
 #[derive(Debug, Clone)]
 pub struct TimingsFile {
     path: PathBuf,
+    /// How long to wait for another process's lock ([`LOCK_WAIT`]).
+    lock_wait: Duration,
 }
 
 /// What a run found in its timings file.
@@ -287,6 +303,7 @@ impl TimingsFile {
     pub fn open(path: &Path) -> Result<Opened, TimingsError> {
         let file = TimingsFile {
             path: path.to_path_buf(),
+            lock_wait: LOCK_WAIT,
         };
         match Timings::load(path) {
             Ok(timings) => Ok(Opened {
@@ -383,7 +400,8 @@ impl TimingsFile {
     }
 
     /// Takes the advisory lock (`flock` on `name.lock` next to the file,
-    /// which stays), waiting for another run's to be released.
+    /// which stays), waiting for another run's to be released, at most
+    /// [`LOCK_WAIT`].
     fn lock(&self) -> Result<std::fs::File, TimingsError> {
         let lock_path = self.beside("lock");
         let io = |source| TimingsError::Io {
@@ -399,8 +417,24 @@ impl TimingsFile {
             .write(true)
             .open(&lock_path)
             .map_err(io)?;
-        lock.lock().map_err(io)?;
-        Ok(lock)
+        // Waited for on a thread of its own, so that the wait is bounded: a
+        // lock given up on is released as that thread gets it and ends.
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("timings-lock".into())
+            .spawn(move || {
+                let locked = lock.lock().map(|()| lock);
+                // Nobody waits any more: dropped, so released.
+                sender.send(locked).ok();
+            })
+            .map_err(io)?;
+        match receiver.recv_timeout(self.lock_wait) {
+            Ok(locked) => locked.map_err(io),
+            Err(_) => Err(TimingsError::LockHeld {
+                path: lock_path.clone(),
+                waited: self.lock_wait,
+            }),
+        }
     }
 }
 
@@ -614,6 +648,31 @@ mod tests {
             listed.iter().collect::<Vec<_>>(),
             "every run's learning is kept"
         );
+    }
+
+    #[test]
+    fn a_lock_held_elsewhere_gives_the_save_up_in_bounded_time_and_leaves_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("timings.json");
+        let listed = vec!["a".to_string()];
+        let observed = BTreeMap::from([("a".to_string(), Duration::from_secs(1))]);
+        let mut run = TimingsFile::open(&path).unwrap().file.unwrap();
+        run.update(|t| t.learn(&listed, &observed)).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        // A stuck run (or anyone) holding the lock and never letting go.
+        let stuck = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path.with_extension("json.lock"))
+            .unwrap();
+        stuck.lock().unwrap();
+        run.lock_wait = Duration::from_millis(200);
+        let held = run.update(|t| t.tests.clear()).unwrap_err().to_string();
+        assert!(held.contains("held its lock"), "{held}");
+        assert_eq!(std::fs::read(&path).unwrap(), before, "left as it was");
+        // Once it lets go, saving works again.
+        drop(stuck);
+        run.update(|t| t.tests.clear()).unwrap();
+        assert!(Timings::load(&path).unwrap().tests.is_empty());
     }
 
     #[test]
