@@ -171,6 +171,8 @@ pub async fn doctor(args: DoctorArgs) -> i32 {
 #[derive(Debug, Args)]
 #[command(after_help = EXAMPLES_AND_EXIT_CODES)]
 #[command(group(ArgGroup::new("target").required(true).args(["local", "function", "microvm_image"])))]
+// What knows the tests: --runner, or a replayed plan (which names its runner).
+#[command(group(ArgGroup::new("tests_known").multiple(true).args(["runner", "replay_plan"])))]
 pub struct RunArgs {
     /// Run on an embedded local emulator, with no AWS at all.
     #[arg(long)]
@@ -277,8 +279,9 @@ pub struct RunArgs {
     #[arg(long, requires = "runner")]
     pub list_local: bool,
     /// Learned test durations, read to plan and updated after the run
-    /// (default: mvm-shard/timings.json in the worktree's git directory).
-    #[arg(long, value_name = "PATH", requires = "runner")]
+    /// (default: mvm-shard/timings.json in the worktree's git directory;
+    /// with --replay-plan, only updated, and only when given).
+    #[arg(long, value_name = "PATH", requires = "tests_known")]
     pub timings: Option<PathBuf>,
     /// After the first shard that fails or times out, start no more shards
     /// and stop those in flight (they are reported as interrupted).

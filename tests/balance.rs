@@ -809,6 +809,15 @@ fn a_recorded_plan_replays_exactly_one_shards_tests() {
         !stderr.contains(" with learned durations"),
         "no listing: {stderr}"
     );
+    // With --timings alone (the runner is the plan's), what it ran is learned.
+    let learned = state.path().join("replayed.json");
+    let (code, stdout, stderr) = replay(&["--only", "2", "--timings", learned.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let learned: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&learned).unwrap()).unwrap();
+    for test in &want {
+        assert!(learned["tests"][test].is_number(), "{test}: {learned}");
+    }
 
     // Without --local: on the configured backend (here a separate emulator).
     let emulator = common::Emulate::start();
