@@ -8,6 +8,7 @@
 //! for the whole process and serves every teardown waiting at that moment.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::mpsc as std_mpsc;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -286,6 +287,43 @@ pub async fn kill_marked_shared(name: &str, value: &str) -> u32 {
             .unwrap_or(0);
     }
     answer.await.unwrap_or(0)
+}
+
+/// `remove_dir_all` that first makes read-only folders writable, as test
+/// suites (Go's module cache, for one) like to leave them. Links are
+/// removed, never followed.
+pub fn remove_dir_all_writable(path: &Path) -> std::io::Result<()> {
+    if std::fs::remove_dir_all(path).is_ok() {
+        return Ok(());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    stack.push(entry.path());
+                }
+            }
+        }
+    }
+    std::fs::remove_dir_all(path)
+}
+
+/// When process `pid` started (clock ticks after boot, `/proc/PID/stat`
+/// field 22): with its id, what tells it from a later process given the
+/// same id. `None` when it is gone or a zombie.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    // Field 22; the state was field 3.
+    fields.nth(22 - 4)?.parse().ok()
 }
 
 /// Whether a process with this id is alive (a zombie counts as gone).

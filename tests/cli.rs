@@ -579,3 +579,68 @@ fn output_failed_hides_passing_shards_and_shows_failures_whole() {
     );
     assert!(stdout.contains("3 shards: 2 passed, 1 failed"), "{stdout}");
 }
+
+/// The emulator folders (`mvm-shard-emulator-*`) in `tmp`, by name.
+fn emulator_folders(tmp: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(tmp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("mvm-shard-emulator-"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A local run killed outright (SIGKILL) cannot remove its emulator folder;
+/// the next run does, and leaves a folder that names no owner (not one of
+/// ours) where it is.
+#[test]
+fn the_folder_of_a_run_killed_outright_goes_with_the_next_run() {
+    use std::io::BufRead;
+    let dir = plain_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let foreign = tmp.path().join("mvm-shard-emulator-foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    let mut killed = Command::new(binary())
+        .args([
+            "run",
+            "--local",
+            "--",
+            "sh",
+            "-c",
+            "echo started; exec sleep 2",
+        ])
+        .current_dir(dir.path())
+        .env("TMPDIR", tmp.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = killed.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let started = std::io::BufReader::new(stdout)
+            .lines()
+            .any(|l| l.is_ok_and(|l| l.ends_with("] started")));
+        let _ = tx.send(started);
+    });
+    let started = rx.recv_timeout(std::time::Duration::from_secs(60));
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert_eq!(started, Ok(true), "the shard started");
+    let left = emulator_folders(tmp.path());
+    assert_eq!(left.len(), 2, "the killed run's folder is left: {left:?}");
+
+    let next = Command::new(binary())
+        .args(["run", "--local", "--", "true"])
+        .current_dir(dir.path())
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(next.status.code(), Some(0), "{next:?}");
+    assert_eq!(
+        emulator_folders(tmp.path()),
+        ["mvm-shard-emulator-foreign"],
+        "{next:?}"
+    );
+}

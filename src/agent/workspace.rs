@@ -65,7 +65,7 @@ fn empty_dir(root: &Path) -> u32 {
     for entry in entries.flatten() {
         let path = entry.path();
         let gone = match entry.file_type() {
-            Ok(t) if t.is_dir() => remove_dir_all_writable(&path),
+            Ok(t) if t.is_dir() => crate::os::remove_dir_all_writable(&path),
             _ => std::fs::remove_file(&path),
         };
         match gone {
@@ -74,27 +74,6 @@ fn empty_dir(root: &Path) -> u32 {
         }
     }
     removed
-}
-
-/// `remove_dir_all` that first makes read-only folders writable, as test
-/// suites (Go's module cache, for one) like to leave them.
-fn remove_dir_all_writable(path: &Path) -> std::io::Result<()> {
-    if std::fs::remove_dir_all(path).is_ok() {
-        return Ok(());
-    }
-    use std::os::unix::fs::PermissionsExt;
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for entry in entries.flatten() {
-                if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                    stack.push(entry.path());
-                }
-            }
-        }
-    }
-    std::fs::remove_dir_all(path)
 }
 
 /// One shard's private folders, removed when the shard ends.
@@ -133,6 +112,6 @@ impl Workspace {
     /// Removes the workspace and everything the shard wrote into it.
     pub async fn remove(self) {
         let dir = self.dir;
-        let _ = tokio::task::spawn_blocking(move || remove_dir_all_writable(&dir)).await;
+        let _ = tokio::task::spawn_blocking(move || crate::os::remove_dir_all_writable(&dir)).await;
     }
 }

@@ -16,6 +16,7 @@ mod invoke;
 mod microvms;
 mod output_tail;
 mod runtime;
+mod stale;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -159,9 +160,10 @@ impl Emulator {
                 (function.config.name.clone(), Arc::new(function))
             })
             .collect();
-        let base_dir = tempfile::Builder::new()
-            .prefix("mvm-shard-emulator-")
-            .tempdir()?;
+        let base_dir = tempfile::Builder::new().prefix(stale::PREFIX).tempdir()?;
+        stale::claim(base_dir.path())?;
+        // Folders of emulators killed outright (SIGKILL) go now.
+        stale::sweep(base_dir.path());
         // Runtimes that drop privileges must still reach their environment's /tmp.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(base_dir.path(), std::fs::Permissions::from_mode(0o755))?;
