@@ -281,7 +281,11 @@ impl RecordedPlan {
             }
             None => return Err(parse("it has no format number".into())),
         }
-        let plan: RecordedPlan = serde_json::from_value(value).map_err(|e| parse(e.to_string()))?;
+        let mut plan: RecordedPlan =
+            serde_json::from_value(value).map_err(|e| parse(e.to_string()))?;
+        if let Some(planned_with) = &mut plan.planned_with {
+            crate::runner::timings::forget_impossible(planned_with);
+        }
         let consistent = plan.shards >= 1
             && plan
                 .shares

@@ -1288,7 +1288,10 @@ impl Suite {
                 let expected = self.planning.expected(&share.tests);
                 let total: f64 = expected.iter().sum();
                 for (test, e) in share.tests.iter().zip(expected) {
-                    let part = if total > 0.0 { e / total } else { 0.0 };
+                    // A share of the time, whatever the expectations were.
+                    let part = Some(e / total)
+                        .filter(|p| p.is_finite())
+                        .map_or(0.0, |p| p.clamp(0.0, 1.0));
                     observed.insert(test.clone(), took.mul_f64(part));
                 }
             }

@@ -818,6 +818,36 @@ fn a_recorded_plan_replays_exactly_one_shards_tests() {
     for test in &want {
         assert!(learned["tests"][test].is_number(), "{test}: {learned}");
     }
+    // A plan edited to have planned with durations no test takes is learned
+    // from all the same (it made the invoker panic after the shards ran).
+    assert!(want.len() >= 2, "{plan}");
+    let mut edited = plan.clone();
+    let absurd: serde_json::Map<String, serde_json::Value> = want
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), if i == 0 { (-1.0).into() } else { 5.0.into() }))
+        .collect();
+    edited["planned_with"] = absurd.into();
+    let edited_path = state.path().join("edited.plan.json");
+    std::fs::write(&edited_path, edited.to_string()).unwrap();
+    let learned = state.path().join("edited.json");
+    let (code, stdout, stderr) = cli(
+        dir.path(),
+        &[
+            "run",
+            "--local",
+            "--source",
+            ".",
+            "--replay-plan",
+            edited_path.to_str().unwrap(),
+            "--only",
+            "2",
+            "--timings",
+            learned.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(learned.exists(), "{stderr}");
 
     // Without --local: on the configured backend (here a separate emulator).
     let emulator = common::Emulate::start();

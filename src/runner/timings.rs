@@ -19,6 +19,13 @@ const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 /// this run gives its learning up rather than hang at its end.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 
+/// Forgets the durations no run could have taken (negative, over a year,
+/// not a number), read from a file someone may have edited: such tests
+/// count as never seen.
+pub fn forget_impossible(seconds: &mut BTreeMap<String, f64>) {
+    seconds.retain(|_, s| s.is_finite() && (0.0..=MAX_SECONDS).contains(s));
+}
+
 /// The timings file's format version this build writes and reads. A file
 /// without one is version 1 (what builds before the field wrote).
 pub const VERSION: u64 = 1;
@@ -130,10 +137,9 @@ impl Timings {
                 timings.version = VERSION;
                 // Durations no run could have taken (an edited or foreign
                 // file) are forgotten: such tests count as never seen.
-                let possible = |s: &f64| s.is_finite() && (0.0..=MAX_SECONDS).contains(s);
-                timings.tests.retain(|_, s| possible(s));
+                forget_impossible(&mut timings.tests);
                 if let Some(before) = &mut timings.before {
-                    before.retain(|_, s| possible(s));
+                    forget_impossible(before);
                 }
                 Ok(timings)
             }
