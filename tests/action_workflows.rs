@@ -1252,7 +1252,7 @@ fn run_action_step(
     let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
-        out.status.success() || step.id == "run" || step.id == "args",
+        out.status.success() || ["run", "args", "usage-error"].contains(&step.id.as_str()),
         "step {}: {}",
         step.id,
         String::from_utf8_lossy(&out.stderr)
@@ -1309,6 +1309,19 @@ fn invoker_args(inputs: &[(&str, &str)]) -> Vec<String> {
         // The run step's arguments, or what a step that refused the inputs told.
         if step.id == "run" || stdout.starts_with("exit ") {
             return stdout.lines().map(str::to_string).collect();
+        }
+        // An input mistake: the step told it, and the next one stops the action.
+        if values.get("usage-error").map(String::as_str) == Some("true") {
+            let stop = steps
+                .iter()
+                .find(|s| s.id == "usage-error")
+                .expect("a stop step");
+            let (_, stopped) = run_action_step(&action, stop, &inputs, &outputs, &[], temp.path());
+            return stopped
+                .lines()
+                .chain(stdout.lines())
+                .map(str::to_string)
+                .collect();
         }
         outputs.insert(step.id.clone(), values);
     }

@@ -447,14 +447,7 @@ fn jobs_that_each_replay_one_published_plan_run_every_test_once_whatever_timings
     }
     common::git(dir.path(), &["init", "-q"]);
     common::git(dir.path(), &["add", "-A"]);
-    let commit = [
-        "-c",
-        "user.name=t",
-        "-c",
-        "user.email=t@t.invalid",
-        "commit",
-        "-q",
-    ];
+    let commit = common::GIT_COMMIT;
     common::git(dir.path(), &[&commit[..], &["-m", "tests"]].concat());
     // Two snapshots of learned timings that plan differently: the jobs
     // restore one or the other (another workflow run saved in between).

@@ -312,14 +312,7 @@ async fn each_worktree_learns_its_own_tests() {
         &main,
         &[("t/a.sh", "echo RAN a\n"), ("t/b.sh", "echo RAN b\n")],
     );
-    let commit = [
-        "-c",
-        "user.name=t",
-        "-c",
-        "user.email=t@t.invalid",
-        "commit",
-        "-q",
-    ];
+    let commit = common::GIT_COMMIT;
     common::git(&main, &["init", "-q"]);
     common::git(&main, &["add", "."]);
     common::git(&main, &[&commit[..], &["-m", "a b"]].concat());

@@ -343,6 +343,16 @@ pub async fn cli_isolated(
     )
 }
 
+/// `git commit -q` with an identity of its own (the machine may have none).
+pub const GIT_COMMIT: [&str; 6] = [
+    "-c",
+    "user.name=t",
+    "-c",
+    "user.email=t@t.invalid",
+    "commit",
+    "-q",
+];
+
 /// Runs `git -C dir ARGS`, failing the test if git fails.
 pub fn git(dir: &std::path::Path, args: &[&str]) {
     let ok = Command::new("git")
