@@ -1268,6 +1268,7 @@ impl Suite {
     /// Learns the durations the shards reported and saves them.
     fn learn(&mut self, tests: &[String], shares: &[Share], summary: &RunSummary) {
         let mut observed = BTreeMap::new();
+        let mut reported_by: BTreeMap<String, Vec<ShardId>> = BTreeMap::new();
         for record in &summary.records {
             let Some(result) = record
                 .result
@@ -1277,6 +1278,12 @@ impl Suite {
                 continue;
             };
             let results = self.results(record);
+            for id in results.keys() {
+                reported_by
+                    .entry(id.clone())
+                    .or_default()
+                    .push(record.shard);
+            }
             if !results.is_empty() {
                 let durations = results
                     .into_iter()
@@ -1296,6 +1303,7 @@ impl Suite {
                 }
             }
         }
+        tell_reported_twice(&reported_by);
         let Some(file) = &self.timings_file else {
             return;
         };
@@ -1314,6 +1322,33 @@ impl Suite {
             Err(e) => eprintln!("mvm-shard: warning: cannot save the learned timings: {e}"),
         }
     }
+}
+
+/// Says, once, which tests more than one shard's report or log named: the
+/// command runs tests beyond its `{tests}`, so those ran more than once.
+fn tell_reported_twice(reported_by: &BTreeMap<String, Vec<ShardId>>) {
+    const SHOWN: usize = 5;
+    let twice: Vec<String> = reported_by
+        .iter()
+        .filter(|(_, shards)| shards.len() > 1)
+        .map(|(id, shards)| {
+            let shards: Vec<String> = shards.iter().map(ShardId::to_string).collect();
+            format!("{id} (shards {})", shards.join(", "))
+        })
+        .collect();
+    if twice.is_empty() {
+        return;
+    }
+    let more = match twice.len().saturating_sub(SHOWN) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    eprintln!(
+        "mvm-shard: warning: {} reported by more than one shard: {}{more}; the command runs \
+         tests beyond its {{tests}}, so these ran more than once",
+        crate::report::plural(twice.len(), "test"),
+        twice[..twice.len().min(SHOWN)].join(", "),
+    );
 }
 
 /// Lists the tests: in a fresh environment of the backend, with the same

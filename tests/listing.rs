@@ -412,3 +412,66 @@ async fn two_runs_ending_together_both_keep_their_learning() {
         "both runs' learning kept:\n{one}\n{two}"
     );
 }
+
+/// A command that runs tests beyond its `{tests}` (here one named on its
+/// command line, so in every shard) has them reported by several shards:
+/// said once, naming them, so that "each test once" is not taken on trust.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_test_reported_by_several_shards_is_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[(
+            "test_x.py",
+            "def test_common(): pass\n\
+             def test_a(): pass\n\
+             def test_b(): pass\n\
+             def test_c(): pass\n",
+        )],
+    );
+    let timings = state.path().join("timings.json");
+    let run = |extra: &'static str| {
+        let timings = timings.clone();
+        let dir = dir.path().to_path_buf();
+        async move {
+            let mut args = vec![
+                "run",
+                "--local",
+                "--source",
+                ".",
+                "--shards",
+                "3",
+                "--runner",
+                "pytest",
+                "--timings",
+                timings.to_str().unwrap(),
+                "--",
+                "python3",
+                "-m",
+                "pytest",
+                "-p",
+                "no:cacheprovider",
+                "{tests}",
+            ];
+            args.extend(extra.split_whitespace());
+            mvm(&dir, &args).await
+        }
+    };
+    let ran = run("test_x.py::test_common").await;
+    assert_eq!(ran.code, 0, "{ran}");
+    let said: Vec<&str> = ran
+        .stderr
+        .lines()
+        .filter(|l| l.contains("reported by more than one shard"))
+        .collect();
+    assert_eq!(said.len(), 1, "{ran}");
+    assert!(
+        said[0].contains("test_x.py::test_common (shards ") && !said[0].contains("test_a"),
+        "{ran}"
+    );
+    // Each test in its own shard only: nothing said.
+    let ran = run("").await;
+    assert_eq!(ran.code, 0, "{ran}");
+    assert!(!ran.stderr.contains("more than one shard"), "{ran}");
+}
