@@ -260,6 +260,19 @@ async fn run_on(
             (None, function) => format!("function {}", function.as_deref().unwrap_or("")),
         },
     );
+    if let (Some(shares), Some(only)) = (&planned.spec.shares, &planned.spec.only) {
+        for index in only {
+            if shares
+                .get(*index as usize - 1)
+                .is_some_and(|s| s.tests.is_empty())
+            {
+                eprintln!(
+                    "mvm-shard: shard {index}/{} has no tests (fewer tests than shards): nothing to run",
+                    planned.spec.shards
+                );
+            }
+        }
+    }
     let jobs = std::mem::take(&mut planned.jobs);
     let dispatched =
         dispatch_and_report(args, planned, jobs, target, max_parallel, shutdown).await?;

@@ -475,3 +475,46 @@ async fn a_test_reported_by_several_shards_is_said() {
     assert_eq!(ran.code, 0, "{ran}");
     assert!(!ran.stderr.contains("more than one shard"), "{ran}");
 }
+
+/// A share with no tests (fewer tests than shards), run on its own with
+/// `--only`: nothing runs, the run passes, and it says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_empty_share_run_alone_says_it_has_no_tests() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[("t/a.sh", "echo ran a\n"), ("t/b.sh", "echo ran b\n")],
+    );
+    let timings = state.path().join("timings.json");
+    let plan = state.path().join("plan.json");
+    let plan_arg = plan.to_str().unwrap();
+    let planned = run_files(
+        dir.path(),
+        &timings,
+        &["--shards", "3", "--plan-only", plan_arg],
+    )
+    .await;
+    assert_eq!(planned.code, 0, "{planned}");
+    let ran = mvm(
+        dir.path(),
+        &[
+            "run",
+            "--local",
+            "--source",
+            ".",
+            "--replay-plan",
+            plan_arg,
+            "--only",
+            "3",
+        ],
+    )
+    .await;
+    assert_eq!(ran.code, 0, "{ran}");
+    assert!(!ran.stdout.contains("ran "), "{ran}");
+    assert!(
+        ran.stderr
+            .contains("shard 3/3 has no tests (fewer tests than shards): nothing to run"),
+        "{ran}"
+    );
+}
