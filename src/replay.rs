@@ -362,10 +362,8 @@ impl RecordedPlan {
             std::fs::create_dir_all(dir)?;
         }
         // This process's own temporary: concurrent runs record side by side.
-        let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
         let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        std::fs::write(&tmp, json)?;
-        std::fs::rename(&tmp, path)
+        crate::runner::timings::write_replacing(path, &json)
     }
 }
 
@@ -404,6 +402,20 @@ mod tests {
         assert_eq!(read.runner.as_deref(), Some("cargo-nextest"));
         assert_eq!(read.runner_kind(), Some(RunnerKind::CargoNextest));
         assert_eq!(read.shares().unwrap()[1].tests, ["b", "c"]);
+    }
+
+    #[test]
+    fn a_plan_that_cannot_be_written_leaves_no_temporary_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        // `--plan-only /tmp`: a folder, so the rename onto it fails.
+        let path = dir.path().join("plans");
+        std::fs::create_dir(&path).unwrap();
+        assert!(plan().save(&path).is_err());
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [std::ffi::OsString::from("plans")]);
     }
 
     #[test]

@@ -19,6 +19,19 @@ const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 /// this run gives its learning up rather than hang at its end.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 
+/// Writes a JSON file (timings, a plan) whole: through a temporary of this
+/// process's own next to it (`name.json.PID.tmp`: two runs sharing the
+/// file never write into each other's) and a rename, so that a reader never
+/// sees half of it. A temporary left by a failure is removed.
+pub fn write_replacing(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
+    let written = std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        std::fs::remove_file(&tmp).ok();
+    }
+    written
+}
+
 /// Forgets the durations no run could have taken (negative, over a year,
 /// not a number), read from a file someone may have edited: such tests
 /// count as never seen.
@@ -160,15 +173,11 @@ impl Timings {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        // A temporary of this process's own: two runs sharing the file (the
-        // default one, in the git directory) never write into each other's.
-        let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
         let json = serde_json::to_vec_pretty(self).map_err(|source| TimingsError::Format {
             path: path.to_path_buf(),
             source,
         })?;
-        std::fs::write(&tmp, json).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        write_replacing(path, &json).map_err(io)
     }
 
     /// The timings the jobs of workflow run `run` plan with: the ones from
@@ -679,6 +688,20 @@ mod tests {
         drop(stuck);
         run.update(|t| t.tests.clear()).unwrap();
         assert!(Timings::load(&path).unwrap().tests.is_empty());
+    }
+
+    #[test]
+    fn a_save_that_fails_leaves_no_temporary_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        // A path that is a folder: the rename onto it fails.
+        let path = dir.path().join("timings.json");
+        std::fs::create_dir(&path).unwrap();
+        assert!(Timings::default().save(&path).is_err());
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [std::ffi::OsString::from("timings.json")]);
     }
 
     #[test]
