@@ -1521,9 +1521,13 @@ async fn list_tests(
     }
     let tests = suite.adapter.parse_listing(listing, &root)?;
     if tests.is_empty() {
+        let printed = output();
         return Err(RunnerError::NoTests {
             command: command.clone(),
-            output: output(),
+            output: match printed.trim().is_empty() {
+                true => "it printed nothing".to_string(),
+                false => format!("its output:\n{printed}"),
+            },
         }
         .into());
     }

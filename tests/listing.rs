@@ -518,3 +518,19 @@ async fn an_empty_share_run_alone_says_it_has_no_tests() {
         "{ran}"
     );
 }
+
+/// A listing that finds no test stops the run (exit 2) before any shard
+/// runs, saying so, and what it printed (here: nothing, said in words).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listing_that_finds_nothing_is_exit_2_saying_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    write(dir.path(), &[("t/readme.txt", "not a test\n")]);
+    let ran = run_files(dir.path(), &state.path().join("timings.json"), &[]).await;
+    assert_eq!(ran.code, 2, "{ran}");
+    assert!(!ran.stdout.contains("passed"), "nothing ran: {ran}");
+    assert!(
+        ran.stderr.contains("found none; it printed nothing"),
+        "{ran}"
+    );
+}

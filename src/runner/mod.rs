@@ -83,11 +83,11 @@ pub enum RunnerError {
         output: String,
     },
     /// The listing found no tests.
-    #[error("listing the tests with `{command}` found none; its output:\n{output}")]
+    #[error("listing the tests with `{command}` found none; {output}")]
     NoTests {
         /// The listing command.
         command: String,
-        /// What it printed.
+        /// What it printed, in words (`its output:` and its end, or `it printed nothing`).
         output: String,
     },
 }
