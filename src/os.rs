@@ -426,6 +426,22 @@ pub fn grow_pipe(pipe: &impl std::os::fd::AsRawFd, bytes: usize) -> Option<usize
     pipe_size(pipe)
 }
 
+/// This process's stdout, written with a `write(2)` per call: for a writer
+/// that buffers whole lines itself (std's own stdout would write the end of
+/// each buffer, a line's start, in a second tiny write after the next one).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawStdout;
+
+impl std::io::Write for RawStdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        nix::unistd::write(std::io::stdout(), buf).map_err(std::io::Error::from)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The size of a pipe's buffer, or `None` when `pipe` is not a pipe.
 pub fn pipe_size(pipe: &impl std::os::fd::AsRawFd) -> Option<usize> {
     use nix::fcntl::{fcntl, FcntlArg};

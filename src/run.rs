@@ -1118,7 +1118,7 @@ fn reporter(args: &RunArgs, planned: &PlannedRun, shards: usize) -> Box<dyn Repo
                 .unwrap_or(crate::report::terminal::OutputMode::default_for(shards)),
             timeout: Some(args.timeout),
         };
-        let terminal = TerminalReporter::new(std::io::stdout()).with_options(options);
+        let terminal = TerminalReporter::new(crate::os::RawStdout).with_options(options);
         if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
             // Cleared however the run ends (a stopped run has no summary to draw it away).
             let bar = indicatif::ProgressBar::new(shards as u64)

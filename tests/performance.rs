@@ -11,6 +11,19 @@ use std::time::Duration;
 /// A log line of 100 bytes, newline included.
 const LINE: &str = "2026-11-30T05:00:00.000Z INFO tests/test_api.py::test_endpoint_returns_the_expected_document ok....\n";
 
+/// `mvm-shard run --local -- COMMAND` in `dir`, its stdout piped.
+fn spawn_local(dir: &std::path::Path, command: &[&str]) -> std::process::Child {
+    Command::new(common::binary())
+        .args(["run", "--local", "--timeout", "120s", "--"])
+        .args(command)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// A shard printing 60 MB to an invoker whose stdout is read slowly: the
 /// bounded stages between the agent and stdout make the shard wait, so the
 /// invoker holds a few buffers, not the log (which would need over 60 MB).
@@ -24,14 +37,7 @@ fn a_slow_reader_slows_a_long_log_down_instead_of_growing_the_invokers_memory() 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("README"), "memory\n").unwrap();
     let script = format!("yes '{}' | head -c {LOG_BYTES}", &LINE[..LINE.len() - 1]);
-    let mut child = Command::new(common::binary())
-        .args(["run", "--local", "--", "sh", "-c", &script])
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_local(dir.path(), &["sh", "-c", &script]);
     let mut stdout = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         // About 2.5 s at least: a 64 KiB read every 2 ms.
@@ -140,14 +146,7 @@ fn the_invokers_stdout_pipe_is_grown_to_a_mebibyte() {
     use std::os::fd::AsRawFd;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("README"), "pipes\n").unwrap();
-    let mut child = Command::new(common::binary())
-        .args(["run", "--local", "--timeout", "60s", "--", "echo", "hello"])
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_local(dir.path(), &["echo", "hello"]);
     let mut stdout = child.stdout.take().unwrap();
     let (code, _) = common::wait4_within(&child, Duration::from_secs(120));
     let mut out = String::new();

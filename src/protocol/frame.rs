@@ -420,21 +420,41 @@ mod tests {
         buf
     }
 
+    /// Decodes `wire` fed to one codec `chunk` bytes at a time; every byte
+    /// must belong to a frame.
+    fn decode_in_chunks(wire: &[u8], chunk: usize) -> Vec<Frame> {
+        let mut codec = FrameCodec::new();
+        let (mut buf, mut out) = (BytesMut::new(), Vec::new());
+        for piece in wire.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            while let Some(f) = codec.decode(&mut buf).unwrap() {
+                out.push(f);
+            }
+        }
+        assert!(buf.is_empty(), "{} bytes left over", buf.len());
+        out
+    }
+
+    /// Bytes of output the frames carry.
+    fn output_bytes(frames: &[Frame]) -> usize {
+        frames
+            .iter()
+            .map(|f| match f {
+                Frame::Output { data, .. } => data.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
     #[test]
     fn frames_survive_any_chunk_boundary() {
         let encoded = encode_all(&frames());
         for chunk in [1, 2, 3, 7, 64, 4096] {
-            let mut codec = FrameCodec::new();
-            let mut buf = BytesMut::new();
-            let mut out = Vec::new();
-            for piece in encoded.chunks(chunk) {
-                buf.extend_from_slice(piece);
-                while let Some(f) = codec.decode(&mut buf).unwrap() {
-                    out.push(f);
-                }
-            }
-            assert_eq!(out, frames(), "chunk size {chunk}");
-            assert!(buf.is_empty());
+            assert_eq!(
+                decode_in_chunks(&encoded, chunk),
+                frames(),
+                "chunk size {chunk}"
+            );
         }
     }
 
@@ -490,23 +510,11 @@ mod tests {
                 data: Bytes::from(format!("tests/test_api.py::test_endpoint_{i} PASSED\n")),
             })
             .collect();
-        let log: usize = lines
-            .iter()
-            .map(|f| match f {
-                Frame::Output { data, .. } => data.len(),
-                _ => 0,
-            })
-            .sum();
+        let log = output_bytes(&lines);
         // Even one frame per line (no coalescing) is smaller than the log.
         let encoded = encode_all(&lines);
         assert!(encoded.len() < log, "{} bytes for {log}", encoded.len());
-        let mut codec = FrameCodec::new();
-        let mut buf = encoded;
-        let mut back = Vec::new();
-        while let Some(f) = codec.decode(&mut buf).unwrap() {
-            back.push(f);
-        }
-        assert_eq!(back, lines);
+        assert_eq!(decode_in_chunks(&encoded, encoded.len()), lines);
     }
 
     #[test]
@@ -528,24 +536,10 @@ mod tests {
         }
         sent.push(Frame::Heartbeat);
         codec.encode(Frame::Heartbeat, &mut wire).unwrap();
-        let log: usize = sent
-            .iter()
-            .map(|f| match f {
-                Frame::Output { data, .. } => data.len(),
-                _ => 0,
-            })
-            .sum();
+        let log = output_bytes(&sent);
         assert!(wire.len() * 5 < log, "{} bytes for {log}", wire.len());
         for chunk in [1, 7, 4096, wire.len()] {
-            let mut codec = FrameCodec::new();
-            let (mut buf, mut back) = (BytesMut::new(), Vec::new());
-            for piece in wire.chunks(chunk) {
-                buf.extend_from_slice(piece);
-                while let Some(f) = codec.decode(&mut buf).unwrap() {
-                    back.push(f);
-                }
-            }
-            assert_eq!(back, sent, "chunk size {chunk}");
+            assert_eq!(decode_in_chunks(&wire, chunk), sent, "chunk size {chunk}");
         }
     }
 
