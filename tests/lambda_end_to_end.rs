@@ -40,6 +40,35 @@ async fn passing_shards_stream_their_output_and_pass() {
 }
 
 #[tokio::test]
+async fn a_command_is_looked_up_in_its_own_path_and_a_script_without_shebang_runs_through_sh() {
+    use std::os::unix::fs::PermissionsExt;
+    let emu = emulator(vec![agent_function("f", true)]).await;
+    let backend = backend(&emu.endpoint, "f", true).await;
+    let tools = tempfile::tempdir().unwrap();
+    let script = tools.path().join("no-shebang");
+    std::fs::write(&script, "echo \"ran as $0 with $1\"\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut shard = request("", 1, 2, MINUTE);
+    shard.command = vec!["no-shebang".into(), "an-argument".into()];
+    shard.env.insert(
+        "PATH".into(),
+        format!("{}:/usr/bin:/bin", tools.path().display()),
+    );
+    // The name it was given stays its argv[0] ($0 of `sh -c` without arguments).
+    let mut named = request("", 2, 2, MINUTE);
+    named.command = vec!["sh".into(), "-c".into(), "echo $0".into()];
+    let done = run(backend, vec![shard, named], 2).await;
+    assert_eq!(done.summary.exit_code(), 0, "{:?}", done.stderr);
+    // As execvp runs it: sh with the path it found.
+    assert_eq!(
+        done.stdout_of(1),
+        format!("ran as {} with an-argument\n", script.display())
+    );
+    assert_eq!(done.stdout_of(2), "sh\n");
+    emu.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_failing_shard_fails_with_its_exit_code() {
     let emu = emulator(vec![agent_function("f", true)]).await;
     let backend = backend(&emu.endpoint, "f", true).await;

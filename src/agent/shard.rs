@@ -368,26 +368,25 @@ async fn run_command(
             req.workdir
         ));
     }
-    let mut cmd = Command::new(&req.command[0]);
-    cmd.args(&req.command[1..])
-        .current_dir(&workdir)
-        .env_clear()
-        .envs(
-            std::env::vars_os()
-                .filter(|(k, _)| !k.to_str().is_some_and(|k| WITHHELD_ENV.contains(&k))),
-        )
-        .envs(&req.env)
-        .env("MVM_SHARD_INDEX", req.shard.index.to_string())
-        .env("MVM_SHARD_COUNT", req.shard.count.to_string())
-        .env("MVM_SHARD_RUN_ID", &req.run_id)
-        .env(workspace::SANDBOX_MARKER, scratch)
-        .env("TMPDIR", &ws.tmp)
-        .env("HOME", &ws.home)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    let mut child = match cmd.spawn() {
+    let path = req
+        .env
+        .get("PATH")
+        .map(std::ffi::OsString::from)
+        .or_else(|| std::env::var_os("PATH"));
+    let found = path
+        .as_deref()
+        .and_then(|path| program_in_path(&req.command[0], path));
+    let spawned = match command(req, ws, &workdir, scratch, found.as_deref()).spawn() {
+        // A script without `#!` runs through sh when looked up by name (execvp
+        // does that), not when spawned by its path.
+        Err(e)
+            if found.is_some() && e.raw_os_error() == Some(nix::errno::Errno::ENOEXEC as i32) =>
+        {
+            command(req, ws, &workdir, scratch, None).spawn()
+        }
+        spawned => spawned,
+    };
+    let mut child = match spawned {
         Ok(child) => child,
         Err(e) => return not_started(req, &e, frames).await,
     };
@@ -449,6 +448,69 @@ async fn run_command(
         }
     }
     Ok((end, stragglers))
+}
+
+/// The shard's command, by the path [`program_in_path`] found, or by name.
+fn command(
+    req: &ShardRequest,
+    ws: &Workspace,
+    workdir: &std::path::Path,
+    scratch: &std::path::Path,
+    found: Option<&std::path::Path>,
+) -> Command {
+    let mut cmd = match found {
+        Some(program) => {
+            let mut cmd = Command::new(program);
+            cmd.arg0(&req.command[0]);
+            cmd
+        }
+        None => Command::new(&req.command[0]),
+    };
+    cmd.args(&req.command[1..])
+        .current_dir(workdir)
+        .env_clear()
+        .envs(
+            std::env::vars_os()
+                .filter(|(k, _)| !k.to_str().is_some_and(|k| WITHHELD_ENV.contains(&k))),
+        )
+        .envs(&req.env)
+        .env("MVM_SHARD_INDEX", req.shard.index.to_string())
+        .env("MVM_SHARD_COUNT", req.shard.count.to_string())
+        .env("MVM_SHARD_RUN_ID", &req.run_id)
+        .env(workspace::SANDBOX_MARKER, scratch)
+        .env("TMPDIR", &ws.tmp)
+        .env("HOME", &ws.home)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    cmd
+}
+
+/// Where `program` is in `path` (the command's own `PATH`), as execvp would
+/// find it, when that is certain: only absolute folders before it, and an
+/// executable file there. By its path the command is started with
+/// `posix_spawn` (no copy of the agent's memory map); by a bare name Rust
+/// forks the agent, as the lookup must use the child's `PATH`: that fork and
+/// the copies on write after it cost about a tenth of a short shard's CPU.
+fn program_in_path(program: &str, path: &std::ffi::OsStr) -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    if program.is_empty() || program.contains('/') {
+        return None;
+    }
+    for dir in path.as_bytes().split(|b| *b == b':') {
+        let dir = std::path::Path::new(std::ffi::OsStr::from_bytes(dir));
+        if !dir.is_absolute() {
+            // Empty or relative: looked up from the command's folder.
+            return None;
+        }
+        let candidate = dir.join(program);
+        let executable = nix::unistd::access(&candidate, nix::unistd::AccessFlags::X_OK).is_ok();
+        if executable && candidate.is_file() {
+            return Some(candidate);
+        }
+    }
+    None
 }
 
 /// A command that cannot be started is the user's test failing to start, as
@@ -539,6 +601,38 @@ async fn forward_output(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_program_is_found_in_path_only_where_execvp_surely_finds_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let plain = tempfile::tempdir().unwrap();
+        let tools = tempfile::tempdir().unwrap();
+        std::fs::write(plain.path().join("tool"), "#!/bin/sh\n").unwrap();
+        std::fs::create_dir(tools.path().join("dir")).unwrap();
+        std::fs::write(tools.path().join("tool"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(
+            tools.path().join("tool"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let path = |dirs: &[&str]| std::ffi::OsString::from(dirs.join(":"));
+        let (plain, tools) = (
+            plain.path().to_str().unwrap(),
+            tools.path().to_str().unwrap(),
+        );
+        // Not executable in the first folder: execvp goes on to the next.
+        assert_eq!(
+            program_in_path("tool", &path(&[plain, tools])),
+            Some(std::path::Path::new(tools).join("tool"))
+        );
+        // A folder is no program; a relative or empty entry is looked up from
+        // the command's own folder, so it is left to execvp.
+        assert_eq!(program_in_path("dir", &path(&[tools])), None);
+        assert_eq!(program_in_path("tool", &path(&["bin", tools])), None);
+        assert_eq!(program_in_path("tool", &path(&["", tools])), None);
+        assert_eq!(program_in_path("./tool", &path(&[tools])), None);
+        assert_eq!(program_in_path("missing", &path(&[plain, tools])), None);
+    }
 
     #[test]
     fn lambda_deadline_wins_when_it_comes_first() {
