@@ -20,6 +20,10 @@ use crate::runner::RunnerKind;
 /// The plan file's format; a file of another format is refused (exit 2).
 pub const FORMAT: u32 = 2;
 
+/// The largest plan file read: a plan of a million test ids is well under
+/// it, and what is larger is not a plan.
+const MAX_PLAN_BYTES: u64 = 256 << 20;
+
 /// Where a run's plan goes next to its report: `junit.xml` → `junit.plan.json`.
 pub fn next_to_report(report: &Path) -> PathBuf {
     report.with_extension("plan.json")
@@ -261,14 +265,29 @@ impl RecordedPlan {
 
     /// Reads a plan, refusing one of another format.
     pub fn load(path: &Path) -> Result<Self, ReplayError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ReplayError::Read {
+        Self::load_at_most(path, MAX_PLAN_BYTES)
+    }
+
+    /// [`RecordedPlan::load`] of a file of at most `limit` bytes: a file
+    /// no run wrote (a log, a disk image given by mistake) is refused
+    /// before it is read whole.
+    fn load_at_most(path: &Path, limit: u64) -> Result<Self, ReplayError> {
+        use std::io::Read;
+        let read = |source| ReplayError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
         let parse = |problem: String| ReplayError::Parse {
             path: path.to_path_buf(),
             problem,
         };
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(limit + 1).read_to_string(&mut text))
+            .map_err(read)?;
+        if text.len() as u64 > limit {
+            return Err(parse(format!("it is larger than {} MiB", limit >> 20)));
+        }
         let value: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| parse(e.to_string()))?;
         match value.get("format").and_then(serde_json::Value::as_u64) {
@@ -416,6 +435,19 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left, [std::ffi::OsString::from("plans")]);
+    }
+
+    #[test]
+    fn a_file_larger_than_a_plan_can_be_is_refused_before_it_is_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plan.json");
+        plan().save(&path).unwrap();
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(RecordedPlan::load_at_most(&path, size).is_ok());
+        let large = RecordedPlan::load_at_most(&path, size - 1)
+            .unwrap_err()
+            .to_string();
+        assert!(large.contains("it is larger than"), "{large}");
     }
 
     #[test]

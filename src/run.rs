@@ -642,7 +642,15 @@ fn check_replay(
         list_command: listing.as_ref().map(|a| a.list_command.as_str()),
         commit,
     };
-    match plan.differs(&given) {
+    // Without a runner nothing says which tests ran, so there is nothing to
+    // learn: `--timings` would be dropped silently (as without --runner).
+    let what = plan.differs(&given).or_else(|| {
+        (plan.runner.is_none() && args.timings.is_some()).then(|| {
+            "it was made without --runner, so there are no test durations to learn (--timings)"
+                .to_string()
+        })
+    });
+    match what {
         Some(what) => Err(ReplayError::Differs {
             path: path.to_path_buf(),
             what,

@@ -534,3 +534,57 @@ async fn a_listing_that_finds_nothing_is_exit_2_saying_so() {
         "{ran}"
     );
 }
+
+/// A plan made without `--runner` has no test durations to learn from:
+/// replaying it with `--timings` says so (exit 2) rather than dropping the
+/// option silently, and writes no timings file.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runner_less_plan_replayed_with_timings_is_refused_saying_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    write(dir.path(), &[("t/a.sh", "echo ran a\n")]);
+    let plan = state.path().join("plan.json");
+    let plan_arg = plan.to_str().unwrap();
+    let planned = mvm(
+        dir.path(),
+        &[
+            "run",
+            "--local",
+            "--source",
+            ".",
+            "--shards",
+            "2",
+            "--plan-only",
+            plan_arg,
+            "--",
+            "sh",
+            "t/a.sh",
+        ],
+    )
+    .await;
+    assert_eq!(planned.code, 0, "{planned}");
+    let timings = state.path().join("timings.json");
+    let ran = mvm(
+        dir.path(),
+        &[
+            "run",
+            "--local",
+            "--source",
+            ".",
+            "--replay-plan",
+            plan_arg,
+            "--only",
+            "1",
+            "--timings",
+            timings.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(ran.code, 2, "{ran}");
+    assert!(
+        ran.stderr.contains("made without --runner") && ran.stderr.contains("--timings"),
+        "{ran}"
+    );
+    assert!(!ran.stdout.contains("ran a"), "{ran}");
+    assert!(!timings.exists());
+}

@@ -23,7 +23,21 @@ const LOCK_WAIT: Duration = Duration::from_secs(10);
 /// process's own next to it (`name.json.PID.tmp`: two runs sharing the
 /// file never write into each other's) and a rename, so that a reader never
 /// sees half of it. A temporary left by a failure is removed.
+/// A path that is a symbolic link is written through: its target is
+/// replaced and the link stays (a user's link to a shared file keeps
+/// pointing at it).
 pub fn write_replacing(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    let target = if is_link {
+        let link = std::fs::read_link(path)?;
+        match path.parent() {
+            Some(dir) if link.is_relative() => dir.join(link),
+            _ => link,
+        }
+    } else {
+        path.to_path_buf()
+    };
+    let path = target.as_path();
     let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
     let written = std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, path));
     if written.is_err() {
@@ -385,12 +399,18 @@ impl TimingsFile {
                 Some(format!("{e}: leaving it as it is; nothing learned")),
             )),
             Err(TimingsError::Format { source, .. }) => {
-                let aside = self.beside(&format!(
-                    "unreadable-{}",
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs())
-                ));
+                // A name not taken yet (this runs under the lock): a file set
+                // aside earlier in the same second is never replaced.
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let aside = (0..1000u32)
+                    .map(|n| match n {
+                        0 => self.beside(&format!("unreadable-{secs}")),
+                        n => self.beside(&format!("unreadable-{secs}-{n}")),
+                    })
+                    .find(|p| std::fs::symlink_metadata(p).is_err())
+                    .unwrap_or_else(|| self.beside("unreadable"));
                 std::fs::rename(&self.path, &aside).map_err(|source| TimingsError::Io {
                     path: self.path.clone(),
                     source,
@@ -591,6 +611,41 @@ mod tests {
         let note = file.update(|t| t.tests.clear()).unwrap().unwrap();
         assert!(note.contains("leaving it as it is"), "{note}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), newer);
+    }
+
+    #[test]
+    fn a_file_written_through_a_symbolic_link_keeps_the_link() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("shared")).unwrap();
+        let target = dir.path().join("shared/timings.json");
+        std::fs::write(&target, "old").unwrap();
+        let link = dir.path().join("timings.json");
+        std::os::unix::fs::symlink("shared/timings.json", &link).unwrap();
+        write_replacing(&link, b"new").unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "new");
+    }
+
+    #[test]
+    fn files_set_aside_one_after_the_other_are_all_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("timings.json");
+        // Within one second (as a rule): the same name would replace the first.
+        for broken in ["broken one", "broken two", "broken three"] {
+            std::fs::write(&path, broken).unwrap();
+            TimingsFile::open(&path).unwrap();
+        }
+        let mut kept: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains(".unreadable-"))
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect();
+        kept.sort();
+        assert_eq!(kept, ["broken one", "broken three", "broken two"]);
     }
 
     #[test]
