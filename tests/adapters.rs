@@ -336,7 +336,9 @@ async fn go_packages_are_learned_from_go_tests_own_lines() {
 /// durations come from nextest's own status lines.
 #[tokio::test(flavor = "multi_thread")]
 async fn nextest_tests_are_selected_exactly_and_learned_from_its_status_lines() {
-    let record = "fn record(id: &str) {\n    use std::io::Write;\n    let path = std::env::var(\"RAN_LOG\").unwrap();\n    let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path).unwrap();\n    writeln!(f, \"{id}\").unwrap();\n}\n";
+    // One write per id: tests of two shards append at once, and writeln!
+    // on a File writes the id and its line break separately.
+    let record = "fn record(id: &str) {\n    use std::io::Write;\n    let path = std::env::var(\"RAN_LOG\").unwrap();\n    let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path).unwrap();\n    f.write_all(format!(\"{id}\\n\").as_bytes()).unwrap();\n}\n";
     let lib = format!(
         "pub fn add(a: i32, b: i32) -> i32 {{\n    a + b\n}}\n\n#[cfg(test)]\nmod tests {{\n    {}\n    #[test]\n    fn ok() {{\n        record(\"nx tests::ok\");\n    }}\n\n    #[test]\n    fn ok_too() {{\n        record(\"nx tests::ok_too\");\n    }}\n\n    #[test]\n    fn slow() {{\n        record(\"nx tests::slow\");\n        std::thread::sleep(std::time::Duration::from_secs(1));\n    }}\n\n    #[test]\n    fn maybe_fails() {{\n        record(\"nx tests::maybe_fails\");\n        if std::env::var_os(\"FAIL_ONE\").is_some() {{\n            assert_eq!(super::add(1, 1), 3);\n        }}\n        if std::env::var_os(\"FAIL_ONCE\").is_some() {{\n            let ran = std::fs::read_to_string(std::env::var(\"RAN_LOG\").unwrap()).unwrap();\n            assert!(ran.matches(\"nx tests::maybe_fails\\n\").count() > 1, \"fails its first time\");\n        }}\n    }}\n}}\n",
         record.replace('\n', "\n    ")
