@@ -46,22 +46,36 @@ fn invoker(
     command: &[&str],
 ) -> (Child, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let child = Command::new(binary())
-        .arg("run")
-        .args(target)
-        .args(["--endpoint-url", endpoint, "--region", "us-east-1"])
-        .args(["--shards", &shards.to_string(), "--"])
-        .args(command)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
+    let shards = shards.to_string();
+    let mut args = vec!["run"];
+    args.extend(target);
+    args.extend(["--endpoint-url", endpoint, "--region", "us-east-1"]);
+    args.extend(["--shards", &shards, "--"]);
+    args.extend(command);
+    let child = spawn_invoker(
+        dir.path(),
+        &args,
+        &[
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+        ],
+    );
+    (child, dir)
+}
+
+/// `mvm-shard ARGS` in `dir` with `env` added, outside GitHub mode, stdout
+/// and stderr piped, killed if the test drops it.
+fn spawn_invoker(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Child {
+    Command::new(binary())
+        .args(args)
+        .envs(env.iter().copied())
         .env_remove("GITHUB_ACTIONS")
-        .current_dir(dir.path())
+        .current_dir(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .expect("invoker starts");
-    (child, dir)
+        .expect("invoker starts")
 }
 
 /// Stops `mvm-shard emulate` as a user would (SIGTERM: it ends every
@@ -323,17 +337,24 @@ async fn sigint_while_the_tests_are_listed_here_ends_the_listing_and_its_childre
     let dir = tempfile::tempdir().expect("tempdir");
     let pid_file = dir.path().join("listing.pid");
     let listing = format!("sleep 60 & echo $! > {}; wait", pid_file.display());
-    let run = Command::new(binary())
-        .args(["run", "--local", "--source", ".", "--runner", "pytest"])
-        .args(["--list-local", "--list-command", &listing])
-        .args(["--", "pytest", "{tests}"])
-        .env_remove("GITHUB_ACTIONS")
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("invoker starts");
+    let run = spawn_invoker(
+        dir.path(),
+        &[
+            "run",
+            "--local",
+            "--source",
+            ".",
+            "--runner",
+            "pytest",
+            "--list-local",
+            "--list-command",
+            &listing,
+            "--",
+            "pytest",
+            "{tests}",
+        ],
+        &[],
+    );
     let sleeper = pid_in(&pid_file, "the listing never started").await;
     signal(&run, Signal::SIGINT);
     let (code, _, stderr) = finish(run).await;
@@ -355,16 +376,13 @@ async fn an_interrupted_local_shard_ends_with_the_run() {
     let pid_file = dir.path().join("shard.pid");
     std::fs::write(dir.path().join("x"), "").expect("source file");
     let script = format!("echo $$ > {}; exec sleep 300", pid_file.display());
-    let mut run = Command::new(binary())
-        .args(["run", "--local", "--source", ".", "--shards", "1"])
-        .args(["--", "sh", "-c", &script])
-        .env_remove("GITHUB_ACTIONS")
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("invoker starts");
+    let mut run = spawn_invoker(
+        dir.path(),
+        &[
+            "run", "--local", "--source", ".", "--shards", "1", "--", "sh", "-c", &script,
+        ],
+        &[],
+    );
     let sleeper = pid_in(&pid_file, "the shard never started").await;
     let stdout = run.stdout.take().expect("piped");
     signal(&run, Signal::SIGINT);
